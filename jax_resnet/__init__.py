@@ -1,0 +1,5 @@
+"""jax-resnet: residual networks as pure JAX functions with hand-derived VJPs."""
+
+from jax_resnet import gradcheck, ops, rules
+
+__version__ = "0.1.0"
