@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from jax_resnet.gradcheck import DEFAULT_RTOL
-from jax_resnet.ops import activations, linear, loss, norm
+from jax_resnet.ops import activations, conv, linear, loss, norm, pool, shortcut
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,8 +193,112 @@ _NORM = [
     ),
 ]
 
+
+
+def _conv(name, x_shape, w_shape, **settings):
+    """A conv2d entry: the settings bound into fn, reference and fwd (whose
+    static config is resolved from the arrays, as the public wrapper does)."""
+
+    def make(key, dtype):
+        kx, kw = jax.random.split(key)
+        return normal(kx, x_shape, dtype), normal(kw, w_shape, dtype, 0.5)
+
+    def fwd(x, w):
+        return conv._conv2d_fwd(x, w, conv.conv2d_config(x, w, **settings))
+
+    return Rule(name, partial(conv.conv2d, **settings), partial(conv.conv2d_reference, **settings), fwd, make, "conv.md#conv2d")
+
+
+_CONV = [
+    _conv("conv2d[3x3,s1,SAME]", (2, 6, 6, 3), (3, 3, 3, 4)),
+    _conv("conv2d[3x3,s2,SAME]", (2, 8, 7, 3), (3, 3, 3, 4), stride=2),
+    _conv("conv2d[3x3,s1,VALID]", (2, 6, 5, 3), (3, 3, 3, 4), padding="VALID"),
+    _conv("conv2d[3x3,s1,pad=((2,0),(1,3))]", (2, 5, 6, 2), (3, 3, 2, 3), padding=((2, 0), (1, 3))),
+    _conv("conv2d[3x3,d2,SAME]", (2, 7, 7, 2), (3, 3, 2, 3), dilation=2),
+    _conv("conv2d[3x3,g2,SAME]", (2, 6, 6, 4), (3, 3, 2, 6), groups=2),
+    _conv("conv2d[3x3,depthwise,SAME]", (2, 6, 6, 3), (3, 3, 1, 6), groups=3),
+    _conv("conv2d[1x1,s2,VALID]", (2, 6, 6, 3), (1, 1, 3, 5), stride=2, padding="VALID"),  # rem = 1
+    _conv("conv2d[7x7,s2,SAME]", (2, 9, 9, 3), (7, 7, 3, 4), stride=2),  # the ResNet stem
+    _conv("conv2d[3x3,s3,pad=1,rem=(1,2)]", (2, 8, 9, 2), (3, 3, 2, 3), stride=3, padding=1),
+]
+
+
+
+def _pool(name, op, x_shape, **settings):
+    """A max_pool or avg_pool entry: the settings bound into fn and reference; fwd
+    resolves the static geometry from x, as the public wrapper does."""
+    core_fwd = getattr(pool, f"_{op}_fwd")
+
+    def fwd(x):
+        return core_fwd(x, pool._geometry(op, x.shape, **settings))
+
+    return Rule(name, partial(getattr(pool, op), **settings), partial(getattr(pool, f"{op}_reference"), **settings), fwd, _unary(x_shape), f"pool.md#{op}")
+
+
+_POOL = [
+    _pool("max_pool[3x3,s2,SAME]", "max_pool", (2, 8, 8, 3), window=3, stride=2, padding="SAME"),  # the ResNet stem; pads (0, 1)
+    _pool("max_pool[2x2,s2,VALID]", "max_pool", (2, 7, 7, 3), window=2, stride=2, padding="VALID"),  # last row/column unread
+    _pool("max_pool[3x3,s1,pad=((1,0),(2,1))]", "max_pool", (2, 6, 5, 2), window=3, stride=1, padding=((1, 0), (2, 1))),
+    _pool("avg_pool[2x2,s2,VALID]", "avg_pool", (2, 7, 6, 3), window=2, stride=2, padding="VALID"),
+    _pool("avg_pool[3x3,s1,SAME]", "avg_pool", (2, 6, 6, 2), window=3, stride=1, padding="SAME"),
+    Rule(
+        "global_avg_pool",
+        pool.global_avg_pool,
+        pool.global_avg_pool_reference,
+        lambda x: pool._global_avg_pool_fwd(x, x.shape[1:3]),
+        _unary((2, 5, 4, 6)),
+        "pool.md#global_avg_pool",
+    ),
+]
+
+
+def _add_args(key, dtype):
+    ka, kb = jax.random.split(key)
+    return normal(ka, (2, 4, 4, 6), dtype), normal(kb, (2, 4, 4, 6), dtype)
+
+
+def _shortcut_pad(name, x_shape, **settings):
+    def fwd(x):
+        return shortcut._shortcut_pad_fwd(x, *shortcut._shortcut_pad_settings(x, **settings))
+
+    return Rule(
+        name,
+        partial(shortcut.shortcut_pad, **settings),
+        partial(shortcut.shortcut_pad_reference, **settings),
+        fwd,
+        _unary(x_shape),
+        "shortcut.md#shortcut_pad",
+    )
+
+
+def _projection(name, x_shape, w_shape, **settings):
+    def make(key, dtype):
+        kx, kw = jax.random.split(key)
+        return normal(kx, x_shape, dtype), normal(kw, w_shape, dtype, 0.5)
+
+    def fwd(x, w):
+        return shortcut._projection_fwd(x, w, *shortcut._projection_settings(x, w, **settings))
+
+    return Rule(
+        name,
+        partial(shortcut.projection, **settings),
+        partial(shortcut.projection_reference, **settings),
+        fwd,
+        make,
+        "shortcut.md#projection",
+    )
+
+
+_SHORTCUT = [
+    Rule("add", shortcut.add, shortcut.add_reference, shortcut._add_fwd, _add_args, "shortcut.md#add"),
+    _shortcut_pad("shortcut_pad[s2,4->8]", (2, 8, 7, 4), out_channels=8, stride=2),  # row 7 is never read; column 6 is
+    _shortcut_pad("shortcut_pad[s1,3->6]", (2, 5, 5, 3), out_channels=6, stride=1),  # odd split: 1 before, 2 after
+    _projection("projection[s2]", (2, 7, 6, 3), (3, 6), stride=2),  # row 6 is read; column 5 is never read
+    _projection("projection[s1]", (2, 5, 5, 4), (4, 6), stride=1),
+]
+
 # Each family's entries; a new family adds its list here.
-REGISTRY: dict[str, Rule] = {r.name: r for r in [*_ACTIVATIONS, *_LINEAR, *_LOSS, *_NORM]}
+REGISTRY: dict[str, Rule] = {r.name: r for r in [*_ACTIVATIONS, *_LINEAR, *_LOSS, *_NORM, *_CONV, *_POOL, *_SHORTCUT]}
 
 
 def get(name: str) -> Rule:

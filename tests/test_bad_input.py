@@ -37,6 +37,12 @@ def test_errors_are_raised_at_trace_time_under_jit():
         jax.jit(ops.dense).lower(jnp.ones((2, 3)), jnp.ones((4, 5)), jnp.ones(5))
 
 
+def test_labels_captured_as_constants_work_under_jit():
+    labels = jnp.array([0, 2])
+    loss = jax.jit(lambda z: ops.softmax_cross_entropy(z, labels))(jnp.zeros((2, 3)))
+    assert float(loss) == pytest.approx(float(jnp.log(3.0)))
+
+
 def test_large_logits_stay_finite():
     logits = jnp.array([[1000.0, -1000.0, 0.0]], F)
     loss, grad = jax.value_and_grad(ops.softmax_cross_entropy)(logits, jnp.array([1]))

@@ -135,6 +135,12 @@ def test_relu_derivative_at_zero_is_zero():
     np.testing.assert_array_equal(jax.grad(lambda x: relu(x).sum())(x), [0.0, 0.0, 1.0])
 
 
+def test_relu_propagates_nan():
+    from jax_resnet.ops import relu
+
+    assert bool(jnp.isnan(relu(jnp.array([jnp.nan]))).all())
+
+
 def test_leaky_relu_derivative_at_zero_is_the_slope():
     from jax_resnet.ops import leaky_relu
 

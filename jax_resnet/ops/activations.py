@@ -29,13 +29,13 @@ class ReluResiduals(NamedTuple):
 
 @jax.custom_vjp
 def _relu(x):
-    return jnp.where(x > 0, x, jnp.zeros_like(x))
+    return jnp.maximum(x, 0)
 
 
 # _relu_fwd :: x -> (y, ReluResiduals)
 def _relu_fwd(x):
-    mask = x > 0
-    return jnp.where(mask, x, jnp.zeros_like(x)), ReluResiduals(mask)
+    # maximum, not where(x > 0, x, 0): a NaN input must stay NaN, as in jax.nn.relu.
+    return jnp.maximum(x, 0), ReluResiduals(x > 0)
 
 
 # _relu_bwd :: (ReluResiduals, ct_y) -> (ct_x,)

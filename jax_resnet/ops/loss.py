@@ -10,6 +10,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jax_resnet.ops import _checks
 
@@ -139,7 +140,8 @@ def softmax_cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing:
     if not isinstance(labels, jax.core.Tracer):
         # Under jit the values are unknown; eagerly, an out-of-range label is caught here
         # (it would give a zero one-hot row, and q would no longer sum to one).
-        low, high = int(jnp.min(labels, initial=0)), int(jnp.max(labels, initial=0))
+        values = np.asarray(labels)  # concrete: host-side check, nothing traced
+        low, high = int(values.min(initial=0)), int(values.max(initial=0))
         if low < 0 or high >= num_classes:
             raise ValueError(f"{op}: argument `labels` must lie in [0, {num_classes}), got values in [{low}, {high}]")
     return _softmax_cross_entropy(logits, labels, float(label_smoothing))

@@ -1,0 +1,167 @@
+"""Residual blocks composed from the ops, as pure (init, apply) function pairs.
+
+A block's apply takes an `OpSet` (`jax_resnet.ops.opset("rules")` or
+`opset("autodiff")`), so the same code runs with the hand-derived rules or with
+the reference ops that JAX differentiates. Parameters and BatchNorm running
+statistics are separate pytrees; `apply(..., train=True)` returns the updated
+statistics, computed from the batch exactly once.
+
+Kinds (He et al. 2015, "Deep Residual Learning"; He et al. 2016, "Identity
+Mappings in Deep Residual Networks"):
+
+- basic (v1):       y = relu(bn2(conv3x3(relu(bn1(conv3x3(x))))) + s(x))
+- bottleneck (v1):  y = relu(bn3(conv1x1(relu(bn2(conv3x3(relu(bn1(conv1x1(x)))))))) + s(x))
+- preact_basic (v2): h = relu(bn1(x)); y = conv3x3(relu(bn2(conv3x3(h)))) + s(x or h)
+- preact_bottleneck (v2): the same with the 1x1-3x3-1x1 body.
+
+Shortcut s: identity when shapes agree, otherwise option "A" (strided
+subsampling, zero-padded channels, no parameters) or option "B" (1x1
+projection and BatchNorm). `residual=False` drops the shortcut: the plain
+twin used in the BP-vs-ResNet study. Derivation: derivations/blocks.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+from jax_resnet.ops import OpSet
+
+BN_MOMENTUM = 0.9  # running = momentum · running + (1 − momentum) · batch
+BN_EPS = 1e-5
+KINDS = ("basic", "bottleneck", "preact_basic", "preact_bottleneck")
+EXPANSION = {"basic": 1, "bottleneck": 4, "preact_basic": 1, "preact_bottleneck": 4}
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSpec:
+    """Static description of one residual block."""
+
+    kind: str
+    in_channels: int
+    width: int  # channels of the 3x3 convolutions; output is width · expansion
+    stride: int = 1
+    shortcut: str = "B"  # "A" or "B", used only when the shape changes
+    residual: bool = True
+    zero_init_residual: bool = False
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"BlockSpec: `kind` must be one of {KINDS}, got {self.kind!r}")
+        if self.shortcut not in ("A", "B"):
+            raise ValueError(f"BlockSpec: `shortcut` must be 'A' or 'B', got {self.shortcut!r}")
+
+    @property
+    def out_channels(self) -> int:
+        return self.width * EXPANSION[self.kind]
+
+    @property
+    def preact(self) -> bool:
+        return self.kind.startswith("preact")
+
+    @property
+    def projects(self) -> bool:
+        """True when the shortcut needs parameters (option B on a shape change)."""
+        changes = self.stride != 1 or self.in_channels != self.out_channels
+        return self.residual and changes and self.shortcut == "B"
+
+    def convs(self) -> list[tuple[int, int, int, int]]:
+        """(kernel, in, out, stride) of the body's convolutions, in order."""
+        c, w, o, s = self.in_channels, self.width, self.out_channels, self.stride
+        if self.kind.endswith("basic"):
+            return [(3, c, w, s), (3, w, o, 1)]
+        # Stride on the 3x3 convolution (ResNet v1.5, as in torchvision); same parameter count.
+        return [(1, c, w, 1), (3, w, w, s), (1, w, o, 1)]
+
+
+# ------------------------------------------------------------------ parameters
+def he_normal(key, shape, fan_in, dtype):
+    """N(0, 2/fan_in) (He et al. 2015, "Delving Deep into Rectifiers")."""
+    return math.sqrt(2.0 / fan_in) * jax.random.normal(key, shape, dtype)
+
+
+def init_conv(key, k, c_in, c_out, dtype):
+    return {"w": he_normal(key, (k, k, c_in, c_out), k * k * c_in, dtype)}
+
+
+def init_bn(c, dtype, scale=1.0):
+    params = {"gamma": jnp.full((c,), scale, dtype), "beta": jnp.zeros((c,), dtype)}
+    state = {"mean": jnp.zeros((c,), dtype), "var": jnp.ones((c,), dtype)}
+    return params, state
+
+
+def batch_norm(ops: OpSet, params, state, x, *, train):
+    """BatchNorm over all axes but channels; returns (y, new_state)."""
+    if train:
+        y, mean, var = ops.batch_norm_train(x, params["gamma"], params["beta"], eps=BN_EPS)
+        mean, var = jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var)
+        new_state = {
+            "mean": BN_MOMENTUM * state["mean"] + (1 - BN_MOMENTUM) * mean,
+            "var": BN_MOMENTUM * state["var"] + (1 - BN_MOMENTUM) * var,
+        }
+        return y, new_state
+    y = ops.batch_norm_eval(x, params["gamma"], params["beta"], state["mean"], state["var"], eps=BN_EPS)
+    return y, state
+
+
+def init_block(key, spec: BlockSpec, dtype=jnp.float32):
+    """Parameters and BatchNorm state of one block."""
+    convs = spec.convs()
+    keys = jax.random.split(key, len(convs) + 1)
+    params, state = {}, {}
+    for i, (k, c_in, c_out, _) in enumerate(convs):
+        params[f"conv{i}"] = init_conv(keys[i], k, c_in, c_out, dtype)
+        # v1 normalises each conv's output; v2 normalises each conv's input.
+        bn_channels = c_in if spec.preact else c_out
+        last = i == len(convs) - 1 and not spec.preact
+        scale = 0.0 if (last and spec.zero_init_residual) else 1.0
+        params[f"bn{i}"], state[f"bn{i}"] = init_bn(bn_channels, dtype, scale)
+    if spec.projects:
+        params["proj"] = {"w": he_normal(keys[-1], (spec.in_channels, spec.out_channels), spec.in_channels, dtype)}
+        if not spec.preact:
+            params["proj_bn"], state["proj_bn"] = init_bn(spec.out_channels, dtype)
+    return params, state
+
+
+# ----------------------------------------------------------------------- apply
+def _shortcut(ops: OpSet, spec: BlockSpec, params, state, x, *, train):
+    if spec.stride == 1 and spec.in_channels == spec.out_channels:
+        return x, {}
+    if spec.shortcut == "A":
+        return ops.shortcut_pad(x, out_channels=spec.out_channels, stride=spec.stride), {}
+    y = ops.projection(x, params["proj"]["w"], stride=spec.stride)
+    if spec.preact:
+        return y, {}
+    y, bn_state = batch_norm(ops, params["proj_bn"], state["proj_bn"], y, train=train)
+    return y, {"proj_bn": bn_state}
+
+
+def apply_block(ops: OpSet, spec: BlockSpec, params, state, x, *, train):
+    """Run one block; returns (y, new_state)."""
+    new_state = {}
+    convs = spec.convs()
+    h = x
+    pre = None
+    for i, (k, _, _, stride) in enumerate(convs):
+        if spec.preact:
+            h, new_state[f"bn{i}"] = batch_norm(ops, params[f"bn{i}"], state[f"bn{i}"], h, train=train)
+            h = ops.relu(h)
+            if i == 0:
+                pre = h
+        h = ops.conv2d(h, params[f"conv{i}"]["w"], stride=stride, padding="SAME")
+        if not spec.preact:
+            h, new_state[f"bn{i}"] = batch_norm(ops, params[f"bn{i}"], state[f"bn{i}"], h, train=train)
+            if i < len(convs) - 1:
+                h = ops.relu(h)
+    if spec.residual:
+        # v2 projects the pre-activated input (He et al. 2016, §3); identity and option A use x itself.
+        source = pre if (spec.preact and spec.projects) else x
+        s, shortcut_state = _shortcut(ops, spec, params, state, source, train=train)
+        new_state.update(shortcut_state)
+        h = ops.add(h, s)
+    if not spec.preact:
+        h = ops.relu(h)
+    return h, new_state

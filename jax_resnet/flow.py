@@ -1,0 +1,619 @@
+"""Gradient flow in plain ("BP") networks versus residual networks, measured.
+
+The seed article claims that shortcut connections ease the training of deep
+networks by countering vanishing and exploding gradients. This module measures
+it instead of repeating it (derivations/bp_vs_resnet.md has the figures):
+
+- `gradient_norms`: ‖∂L/∂W‖ for every conv/dense weight of a model, in depth
+  order, at initialisation, from one batch in train mode.
+- `layer_gradients`: the same, plus ‖∂L/∂h‖ for the activation h entering
+  each block (each hidden layer of an MLP), taken as the gradient with
+  respect to a zero perturbation added there.
+- `sweep`: plain vs residual CIFAR nets (BatchNorm, He et al. 2015 §4.2) at
+  several depths on a batch of random images, and plain vs residual MLPs (no
+  normalisation) at several depths on the digits data.
+- `train_compare`: loss per step of plain vs residual MLPs of one depth,
+  same initial weights, same batches.
+- `run`: all of it, writing `flow.json` and `flow.png`.
+
+Command (reproduces derivations/bp_vs_resnet.md):
+
+    python -m jax_resnet.flow        # or `jax-resnet flow`, once cli.py wires it in
+    python -m jax_resnet.flow --quick --out /tmp/flow   # depth 8 only, under a minute
+
+Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from jax_resnet import flow, models
+    >>> model = models.plain_mlp(depth=3)
+    >>> params, state = model.init(jax.random.key(0), jnp.float32)
+    >>> x, y = jnp.ones((4, 64), jnp.float32), jnp.arange(4, dtype=jnp.int32)
+    >>> [name for name, _ in flow.gradient_norms(model, params, state, x, y)]
+    ['in', 'hidden0', 'hidden1', 'hidden2', 'out']
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import functools
+import itertools
+import json
+import math
+import os
+import platform
+import sys
+import time
+from typing import Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_resnet import blocks, data, models
+from jax_resnet.ops import opset
+
+CIFAR_DEPTHS = (8, 20, 56, 110)
+CIFAR_BATCH = 16
+MLP_DEPTHS = (2, 8, 32, 64)
+MLP_WIDTH = 64
+MLP_BATCH = 64
+TRAIN_DEPTH = 32
+TRAIN_STEPS = 400
+TRAIN_BATCH = 64
+LEARNING_RATES = {"sgd": 0.01, "adam": 1e-3}  # one per optimiser, not tuned per model
+MOMENTUM = 0.9
+QUICK = {"cifar_depths": (8,), "cifar_batch": 4, "mlp_depths": (2, 8), "train_depth": 8, "steps": 20}
+
+
+# ----------------------------------------------------------- weights by depth
+def weight_paths(model: models.Model, params) -> list[tuple[str, tuple]]:
+    """(name, path into params) of every conv/dense weight, input side first.
+
+    MLP: "in", "hidden0" … "hidden{depth-1}", "out". ResNet: "stem",
+    "block{i}.conv{j}" (and "block{i}.proj" after its block's convolutions
+    when an option-B shortcut has one), "head". BatchNorm scales and biases
+    are not weights of a layer here; they are left out.
+    """
+    spec = model.spec
+    if isinstance(spec, models.MLPSpec):
+        hidden = [(f"hidden{i}", ("hidden", i, "w")) for i in range(len(params["hidden"]))]
+        return [("in", ("in", "w")), *hidden, ("out", ("out", "w"))]
+    if isinstance(spec, models.ResNetSpec):
+        paths = [("stem", ("stem", "w"))]
+        for i, block in enumerate(params["blocks"]):
+            convs = sorted((k for k in block if k.startswith("conv")), key=lambda k: int(k[4:]))
+            paths += [(f"block{i}.{k}", ("blocks", i, k, "w")) for k in convs]
+            if "proj" in block:
+                paths.append((f"block{i}.proj", ("blocks", i, "proj", "w")))
+        return [*paths, ("head", ("head", "w"))]
+    raise TypeError(f"weight_paths: model {model.name!r} has spec {type(spec).__name__}; expected MLPSpec or ResNetSpec")
+
+
+def _at(tree, path):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+# -------------------------------------------------- forward with input taps
+def _tap(h, taps, i):
+    return h if taps is None else h + taps[i]
+
+
+def _mlp_forward(spec: models.MLPSpec, ops, params, x, taps):
+    # Mirrors MLPSpec.forward; test_flow.py::test_tapped_forward_matches_apply keeps them equal.
+    g = (lambda v: v) if spec.activation == "identity" else getattr(ops, spec.activation)
+    g_out = (lambda v: v) if spec.output_activation == "identity" else getattr(ops, spec.output_activation)
+    a = g(ops.dense(x.reshape(x.shape[0], -1), params["in"]["w"], params["in"]["b"]))
+    inputs = []
+    for i, layer in enumerate(params["hidden"]):
+        a = _tap(a, taps, i)
+        inputs.append(a)
+        z = ops.dense(a, layer["w"], layer["b"])
+        a = g(ops.add(z, a) if spec.residual else z)
+    a = _tap(a, taps, len(params["hidden"]))
+    inputs.append(a)
+    return g_out(ops.dense(a, params["out"]["w"], params["out"]["b"])), inputs
+
+
+def _resnet_forward(spec: models.ResNetSpec, ops, params, state, x, taps, *, train):
+    # Mirrors ResNetSpec.forward; test_flow.py::test_tapped_forward_matches_apply keeps them equal.
+    if spec.stem == "cifar":
+        h = ops.conv2d(x, params["stem"]["w"], stride=1, padding="SAME")
+    else:
+        h = ops.conv2d(x, params["stem"]["w"], stride=2, padding=3)
+    if "stem_bn" in params:
+        h, _ = blocks.batch_norm(ops, params["stem_bn"], state["stem_bn"], h, train=train)
+        h = ops.relu(h)
+    if spec.stem == "imagenet":
+        h = ops.max_pool(h, window=3, stride=2, padding=1)
+    inputs = []
+    for i, (block, p, s) in enumerate(zip(spec.block_specs(), params["blocks"], state["blocks"])):
+        h = _tap(h, taps, i)
+        inputs.append(h)
+        h, _ = blocks.apply_block(ops, block, p, s, h, train=train)
+    h = _tap(h, taps, len(params["blocks"]))
+    inputs.append(h)
+    if spec.preact:
+        h, _ = blocks.batch_norm(ops, params["final_bn"], state["final_bn"], h, train=train)
+        h = ops.relu(h)
+    h = ops.global_avg_pool(h)
+    return ops.dense(h, params["head"]["w"], params["head"]["b"]), inputs
+
+
+def tapped_forward(model: models.Model, params, state, x, taps=None, *, train=True, grad="rules"):
+    """`model.apply`'s output, plus the activation entering each block.
+
+    `taps` (one array per block input, or None) is added to each block's input
+    — before both the branch and the shortcut — so the gradient with respect
+    to a zero tap is ∂L/∂h for that input h. The last entry is the input of
+    the head (the final block's output). BatchNorm statistics are not returned.
+
+    Returns:
+      (output, inputs): output equals `model.apply(...)[0]`; inputs is the
+      list of block-input activations, tap included.
+    """
+    ops = opset(grad)
+    if isinstance(model.spec, models.MLPSpec):
+        return _mlp_forward(model.spec, ops, params, x, taps)
+    if isinstance(model.spec, models.ResNetSpec):
+        return _resnet_forward(model.spec, ops, params, state, x, taps, train=train)
+    raise TypeError(f"tapped_forward: model {model.name!r} has spec {type(model.spec).__name__}; expected MLPSpec or ResNetSpec")
+
+
+# -------------------------------------------------------------- measurements
+class LayerGradients(NamedTuple):
+    """What one backward pass at initialisation says about gradient flow."""
+
+    loss: float
+    weights: list[tuple[str, float]]  # (layer, ‖∂L/∂W‖₂), input side first
+    inputs: list[tuple[str, float]]  # (block, ‖∂L/∂h‖₂) for the activation h entering it
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled_gradients(model: models.Model, grad: str):
+    # Cached per (model, grad): Model is a frozen dataclass, so twins built
+    # again (another seed, a rescaled init) reuse one compilation.
+    loss = opset(grad).softmax_cross_entropy
+
+    def fn(params, taps, state, x, y):
+        logits, _ = tapped_forward(model, params, state, x, taps, train=True, grad=grad)
+        return loss(logits, y)
+
+    return jax.jit(jax.value_and_grad(fn, argnums=(0, 1)))
+
+
+def _input_names(model, count):
+    if isinstance(model.spec, models.MLPSpec):
+        return [f"hidden{i}" for i in range(count - 1)] + ["out"]
+    return [f"block{i}" for i in range(count - 1)] + ["head"]
+
+
+def layer_gradients(model: models.Model, params, state, x, y, *, grad: str = "rules") -> LayerGradients:
+    """Loss, weight-gradient norms and block-input gradient norms, from one batch.
+
+    One compiled backward pass (train mode, so BatchNorm uses the batch's
+    statistics) of the mean softmax cross-entropy with integer labels `y`.
+    """
+    _, inputs = jax.eval_shape(lambda p: tapped_forward(model, p, state, x, train=True, grad=grad), params)
+    taps = [jnp.zeros(h.shape, h.dtype) for h in inputs]
+    loss, (ct_params, ct_taps) = _compiled_gradients(model, grad)(params, taps, state, x, y)
+    weights = [(name, float(jnp.linalg.norm(_at(ct_params, path)))) for name, path in weight_paths(model, params)]
+    names = _input_names(model, len(ct_taps))
+    return LayerGradients(float(loss), weights, [(n, float(jnp.linalg.norm(ct))) for n, ct in zip(names, ct_taps)])
+
+
+def gradient_norms(model: models.Model, params, state, x, y, *, grad: str = "rules") -> list[tuple[str, float]]:
+    """‖∂L/∂W‖₂ for each conv/dense weight W, input side first (`weight_paths` order).
+
+    L is the mean softmax cross-entropy of `model.apply(params, state, x,
+    train=True, grad=grad)` against integer labels `y`, for one batch.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jax_resnet import models
+      >>> m = models.residual_mlp(depth=2)
+      >>> p, s = m.init(jax.random.key(0), jnp.float32)
+      >>> norms = gradient_norms(m, p, s, jnp.ones((2, 64), jnp.float32), jnp.array([0, 1], jnp.int32))
+      >>> [n for n, _ in norms]
+      ['in', 'hidden0', 'hidden1', 'out']
+    """
+    return layer_gradients(model, params, state, x, y, grad=grad).weights
+
+
+def scale_residual_branches(params, factor: float):
+    """Multiply each hidden layer's W (an MLP's residual branch) by `factor`.
+
+    With factor 1/√depth the residual MLP starts close to the identity, as
+    Fixup (Zhang et al. 2019) and SkipInit (De & Smith 2020) arrange; the
+    library's default init (He, gain 2) is kept everywhere else.
+    """
+    hidden = [{**layer, "w": layer["w"] * factor} for layer in params["hidden"]]
+    return {**params, "hidden": hidden}
+
+
+@dataclasses.dataclass(frozen=True)
+class MLPVariant:
+    """One MLP of the study: preset, activation, and how the branch is initialised."""
+
+    preset: str  # "plain_mlp" or "residual_mlp"
+    activation: str = "relu"
+    scaled: bool = False  # residual branch weights × 1/√depth
+
+    def name(self, depth: int) -> str:
+        suffix = ("_scaled" if self.scaled else "") + ("" if self.activation == "relu" else f"_{self.activation}")
+        return f"{self.preset}{depth}{suffix}"
+
+    def build(self, depth: int, width: int, key, dtype):
+        model = models.get(self.preset, depth=depth, width=width, activation=self.activation)
+        params, state = model.init(key, dtype)
+        if self.scaled:
+            params = scale_residual_branches(params, 1.0 / math.sqrt(max(depth, 1)))
+        return model, params, state
+
+
+MLP_VARIANTS = (
+    MLPVariant("plain_mlp"),
+    MLPVariant("residual_mlp"),
+    MLPVariant("residual_mlp", scaled=True),
+    MLPVariant("plain_mlp", "sigmoid"),
+    MLPVariant("residual_mlp", "sigmoid"),
+)
+TRAIN_VARIANTS = MLP_VARIANTS[:3]
+
+
+def _summary(g: LayerGradients) -> dict:
+    w, h = [n for _, n in g.weights], [n for _, n in g.inputs]
+    return {
+        "layers": len(w),
+        "loss": g.loss,
+        "first": w[0],
+        "last": w[-2],
+        "head": w[-1],
+        "first_over_last": _ratio(w[0], w[-2]),
+        "input_first_over_last": _ratio(h[0], h[-1]),
+    }
+
+
+def _ratio(a, b):
+    return a / b if b > 0 else (math.inf if a > 0 else math.nan)
+
+
+def random_images(batch_size: int = 16, seed: int = 0, shape=(32, 32, 3), num_classes: int = 10, dtype=jnp.float32):
+    """A synthetic CIFAR-shaped batch: N(0, 1) pixels and uniform random labels."""
+    kx, ky = jax.random.split(jax.random.key(seed))
+    x = jax.random.normal(kx, (batch_size, *shape), dtype)
+    return x, jax.random.randint(ky, (batch_size,), 0, num_classes, jnp.int32)
+
+
+def digits_batch(batch_size: int = 64, seed: int = 0):
+    """The first `batch_size` training images of digits (split fixed by `seed`)."""
+    ds = data.load("digits", seed=seed)
+    return jnp.asarray(ds.x_train[:batch_size]), jnp.asarray(ds.y_train[:batch_size])
+
+
+def sweep(
+    cifar_depths: Sequence[int] = CIFAR_DEPTHS,
+    mlp_depths: Sequence[int] = MLP_DEPTHS,
+    *,
+    cifar_batch: int = CIFAR_BATCH,
+    mlp_batch: int = MLP_BATCH,
+    mlp_width: int = MLP_WIDTH,
+    mlp_variants: Sequence[MLPVariant] = MLP_VARIANTS,
+    seed: int = 0,
+    grad: str = "rules",
+    dtype=jnp.float32,
+    log: Callable[[str], None] = lambda s: None,
+) -> dict:
+    """Per-layer gradient norms at initialisation for plain and residual nets.
+
+    CIFAR nets (`plain{d}` / `resnet{d}`, BatchNorm, option-A shortcuts) see
+    `cifar_batch` random N(0, 1) 32×32×3 images with random labels
+    (`random_images`); MLPs (width `mlp_width`, no normalisation) see the
+    first `mlp_batch` digits training images. Every model of one depth starts
+    from the same PRNG key, so plain and residual twins have equal weights.
+
+    Returns:
+      {"gradient_norms": {model: [{"layer", "norm"}]},
+       "input_gradient_norms": {model: [{"block", "norm"}]},
+       "summary": {model: {"family" ("cifar" or "mlp"), "depth", "layers",
+                           "loss", "first", "last", "head",
+                           "first_over_last", "input_first_over_last"}},
+       "wall_s": {model: seconds, compile included}}
+    """
+    out = {"gradient_norms": {}, "input_gradient_norms": {}, "summary": {}, "wall_s": {}}
+
+    def record(name, family, depth, g, seconds):
+        out["gradient_norms"][name] = [{"layer": n, "norm": v} for n, v in g.weights]
+        out["input_gradient_norms"][name] = [{"block": n, "norm": v} for n, v in g.inputs]
+        out["summary"][name] = {"family": family, "depth": depth, **_summary(g)}
+        out["wall_s"][name] = seconds
+        s = out["summary"][name]
+        log(f"  {name:<26} first/last {s['first_over_last']:.3g}  ({seconds:.1f} s)")
+
+    x, y = random_images(cifar_batch, seed, dtype=dtype)
+    for depth in cifar_depths:
+        for residual in (False, True):
+            t = time.perf_counter()
+            model = models.cifar_resnet(depth, residual=residual)
+            params, state = model.init(jax.random.key(seed), dtype)
+            record(model.name, "cifar", depth, layer_gradients(model, params, state, x, y, grad=grad), time.perf_counter() - t)
+
+    xd, yd = digits_batch(mlp_batch, seed)
+    xd = xd.astype(dtype)
+    for depth in mlp_depths:
+        for variant in mlp_variants:
+            t = time.perf_counter()
+            model, params, state = variant.build(depth, mlp_width, jax.random.key(seed), dtype)
+            record(variant.name(depth), "mlp", depth, layer_gradients(model, params, state, xd, yd, grad=grad), time.perf_counter() - t)
+    return out
+
+
+# ----------------------------------------------------------------- training
+def _optimizer(name: str, learning_rate: float):
+    import optax
+
+    if name == "sgd":
+        return optax.sgd(learning_rate, momentum=MOMENTUM)
+    if name == "adam":
+        return optax.adam(learning_rate)
+    raise ValueError(f"argument `optimizer` must be one of {sorted(LEARNING_RATES)}, got {name!r}")
+
+
+def _batch_stream(ds, batch_size, seed):
+    for epoch in itertools.count():
+        yield from data.batches(ds.x_train, ds.y_train, batch_size, key_or_seed=(seed, epoch))
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled_step(model: models.Model, optimizer: str, learning_rate: float, grad: str):
+    import optax
+
+    opt, loss_fn = _optimizer(optimizer, learning_rate), opset(grad).softmax_cross_entropy
+
+    def step(params, opt_state, state, x, y):
+        def objective(p):
+            return loss_fn(model.apply(p, state, x, train=True, grad=grad)[0], y)
+
+        loss, ct_params = jax.value_and_grad(objective)(params)
+        updates, opt_state = opt.update(ct_params, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return jax.jit(step)
+
+
+def train_compare(
+    depth: int = TRAIN_DEPTH,
+    *,
+    width: int = MLP_WIDTH,
+    steps: int = TRAIN_STEPS,
+    batch_size: int = TRAIN_BATCH,
+    optimizer: str = "sgd",
+    learning_rate: float | None = None,
+    variants: Sequence[MLPVariant] = TRAIN_VARIANTS,
+    seed: int = 0,
+    grad: str = "rules",
+    dtype=jnp.float32,
+    log: Callable[[str], None] = lambda s: None,
+) -> dict[str, list[float | None]]:
+    """Minibatch loss per step for each MLP variant, trained from the same start.
+
+    Digits training set, mean softmax cross-entropy, `optimizer` "sgd" (momentum
+    0.9, default learning rate 0.01) or "adam" (default 1e-3). Every variant
+    starts from weights drawn with the same key and sees the same batches in
+    the same order (`data.batches` with key (seed, epoch)). A step whose loss
+    is not finite is recorded as None (JSON null) and training of that variant
+    stops there.
+    """
+    if optimizer not in LEARNING_RATES:
+        raise ValueError(f"train_compare: argument `optimizer` must be one of {sorted(LEARNING_RATES)}, got {optimizer!r}")
+    lr = LEARNING_RATES[optimizer] if learning_rate is None else learning_rate
+    ds = data.load("digits", seed=seed)
+    curves = {}
+    for variant in variants:
+        t = time.perf_counter()
+        model, params, state = variant.build(depth, width, jax.random.key(seed), dtype)
+        step, opt_state = _compiled_step(model, optimizer, lr, grad), _optimizer(optimizer, lr).init(params)
+        losses = []
+        for xb, yb in itertools.islice(_batch_stream(ds, batch_size, seed), steps):
+            params, opt_state, loss = step(params, opt_state, state, jnp.asarray(xb, dtype), jnp.asarray(yb))
+            if not math.isfinite(float(loss)):
+                losses.append(None)
+                break
+            losses.append(float(loss))
+        name = variant.name(depth)
+        curves[name] = losses
+        log(f"  {name:<26} {len(losses)} steps, last loss {losses[-1]}  ({time.perf_counter() - t:.1f} s)")
+    return curves
+
+
+def final_loss(curve: Sequence[float | None], window: int = 20) -> float | None:
+    """Mean of the last `window` losses; None when training diverged."""
+    if not curve or curve[-1] is None:
+        return None
+    return float(np.mean(curve[-window:]))
+
+
+# ---------------------------------------------------------------- reporting
+FLOOR = 1e-30  # where an exact zero (float32 underflow) is drawn on a log axis
+
+
+def plot(result: dict, path: str | os.PathLike) -> None:
+    """flow.png, four panels on log scales, plain dashed and residual solid:
+    ‖∂L/∂W‖ per layer of the CIFAR nets; ‖∂L/∂h‖ at each CIFAR block input;
+    ‖∂L/∂W‖ per layer of the deepest MLPs; the training curves."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary, cfg = result["summary"], result["config"]
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+
+    def lines(ax, keys, field, rows):
+        for i, key in enumerate(keys):
+            values = [max(r["norm"], FLOOR) for r in result[field][key]]
+            style = "--" if key.startswith("plain") else "-"
+            ax.plot(range(len(values)), values, style, color=colors[rows(i) % len(colors)], label=key)
+        ax.set_yscale("log")
+        ax.legend(fontsize=7, ncol=2)
+
+    cifar = [f"{prefix}{d}" for d in cfg["cifar_depths"] for prefix in ("plain", "resnet")]
+    images = f"{cfg['cifar_batch']} random 32×32×3 images"
+    lines(axes[0, 0], cifar, "gradient_norms", lambda i: i // 2)
+    axes[0, 0].set(xlabel="layer (0 = stem, last = head)", ylabel="‖∂L/∂W‖₂ at init", title=f"CIFAR nets with BatchNorm: weights ({images})")
+    lines(axes[0, 1], cifar, "input_gradient_norms", lambda i: i // 2)
+    axes[0, 1].set(xlabel="block (last = input of the head)", ylabel="‖∂L/∂h‖₂ at init", title="CIFAR nets with BatchNorm: block inputs h")
+
+    ax = axes[1, 0]
+    if cfg["mlp_depths"]:
+        depth = max(cfg["mlp_depths"])
+        mlps = [k for k, s in summary.items() if s["family"] == "mlp" and s["depth"] == depth]
+        lines(ax, mlps, "gradient_norms", lambda i: i)
+        floored = any(r["norm"] < FLOOR for k in mlps for r in result["gradient_norms"][k])
+        ax.set(title=f"MLPs, width {cfg['mlp_width']}, no normalisation, {cfg['mlp_batch']} digits"
+               + (f"\n(exact zeros drawn at {FLOOR:g})" if floored else ""))
+    ax.set(xlabel="layer (0 = input layer, last = output layer)", ylabel="‖∂L/∂W‖₂ at init")
+
+    ax = axes[1, 1]
+    for i, (key, curve) in enumerate(result["training"].items()):
+        steps = [s for s, v in enumerate(curve) if v is not None]
+        diverged = bool(curve) and curve[-1] is None
+        label = key + (f" (diverged at step {len(curve) - 1})" if diverged else "")
+        ax.plot(steps, [curve[s] for s in steps], "--" if key.startswith("plain") else "-", color=colors[i % len(colors)],
+                lw=0.8, marker="x" if diverged else None, label=label)
+    tc = cfg["train"]
+    ax.set(yscale="log", xlabel="step", ylabel="training loss (minibatch)",
+           title=f"training on digits: {tc['optimizer']} lr {tc['learning_rate']}, batch {tc['batch_size']}, same init and batches")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=72)
+    plt.close(fig)
+
+
+def _finite(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def format_table(result: dict) -> str:
+    """One line per model: layers, init loss, first/last-layer gradient norms and their ratio."""
+    rows = [f"{'model':<26} {'layers':>6} {'loss@init':>10} {'|dW| first':>11} {'|dW| last':>10} {'first/last':>11} {'|dh| first/last':>16}"]
+    for name, s in result["summary"].items():
+        rows.append(
+            f"{name:<26} {s['layers']:>6} {_g(s['loss']):>10} {_g(s['first']):>11} {_g(s['last']):>10} "
+            f"{_g(s['first_over_last']):>11} {_g(s['input_first_over_last']):>16}"
+        )
+    if result.get("training"):
+        rows.append("")
+        rows.append(f"{'training (mean of last 20 steps)':<34} final loss")
+        for name, curve in result["training"].items():
+            value = final_loss(curve)
+            rows.append(f"{name:<34} {'diverged' if value is None else f'{value:.4f}'}")
+    return "\n".join(rows)
+
+
+def _g(v):
+    return "n/a" if v is None else f"{v:.3g}"
+
+
+# ---------------------------------------------------------------------- CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `jax-resnet flow` options."""
+    parser.add_argument("--out", default=os.path.join("runs", "flow"), metavar="DIR", help="folder for flow.json and flow.png (default runs/flow)")
+    parser.add_argument("--depths", type=int, nargs="+", metavar="D", help=f"CIFAR net depths, 6n+2 (default {' '.join(map(str, CIFAR_DEPTHS))})")
+    parser.add_argument("--mlp-depths", type=int, nargs="+", metavar="D", help=f"MLP depths (default {' '.join(map(str, MLP_DEPTHS))})")
+    parser.add_argument("--train-depth", type=int, metavar="D", help=f"MLP depth of the training comparison (default {TRAIN_DEPTH})")
+    parser.add_argument("--steps", type=int, metavar="N", help=f"training steps per model (default {TRAIN_STEPS})")
+    parser.add_argument("--optimizer", choices=sorted(LEARNING_RATES), default="sgd",
+                        help=f"sgd (momentum {MOMENTUM}, lr {LEARNING_RATES['sgd']}) or adam (lr {LEARNING_RATES['adam']})")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--grad", choices=["rules", "autodiff"], default="rules", help="hand-derived VJPs or JAX autodiff")
+    parser.add_argument("--quick", action="store_true", help="depth-8 CIFAR nets, small MLPs, 20 steps (under a minute; for tests)")
+    parser.add_argument("--json", metavar="FILE", help="also write the JSON result to FILE")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the study, write flow.json and flow.png under args.out, print a table."""
+    quick = args.quick
+
+    def pick(given, name, default):
+        return given if given is not None else (QUICK[name] if quick else default)
+
+    cifar_depths = tuple(pick(args.depths, "cifar_depths", CIFAR_DEPTHS))
+    mlp_depths = tuple(pick(args.mlp_depths, "mlp_depths", MLP_DEPTHS))
+    train_depth = pick(args.train_depth, "train_depth", TRAIN_DEPTH)
+    steps = pick(args.steps, "steps", TRAIN_STEPS)
+    cifar_batch = pick(None, "cifar_batch", CIFAR_BATCH)
+    for d in cifar_depths:
+        if d < 8 or (d - 2) % 6:
+            print(f"jax-resnet flow: --depths must be 6n+2 with n ≥ 1 (8, 14, 20, 32, 56, 110, …), got {d}", file=sys.stderr)
+            return 2
+    learning_rate = LEARNING_RATES[args.optimizer]
+
+    started = time.perf_counter()
+    print(f"gradient norms at init: CIFAR depths {cifar_depths}, MLP depths {mlp_depths} ({jax.default_backend()})")
+    measured = sweep(cifar_depths, mlp_depths, cifar_batch=cifar_batch, seed=args.seed, grad=args.grad, log=print)
+    sweep_s = time.perf_counter() - started
+    print(f"training: MLP depth {train_depth}, {steps} steps, {args.optimizer}")
+    t = time.perf_counter()
+    training = train_compare(train_depth, steps=steps, optimizer=args.optimizer, learning_rate=learning_rate, seed=args.seed, grad=args.grad, log=print)
+    train_s = time.perf_counter() - t
+
+    result = {
+        **measured,
+        "training": training,
+        "final_loss": {k: final_loss(v) for k, v in training.items()},
+        "config": {
+            "cifar_depths": list(cifar_depths),
+            "cifar_batch": cifar_batch,
+            "cifar_input": "N(0, 1) random 32x32x3 images, uniform random labels (random_images)",
+            "mlp_depths": list(mlp_depths),
+            "mlp_width": MLP_WIDTH,
+            "mlp_batch": MLP_BATCH,
+            "mlp_input": f"first {MLP_BATCH} digits training images (data.load('digits'))",
+            "mlp_variants": [dataclasses.asdict(v) for v in MLP_VARIANTS],
+            "train": {"depth": train_depth, "width": MLP_WIDTH, "steps": steps, "batch_size": TRAIN_BATCH, "optimizer": args.optimizer,
+                      "learning_rate": learning_rate, "momentum": MOMENTUM if args.optimizer == "sgd" else None},
+            "loss": "mean softmax cross-entropy (ops.softmax_cross_entropy), train mode",
+            "grad": args.grad,
+            "seed": args.seed,
+            "dtype": "float32",
+            "quick": quick,
+        },
+        "device": f"{jax.default_backend()}: {jax.devices()[0].device_kind}, {os.cpu_count()} CPU cores",
+        "jax_version": jax.__version__,
+        "platform": platform.platform(),
+        "measured_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "timing_s": {"sweep": sweep_s, "training": train_s},
+    }
+    os.makedirs(args.out, exist_ok=True)
+    png_path = os.path.join(args.out, "flow.png")
+    plot(result, png_path)
+    result["timing_s"]["total"] = time.perf_counter() - started
+    text = json.dumps(_finite(result), indent=1, allow_nan=False)
+    json_path = os.path.join(args.out, "flow.json")
+    for path in [json_path] + ([args.json] if args.json else []):
+        with open(path, "w") as f:
+            f.write(text + "\n")
+    print()
+    print(format_table(result))
+    print(f"\nwrote {json_path} and {png_path} in {result['timing_s']['total']:.0f} s")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jax_resnet.flow", description="Gradient flow in plain vs residual networks, measured.")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,342 @@
+"""The training loop: outputs, resume, atomic checkpoints, the gradient gate,
+NaN handling, bad settings, and data parallelism on 8 simulated devices.
+
+Runs use the synthetic data set (512 training images, 8 steps of 64 per
+epoch) and the `tiny` ResNet, so that BatchNorm state and Adam's state are in
+every checkpoint. Train steps are compiled once per settings and reused across
+runs (`train._compiled_step` is cached), which keeps this file fast.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jax_resnet import data, ops, train
+
+STEPS_PER_EPOCH = 8  # 512 synthetic training images / batch 64
+BASE = train.TrainConfig(model="tiny", dataset="synthetic", epochs=2, batch_size=64, lr=1e-2, progress=False)
+
+
+class Killed(Exception):
+    """Stands in for the process dying at a chosen point."""
+
+
+def _assert_trees_identical(a, b):
+    leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(leaves_a) == len(leaves_b)
+    for x, y in zip(leaves_a, leaves_b):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def _steps(out: Path) -> list[int]:
+    return sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """Two epochs in one go, with the gradient check: the reference run."""
+    out = tmp_path_factory.mktemp("straight")
+    metrics = train.train(dataclasses.replace(BASE, out=str(out)))
+    return out, metrics
+
+
+def test_run_writes_metrics_curves_and_checkpoints(straight):
+    out, metrics = straight
+    summary = json.loads((out / "metrics.json").read_text())
+    for field in (
+        "test_accuracy", "train_loss", "epochs", "examples_per_second", "grad_check_max_rel_err",
+        "wall_time_s", "model", "dataset", "device", "jax_version", "num_params",
+    ):
+        assert field in summary, field
+    assert summary["epochs"] == 2 and summary["steps"] == 2 * STEPS_PER_EPOCH
+    assert summary["model"] == "tiny" and summary["dataset"] == "synthetic"
+    assert summary["jax_version"] == jax.__version__
+    assert summary["num_params"] > 0 and summary["examples_per_second"] > 0
+    assert 0 <= summary["grad_check_max_rel_err"] <= 1e-4
+    assert summary["test_accuracy"] > 0.5  # the blobs are easy; a broken loop stays at 1/10
+    assert summary["test_accuracy"] == metrics["test_accuracy"]
+
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert [r["step"] for r in rows] == [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]
+    for r in rows:
+        assert {"train_loss", "train_accuracy", "test_loss", "test_accuracy", "lr"} <= set(r)
+    assert rows[1]["train_loss"] < rows[0]["train_loss"]
+
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert _steps(out) == [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]
+    tree, meta = train.load_checkpoint(out)
+    assert meta["epoch"] == 2 and meta["step"] == 2 * STEPS_PER_EPOCH and meta["seed"] == 0
+    assert set(tree) == {"params", "state", "opt_state"}
+    assert jax.tree.leaves(tree["state"]), "BatchNorm statistics are checkpointed"
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser()
+    train.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def _interrupted_after_first_epoch(out, monkeypatch):
+    real_save = train._save_checkpoint
+
+    def save_then_die(manager, step, tree, meta):
+        real_save(manager, step, tree, meta)
+        raise Killed
+
+    monkeypatch.setattr(train, "_save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        train.train(dataclasses.replace(BASE, out=str(out), skip_grad_check=True))
+    monkeypatch.undo()
+    assert _steps(out) == [STEPS_PER_EPOCH]
+
+
+def test_resume_gives_identical_parameters(straight, tmp_path, monkeypatch):
+    """N steps, stop, resume, N steps == 2N steps in one go, bit for bit.
+    The resumed run keeps one checkpoint only (max_to_keep may change)."""
+    ref_out, ref_metrics = straight
+    out = tmp_path / "resumed"
+    _interrupted_after_first_epoch(out, monkeypatch)
+
+    metrics = train.train(dataclasses.replace(BASE, out=str(out), resume=True, skip_grad_check=True, max_to_keep=1))
+    assert _steps(out) == [2 * STEPS_PER_EPOCH]
+    assert metrics["resumed_from_epoch"] == 1 and metrics["epochs"] == 2
+    assert metrics["test_accuracy"] == ref_metrics["test_accuracy"]
+    got, _ = train.load_checkpoint(out)
+    want, _ = train.load_checkpoint(ref_out)
+    _assert_trees_identical(got, want)  # params, BatchNorm state and Adam state
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+
+
+def test_kill_while_saving_keeps_previous_checkpoint(straight, tmp_path, monkeypatch):
+    """A save that dies before orbax's final rename leaves only a temporary
+    folder: the previous checkpoint stays loadable and --resume picks it."""
+    from orbax.checkpoint._src.path import atomicity
+
+    ref_out, _ = straight
+    out = tmp_path / "killed"
+    real_finalize = atomicity.AtomicRenameTemporaryPath.finalize
+
+    async def finalize_or_die(self, *args, **kwargs):
+        if self.get_final().name == str(2 * STEPS_PER_EPOCH):
+            raise Killed  # everything written, not yet renamed
+        return await real_finalize(self, *args, **kwargs)
+
+    monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", finalize_or_die)
+    with pytest.raises(Killed):
+        train.train(dataclasses.replace(BASE, out=str(out), skip_grad_check=True))
+    monkeypatch.undo()
+
+    ckpt = out / "checkpoints"
+    leftovers = [p.name for p in ckpt.iterdir() if ".orbax-checkpoint-tmp" in p.name]
+    assert leftovers and all(name.startswith(f"{2 * STEPS_PER_EPOCH}.") for name in leftovers)
+    # A kill earlier in the save leaves a temporary folder with partial files.
+    partial = ckpt / f"{3 * STEPS_PER_EPOCH}.orbax-checkpoint-tmp-1234567890"
+    (partial / "state").mkdir(parents=True)
+    (partial / "state" / "half_written").write_bytes(b"\x00" * 10)
+    assert _steps(out) == [STEPS_PER_EPOCH]
+    tree, meta = train.load_checkpoint(out)
+    assert meta["epoch"] == 1
+    assert all(np.isfinite(np.asarray(a)).all() for a in jax.tree.leaves(tree["params"]))
+
+    summary = tmp_path / "summary.json"
+    argv = ["--model", "tiny", "--dataset", "synthetic", "--epochs", "2", "--batch-size", "64", "--lr", "0.01", "--out", str(out),
+            "--resume", "--no-grad-check", "--no-progress", "--json", str(summary)]
+    assert train.run(_parse(argv)) == 0
+    metrics = json.loads(summary.read_text())
+    assert metrics == json.loads((out / "metrics.json").read_text())
+    assert metrics["resumed_from_epoch"] == 1
+    assert not [p for p in ckpt.iterdir() if ".orbax-checkpoint-tmp" in p.name], "leftovers are cleaned up"
+    _assert_trees_identical(train.load_checkpoint(out)[0], train.load_checkpoint(ref_out)[0])
+
+
+def test_bfloat16_computes_in_bfloat16_and_keeps_float32_parameters():
+    from jax_resnet import models
+
+    ds = data.load("synthetic")
+    x, y = ds.x_train[:32], ds.y_train[:32]
+    model = models.tiny(num_classes=ds.num_classes, in_channels=1)
+    opt = train.make_optimizer("adam", 1e-2)
+    tree = train.init_train_state(model, opt)
+    params, state = tree["params"], tree["state"]
+    loss = {"float32": float(jax.jit(train._loss_fn(model, "rules", "float32"))(params, state, x, y)[0])}
+    p, s, o, m = train.make_train_step(model, opt, dtype="bfloat16")(params, state, tree["opt_state"], x, y)
+    assert {a.dtype for a in jax.tree.leaves((p, s, o)) if jnp.issubdtype(a.dtype, jnp.floating)} == {jnp.dtype("float32")}
+    loss["bfloat16"] = float(m["loss"])
+    assert loss["bfloat16"] != loss["float32"]  # it did compute in bfloat16
+    assert abs(loss["bfloat16"] - loss["float32"]) <= 0.05 * loss["float32"]
+    bf16 = train.evaluate(model, p, s, ds.x_test, ds.y_test, dtype="bfloat16")
+    assert 0 <= bf16["accuracy"] <= 1 and np.isfinite(bf16["loss"])
+
+
+def test_wrong_gradient_refuses_to_train(tmp_path, monkeypatch, capsys):
+    """A rule with a wrong backward (the loss's gradient doubled) fails the
+    step-0 check: exit status 1, a message naming the error, no checkpoint."""
+
+    @jax.custom_vjp
+    def bad_loss(logits, labels):
+        return ops.softmax_cross_entropy(logits, labels)
+
+    def bad_fwd(logits, labels):
+        return jax.vjp(ops.softmax_cross_entropy, logits, labels)[0], (logits, labels)
+
+    def bad_bwd(res, ct):
+        logits, labels = res
+        ct_logits = jax.grad(ops.softmax_cross_entropy)(logits, labels) * ct
+        return 2 * ct_logits, np.zeros(labels.shape, jax.dtypes.float0)
+
+    bad_loss.defvjp(bad_fwd, bad_bwd)
+    rules = ops.opset("rules")._replace(softmax_cross_entropy=bad_loss)
+    monkeypatch.setattr(train, "opset", lambda grad="rules": rules if grad == "rules" else ops.opset(grad))
+    out = tmp_path / "refused"
+    status = train.run(_parse(["--model", "residual_mlp", "--dataset", "synthetic", "--out", str(out), "--no-progress"]))
+    err = capsys.readouterr().err
+    assert status == 1
+    assert "gradient check failed" in err and "in float64" in err and "Refusing to train" in err and "--no-grad-check" in err
+    assert not (out / "checkpoints").exists() or _steps(out) == []
+    assert not (out / "metrics.json").exists()
+
+
+def test_float32_disagreement_is_rechecked_in_float64(monkeypatch):
+    """A float32 miss alone (a ReLU kink flipped by rounding) does not refuse:
+    float64 decides. Here float32 is made to report a miss; float64 runs for real."""
+    from jax_resnet import models
+
+    real = train._grad_error
+    asked = []
+
+    def float32_misses(model, params, state, x, y, dtype):
+        asked.append(dtype)
+        return (3e-2, "['stem']['w']") if dtype == "float32" else real(model, params, state, x, y, dtype)
+
+    monkeypatch.setattr(train, "_grad_error", float32_misses)
+    ds = data.load("synthetic")
+    model = models.residual_mlp(in_features=64, width=16, depth=1, out_features=ds.num_classes)
+    tree = train.init_train_state(model, train.make_optimizer("sgd", 0.1))
+    check = train.check_gradients(model, tree["params"], tree["state"], ds.x_train[:16], ds.y_train[:16], tol=1e-4)
+    assert asked == ["float32", "float64"]
+    assert check.dtype == "float64" and check.float32_rel_err == 3e-2 and check.ok(1e-4)
+    assert check.max_rel_err <= 1e-10
+
+
+def test_nan_loss_stops_naming_the_step_without_checkpoint(tmp_path, monkeypatch):
+    real_load = data.load
+    bad_step = 3  # 1-based step of epoch 0 whose batch holds the NaN image
+
+    def load_with_nan(*args, **kwargs):
+        ds = real_load(*args, **kwargs)
+        order = np.random.default_rng([BASE.seed, 0]).permutation(len(ds.x_train))  # data.batches' order
+        x = np.array(ds.x_train)
+        x[order[(bad_step - 1) * BASE.batch_size + 5]] = np.nan
+        return dataclasses.replace(ds, x_train=x)
+
+    monkeypatch.setattr(data, "load", load_with_nan)
+    out = tmp_path / "nan"
+    with pytest.raises(train.TrainingError, match=rf"became (nan|NaN).* at step {bad_step} \(epoch 1, batch {bad_step} of 8\); stopped without saving"):
+        train.train(dataclasses.replace(BASE, out=str(out), skip_grad_check=True))
+    assert _steps(out) == []
+
+
+@pytest.mark.parametrize(
+    "field, value, listed",
+    [("model", "resnet7", "resnet20"), ("dataset", "imagenet", "digits"), ("optimizer", "lion", "adamw"),
+     ("schedule", "step", "warmup-cosine"), ("grad", "numeric", "autodiff"), ("dtype", "float16", "bfloat16")],
+)
+def test_unknown_names_list_the_valid_choices(field, value, listed):
+    with pytest.raises(ValueError, match=rf"unknown {field} '{value}'.*{listed}"):
+        train.TrainConfig(**{field: value})
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [({"batch_size": 1000}, "batch_size 1000 exceeds the 512 training examples"),
+     ({"devices": 64}, "asked for 64 but only"),
+     ({"epochs": 0}, "epochs must be a positive integer"),
+     ({"lr": float("nan")}, "lr must be a positive finite number")],
+)
+def test_bad_settings_are_clear_errors(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        train.train(dataclasses.replace(BASE, out=str(tmp_path / "bad"), **overrides))
+
+
+def test_cli_reports_bad_input_with_status_2(tmp_path, capsys):
+    assert train.run(_parse(["--model", "nope", "--out", str(tmp_path)])) == 2
+    assert "unknown model 'nope'; choose one of: tiny" in capsys.readouterr().err
+
+
+def test_existing_run_needs_resume_and_the_same_settings(straight):
+    out, _ = straight
+    with pytest.raises(ValueError, match="already holds checkpoints; pass --resume"):
+        train.train(dataclasses.replace(BASE, out=str(out)))
+    with pytest.raises(ValueError, match=r"trained with lr=0.01 \(now 0.1\)"):
+        train.train(dataclasses.replace(BASE, out=str(out), resume=True, lr=0.1))
+    with pytest.raises(ValueError, match=r"trained with optimizer='adam' \(now 'sgd'\)"):
+        train.train(dataclasses.replace(BASE, out=str(out), resume=True, optimizer="sgd"))
+
+
+SHARDED = textwrap.dedent(
+    """
+    import jax, numpy as np
+    from jax_resnet import data, models, train
+
+    assert jax.device_count() == 8, jax.devices()
+    ds = data.load("synthetic")
+    x, y = ds.x_train[:64], ds.y_train[:64]
+    model = models.tiny(num_classes=ds.num_classes, in_channels=1)
+    opt = train.make_optimizer("adam", 1e-2)
+    tree = train.init_train_state(model, opt, seed=0)
+    params, state, opt_state = tree["params"], tree["state"], tree["opt_state"]
+
+    one = train.make_train_step(model, opt, "rules")
+    p1, s1, o1, m1 = one(params, state, opt_state, x, y)
+
+    mesh = train.make_mesh()
+    assert mesh.size == 8
+    eight = train.make_train_step(model, opt, "rules", mesh=mesh)
+    replicated, batch = train._shardings(mesh)
+    xs, ys = jax.device_put(x, batch), jax.device_put(y, batch)
+    assert len(xs.addressable_shards) == 8 and xs.addressable_shards[0].data.shape == (8, 8, 8, 1)
+    hlo = eight.lower(params, state, opt_state, xs, ys).compile().as_text()
+    assert "all-reduce" in hlo
+    p8, s8, o8, m8 = eight(params, state, opt_state, xs, ys)
+
+    def err(a, b):
+        pairs = [(np.asarray(u, np.float64), np.asarray(v, np.float64)) for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b))]
+        return max(float(np.max(np.abs(u - v))) / max(1.0, float(np.max(np.abs(v)))) for u, v in pairs)
+
+    # BatchNorm statistics of the global batch: the new running statistics agree.
+    print("params", err(p8, p1), "bn_state", err(s8, s1), "opt_state", err(o8, o1), "loss", err(m8, m1))
+    assert err(p8, p1) <= 1e-5 and err(s8, s1) <= 1e-5 and err(o8, o1) <= 1e-5 and err(m8, m1) <= 1e-5
+    # Statistics per shard of 8 would differ at the percent level:
+    _, s_shard = jax.jit(lambda p, s, x: model.apply(p, s, x, train=True))(params, state, x[:8])
+    assert err(s_shard, s1) > 1e-3
+
+    try:
+        train.train(train.TrainConfig(dataset="synthetic", batch_size=60, out="unused", progress=False))
+    except ValueError as e:
+        assert "not divisible by the 8 devices" in str(e), e
+    else:
+        raise AssertionError("batch 60 over 8 devices was accepted")
+    print("OK")
+    """
+)
+
+
+def test_sharded_step_equals_single_device_step(tmp_path):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    result = subprocess.run(
+        [sys.executable, "-c", SHARDED], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip().endswith("OK"), result.stdout
