@@ -12,7 +12,7 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 demo: $(BIN)/.installed
-	$(BIN)/jax-resnet verify
+	$(BIN)/jax-resnet train
 
 verify: $(BIN)/.installed
 	$(BIN)/jax-resnet verify

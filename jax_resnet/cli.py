@@ -1,6 +1,9 @@
 """The `jax-resnet` command line: a thin layer over the library.
 
+    jax-resnet train  [--model resnet8] [--dataset digits] ...   (the main job; --help lists all flags)
     jax-resnet verify [--dtype float64|float32] [--json FILE] [--rule NAME ...]
+    jax-resnet flow   [--out runs/flow] [--quick]
+    jax-resnet bench  [--quick] [--json FILE] [--markdown FILE]
     jax-resnet info MODEL [--input-size H W C] [--num-classes K] [--json FILE]
 """
 
@@ -53,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jax-resnet", description="Residual networks with hand-derived gradients in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    from jax_resnet import bench, flow, train
+
+    p = sub.add_parser("train", help="train a residual network with hand-derived gradients (the main job)")
+    train.add_arguments(p)
+    p.set_defaults(run=train.run)
+
     p = sub.add_parser("verify", help="check every registered rule against jax autodiff and finite differences")
     p.add_argument("--dtype", choices=["float64", "float32"], default="float64")
     p.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
@@ -65,6 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int)
     p.add_argument("--json", metavar="FILE", help="also write {model, params, flops, layers, input_shape} as JSON")
     p.set_defaults(run=_info)
+
+    p = sub.add_parser("flow", help="gradient norm per layer, plain vs residual networks, and a short training comparison")
+    flow.add_arguments(p)
+    p.set_defaults(run=flow.run)
+
+    p = sub.add_parser("bench", help="training-step time and compiled memory: rules vs autodiff vs a Flax peer")
+    bench.add_arguments(p)
+    p.set_defaults(run=bench.run)
     return parser
 
 

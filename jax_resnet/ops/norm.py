@@ -97,9 +97,13 @@ def _batch_norm_train_bwd(eps, res, cts):
     m = _count(x_hat.shape, axes)
     ct_gamma = jnp.sum(ct_y * x_hat, axis=axes)
     ct_beta = jnp.sum(ct_y, axis=axes)
-    ct_xhat = ct_y * res.gamma
+    # The compact form with ct_xhat = ct_y·gamma, reusing the two sums just taken:
+    # Σct_xhat = gamma·ct_beta and Σct_xhat·x_hat = gamma·ct_gamma. Not forming
+    # ct_xhat saves XLA a full-size buffer (12 MiB in ResNet-20's step; bench.py).
+    scale = res.gamma * inv_std / m
+    ct_x = scale * (m * ct_y - ct_beta - x_hat * ct_gamma)
     # The returned statistics: ∂mean/∂x = 1/m, ∂var/∂x = 2(x − mean)/m = 2·x_hat/(inv_std·m).
-    ct_x = _standardize_bwd(x_hat, inv_std, ct_xhat, axes, m) + ct_mean / m + ct_var * 2 * x_hat / (inv_std * m)
+    ct_x = ct_x + ct_mean / m + ct_var * 2 * x_hat / (inv_std * m)
     return ct_x, ct_gamma, ct_beta
 
 
