@@ -172,3 +172,25 @@ def test_bad_inputs_raise_errors_naming_the_op_and_argument(case):
     _, call, error, message = case
     with pytest.raises(error, match=message):
         call()
+
+
+def test_forward_values_equal_the_textbook_formula():
+    """The references share the rules' forward code, so check that code once
+    against the formulas written out independently with jnp.mean / jnp.var."""
+    from jax_resnet.ops import norm
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((4, 3, 3, 6)))
+    gamma, beta = jnp.asarray(rng.standard_normal(6)), jnp.asarray(rng.standard_normal(6))
+    eps = 1e-5
+
+    def textbook(x, axes):
+        mean, var = jnp.mean(x, axis=axes, keepdims=True), jnp.var(x, axis=axes, keepdims=True)
+        return (x - mean) / jnp.sqrt(var + eps)
+
+    np.testing.assert_allclose(norm.batch_norm_train(x, gamma, beta, eps=eps)[0], gamma * textbook(x, (0, 1, 2)) + beta, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(norm.layer_norm(x, gamma, beta, eps=eps), gamma * textbook(x, (3,)) + beta, rtol=1e-12, atol=1e-12)
+    grouped = textbook(x.reshape(4, 3, 3, 3, 2), (1, 2, 4)).reshape(x.shape)
+    np.testing.assert_allclose(norm.group_norm(x, gamma, beta, groups=3, eps=eps), gamma * grouped + beta, rtol=1e-12, atol=1e-12)
+    mean, var = jnp.asarray(rng.standard_normal(6)), jnp.asarray(rng.uniform(0.5, 1.5, 6))
+    np.testing.assert_allclose(norm.batch_norm_eval(x, gamma, beta, mean, var, eps=eps), gamma * (x - mean) / jnp.sqrt(var + eps) + beta, rtol=1e-12, atol=1e-12)

@@ -294,7 +294,7 @@ def silu(x: jax.Array) -> jax.Array:
 
 
 def silu_reference(x):
-    return x / (1 + jnp.exp(-x))
+    return x * jax.nn.sigmoid(x)
 
 
 # ------------------------------------------------------------------------- softplus

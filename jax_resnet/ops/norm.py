@@ -140,11 +140,13 @@ def batch_norm_train(x: jax.Array, gamma: jax.Array, beta: jax.Array, *, eps: fl
     return _batch_norm_train(x, gamma, beta, eps)
 
 
+# The references run the rules' forward expressions (`_standardize`), so both
+# compute bit-identical values and only the backward passes differ: in a float32
+# network, a last-bit difference in the forward can flip a later ReLU's mask.
 def batch_norm_train_reference(x, gamma, beta, *, eps=1e-5):
-    axes = tuple(range(x.ndim - 1))
-    mean = jnp.mean(x, axis=axes)
-    var = jnp.var(x, axis=axes)
-    return gamma * (x - mean) / jnp.sqrt(var + eps) + beta, mean, var
+    channels = x.shape[-1:]
+    x_hat, mean, var, _ = _standardize(x, _leading_axes(x), eps)
+    return gamma * x_hat + beta, mean.reshape(channels), var.reshape(channels)
 
 
 # ------------------------------------------------------------------ batch_norm_eval
@@ -211,7 +213,7 @@ def batch_norm_eval(
 
 
 def batch_norm_eval_reference(x, gamma, beta, mean, var, *, eps=1e-5):
-    return gamma * (x - mean) / jnp.sqrt(var + eps) + beta
+    return gamma * ((x - mean) * lax.rsqrt(var + eps)) + beta
 
 
 # ----------------------------------------------------------------------- layer_norm
@@ -273,9 +275,7 @@ def layer_norm(x: jax.Array, gamma: jax.Array, beta: jax.Array, *, eps: float = 
 
 
 def layer_norm_reference(x, gamma, beta, *, eps=1e-5):
-    mean = jnp.mean(x, axis=-1, keepdims=True)
-    var = jnp.var(x, axis=-1, keepdims=True)
-    return gamma * (x - mean) / jnp.sqrt(var + eps) + beta
+    return gamma * _standardize(x, (x.ndim - 1,), eps)[0] + beta
 
 
 # ----------------------------------------------------------------------- group_norm
@@ -355,10 +355,5 @@ def group_norm(x: jax.Array, gamma: jax.Array, beta: jax.Array, *, groups: int, 
 
 
 def group_norm_reference(x, gamma, beta, *, groups, eps=1e-5):
-    channels = x.shape[-1]
-    xg = x.reshape(*x.shape[:-1], groups, channels // groups)
-    axes = (*range(1, x.ndim - 1), x.ndim)
-    mean = jnp.mean(xg, axis=axes, keepdims=True)
-    var = jnp.var(xg, axis=axes, keepdims=True)
-    x_hat = ((xg - mean) / jnp.sqrt(var + eps)).reshape(x.shape)
-    return gamma * x_hat + beta
+    grouped, axes = _grouped(x.shape, groups)
+    return gamma * _standardize(x.reshape(grouped), axes, eps)[0].reshape(x.shape) + beta
