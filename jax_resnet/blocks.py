@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -141,6 +142,8 @@ def _shortcut(ops: OpSet, spec: BlockSpec, params, state, x, *, train):
 
 def apply_block(ops: OpSet, spec: BlockSpec, params, state, x, *, train):
     """Run one block; returns (y, new_state)."""
+    chex.assert_rank(x, 4)  # NHWC
+    chex.assert_axis_dimension(x, 3, spec.in_channels)
     new_state = {}
     convs = spec.convs()
     h = x

@@ -53,13 +53,13 @@ def verify(dtype="float64", names: Iterable[str] | None = None) -> list[dict]:
 
 def format_table(rows: list[dict]) -> str:
     """Render rows as a fixed-width table; one line per rule."""
-    head = f"{'rule':<40} {'dtype':<8} {'max rel err':>11}  {'per argument':<36} {'fd rel err':>10} {'saved B':>8} {'input B':>8}  ok"
+    head = f"{'rule':<40} {'dtype':<8} {'max rel err':>11}  {'per argument':<52} {'fd rel err':>10} {'saved B':>8} {'input B':>8}  ok"
     lines = [head, "-" * len(head)]
     for r in rows:
         per_arg = " ".join(f"{k}:{v:.1e}" for k, v in r["per_arg_rel_err"].items())
         fd = "n/a" if r["fd_rel_err"] is None else f"{r['fd_rel_err']:.1e}"
         lines.append(
-            f"{r['rule']:<40} {r['dtype']:<8} {r['max_rel_err']:>11.2e}  {per_arg:<36} {fd:>10} "
+            f"{r['rule']:<40} {r['dtype']:<8} {r['max_rel_err']:>11.2e}  {per_arg:<52} {fd:>10} "
             f"{r['saved_bytes']:>8} {r['input_bytes']:>8}  {'yes' if r['ok'] else 'FAIL'}"
         )
     failed = [r["rule"] for r in rows if not r["ok"]]
