@@ -303,6 +303,7 @@ def imagenet_resnet(stage_sizes, block, *, num_classes=1000, in_channels=3, widt
 
 
 resnet8 = functools.partial(cifar_resnet, 8)
+resnet14 = functools.partial(cifar_resnet, 14)
 resnet20 = functools.partial(cifar_resnet, 20)
 resnet32 = functools.partial(cifar_resnet, 32)
 resnet44 = functools.partial(cifar_resnet, 44)
@@ -310,8 +311,10 @@ resnet56 = functools.partial(cifar_resnet, 56)
 resnet110 = functools.partial(cifar_resnet, 110)
 resnet1202 = functools.partial(cifar_resnet, 1202)
 plain8 = functools.partial(cifar_resnet, 8, residual=False)
+plain14 = functools.partial(cifar_resnet, 14, residual=False)
 plain20 = functools.partial(cifar_resnet, 20, residual=False)
 plain32 = functools.partial(cifar_resnet, 32, residual=False)
+plain44 = functools.partial(cifar_resnet, 44, residual=False)
 plain56 = functools.partial(cifar_resnet, 56, residual=False)
 plain110 = functools.partial(cifar_resnet, 110, residual=False)
 preact_resnet20 = functools.partial(cifar_resnet, 20, block="preact_basic")
@@ -332,20 +335,12 @@ def tiny(num_classes=10, in_channels=1) -> Model:
     return Model(model.spec, "tiny")
 
 
-PRESETS: dict[str, Callable[..., Model]] = {
-    "tiny": tiny,
-    "residual_mlp": residual_mlp,
-    "plain_mlp": plain_mlp,
-    **{f"resnet{d}": functools.partial(cifar_resnet, d) for d in (8, 14, 20, 32, 44, 56, 110, 1202)},
-    **{f"plain{d}": functools.partial(cifar_resnet, d, residual=False) for d in (8, 14, 20, 32, 44, 56, 110)},
-    "preact_resnet20": preact_resnet20,
-    "resnet18": resnet18,
-    "resnet34": resnet34,
-    "resnet50": resnet50,
-    "resnet101": resnet101,
-    "resnet152": resnet152,
-    "preact_resnet18": preact_resnet18,
-}
+_PRESET_NAMES = (
+    "tiny residual_mlp plain_mlp resnet8 resnet14 resnet20 resnet32 resnet44 resnet56 resnet110 resnet1202 "
+    "plain8 plain14 plain20 plain32 plain44 plain56 plain110 preact_resnet20 "
+    "resnet18 resnet34 resnet50 resnet101 resnet152 preact_resnet18"
+).split()
+PRESETS: dict[str, Callable[..., Model]] = {name: globals()[name] for name in _PRESET_NAMES}
 
 
 def get(name: str, **kwargs) -> Model:
