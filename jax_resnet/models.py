@@ -258,7 +258,10 @@ def residual_mlp(in_features=64, width=64, depth=2, out_features=10, activation=
 
 
 def plain_mlp(in_features=64, width=64, depth=2, out_features=10, activation="relu", output_activation="identity") -> Model:
-    """`residual_mlp` without the skip connections (the seed's "BP network")."""
+    """`residual_mlp` without the skip connections (the seed's "BP network").
+
+    Command: jax-resnet train --model plain_mlp
+    """
     spec = MLPSpec(in_features, width, depth, out_features, activation, output_activation, residual=False)
     return Model(spec, "plain_mlp")
 
@@ -287,7 +290,11 @@ def cifar_resnet(depth: int, *, num_classes=10, in_channels=3, widths=(16, 32, 6
 
 
 def imagenet_resnet(stage_sizes, block, *, num_classes=1000, in_channels=3, width=64, zero_init_residual=False, name="resnet") -> Model:
-    """ImageNet ResNet: 7x7 stem, max pool, four stages, option-B projections."""
+    """ImageNet ResNet: 7x7 stem, max pool, four stages, option-B projections.
+
+    Command (CPU-sized input; any data set, the head takes its classes):
+    jax-resnet train --model resnet18 --dataset cifar10 --data-dir DIR --optimizer momentum --lr 0.1
+    """
     spec = ResNetSpec(
         stage_sizes=tuple(stage_sizes),
         block=block,
