@@ -617,11 +617,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="jax-resnet bench", description="Rules vs autodiff vs a Flax peer: step time, compile time, memory.")
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from jax_resnet import cli
+
+    sys.exit(cli.main(["bench", *sys.argv[1:]]))

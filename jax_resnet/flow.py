@@ -609,11 +609,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jax_resnet.flow", description="Gradient flow in plain vs residual networks, measured.")
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from jax_resnet import cli
+
+    sys.exit(cli.main(["flow", *sys.argv[1:]]))

@@ -94,25 +94,6 @@ def _float_dtype(owner: str, name: str, dtype, *, optional: bool = False):
     return resolved
 
 
-def _padding(owner: str, padding):
-    """Check `padding`'s form now; its size against the input is checked by conv2d at call time."""
-    if isinstance(padding, str) and padding.upper() in ("SAME", "VALID"):
-        return padding.upper()
-    if isinstance(padding, numbers.Integral) and not isinstance(padding, bool) and padding >= 0:
-        return int(padding)
-    try:
-        pads = tuple((int(lo), int(hi)) for lo, hi in padding)
-        ok = len(pads) == 2 and all(lo >= 0 and hi >= 0 for lo, hi in pads)
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise ValueError(
-            f"{owner}: argument `padding` must be 'SAME', 'VALID', a non-negative int or "
-            f"((top, bottom), (left, right)) of non-negative ints, got {padding!r}"
-        )
-    return pads
-
-
 def _check_features(owner: str, x, features: int, *, nhwc: bool = False, min_rank: int = 1) -> None:
     """Raise unless x is an array whose last axis has `features` entries (and is NHWC if asked)."""
     shape = getattr(x, "shape", None)
@@ -227,7 +208,7 @@ class Conv(nnx.Module):
         self.kernel_size = _checks.pair(owner, "kernel_size", kernel_size)
         self.strides = _checks.pair(owner, "strides", strides)
         self.kernel_dilation = _checks.pair(owner, "kernel_dilation", kernel_dilation)
-        self.padding = _padding(owner, padding)
+        self.padding = _checks.padding_form(owner, padding)  # sizes are checked by conv2d at call time
         groups = _positive_int(owner, "feature_group_count", feature_group_count)
         if self.in_features % groups or self.out_features % groups:
             raise ValueError(

@@ -945,11 +945,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="jax-resnet train", description="Train a residual network with hand-derived gradients.")
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from jax_resnet import cli
+
+    sys.exit(cli.main(["train", *sys.argv[1:]]))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jax_resnet import bench, models
+from jax_resnet import bench, cli, models
 
 ROW_FIELDS = {"workload", "method", "step_time_ms", "ratio_to_autodiff", "compile_time_s", "temp_memory_bytes", "examples_per_second", "environment"}
 ENV_FIELDS = {"device", "platform", "jax", "flax", "cpu_count", "date"}
@@ -24,7 +24,7 @@ def test_quick_run_writes_json_rows_for_every_method_and_markdown(tmp_path, caps
     argv = ["--quick", "--json", str(json_path), "--markdown", str(md_path)]
     for name in names:
         argv += ["--workload", name]
-    assert bench.main(argv) == 0
+    assert cli.main(["bench", *argv]) == 0
 
     rows = json.loads(json_path.read_text())
     assert [(r["workload"], r["method"]) for r in rows] == [(n, m) for n in names for m in bench.METHODS]

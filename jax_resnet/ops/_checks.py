@@ -72,6 +72,31 @@ def positive_float(op: str, name: str, value) -> float:
     return float(value)
 
 
+def padding_form(op: str, value):
+    """Check the form of a `padding` setting, before any input size is known.
+
+    Returns "SAME" or "VALID" (upper case), or explicit ((top, bottom), (left,
+    right)) pairs, an int p becoming p on all four sides.
+    """
+    if isinstance(value, str):
+        if value.upper() in ("SAME", "VALID"):
+            return value.upper()
+    elif isinstance(value, int) and not isinstance(value, bool):
+        if value >= 0:
+            return ((value, value), (value, value))
+    else:
+        try:
+            pads = tuple((int(lo), int(hi)) for lo, hi in value)
+            if len(pads) == 2 and all(lo >= 0 and hi >= 0 for lo, hi in pads):
+                return pads
+        except (TypeError, ValueError):
+            pass
+    raise ValueError(
+        f"{op}: argument `padding` must be 'SAME', 'VALID', a non-negative int or "
+        f"((top, bottom), (left, right)) of non-negative ints, got {value!r}"
+    )
+
+
 def padding(
     op: str,
     value,
@@ -87,32 +112,18 @@ def padding(
     sides), or explicit ((top, bottom), (left, right)) of non-negative ints.
     """
     eff = tuple((k - 1) * d + 1 for k, d in zip(window, dilation))
-    if isinstance(value, str):
-        mode = value.upper()
-        if mode == "VALID":
-            pads = ((0, 0), (0, 0))
-        elif mode == "SAME":
-            pads = []
-            for n, k, s in zip(spatial, eff, stride):
-                out = -(-n // s)
-                total = max((out - 1) * s + k - n, 0)
-                pads.append((total // 2, total - total // 2))
-            pads = tuple(pads)
-        else:
-            raise ValueError(f"{op}: argument `padding` must be 'SAME', 'VALID', an int or ((top, bottom), (left, right)), got {value!r}")
-    elif isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        pads = ((value, value), (value, value))
+    form = padding_form(op, value)
+    if form == "VALID":
+        pads = ((0, 0), (0, 0))
+    elif form == "SAME":
+        pads = []
+        for n, k, s in zip(spatial, eff, stride):
+            out = -(-n // s)
+            total = max((out - 1) * s + k - n, 0)
+            pads.append((total // 2, total - total // 2))
+        pads = tuple(pads)
     else:
-        try:
-            pads = tuple((int(lo), int(hi)) for lo, hi in value)
-            ok = len(pads) == 2 and all(lo >= 0 and hi >= 0 for lo, hi in pads)
-        except (TypeError, ValueError):
-            ok = False
-        if not ok:
-            raise ValueError(
-                f"{op}: argument `padding` must be 'SAME', 'VALID', a non-negative int or "
-                f"((top, bottom), (left, right)) of non-negative ints, got {value!r}"
-            )
+        pads = form
     for (lo, hi), n, k, axis in zip(pads, spatial, eff, ("height", "width")):
         if n + lo + hi < k:
             raise ValueError(
