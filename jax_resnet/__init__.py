@@ -2,4 +2,5 @@
 
 from jax_resnet import gradcheck, ops, rules
 
+__all__ = ["gradcheck", "ops", "rules"]
 __version__ = "0.1.0"

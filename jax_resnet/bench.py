@@ -62,7 +62,8 @@ import platform
 import statistics
 import sys
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax
 import jax
@@ -91,7 +92,9 @@ def optimizer() -> optax.GradientTransformation:
 class PeerMLP(nnx.Module):
     """`models.residual_mlp` in nnx layers: a = relu(in(x)); a ← relu(hidden_l(a) + a); out(a)."""
 
-    def __init__(self, in_features: int, width: int, depth: int, out_features: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self, in_features: int, width: int, depth: int, out_features: int, *, dtype=jnp.float32, rngs: nnx.Rngs
+    ):
         linear = functools.partial(nnx.Linear, param_dtype=dtype, rngs=rngs)
         self.inp = linear(in_features, width)
         self.hidden = nnx.List([linear(width, width) for _ in range(depth)])
@@ -112,7 +115,9 @@ class PeerMLP(nnx.Module):
 
 
 def _bn(channels: int, dtype, rngs) -> nnx.BatchNorm:
-    return nnx.BatchNorm(channels, use_running_average=False, momentum=BN_MOMENTUM, epsilon=BN_EPS, param_dtype=dtype, rngs=rngs)
+    return nnx.BatchNorm(
+        channels, use_running_average=False, momentum=BN_MOMENTUM, epsilon=BN_EPS, param_dtype=dtype, rngs=rngs
+    )
 
 
 def _load_bn(bn: nnx.BatchNorm, params, state) -> None:
@@ -173,17 +178,41 @@ class PeerResNet(nnx.Module):
     but the first. Head: global average pool, linear.
     """
 
-    def __init__(self, stage_sizes, widths, *, stem: str, shortcut: str, num_classes: int, in_channels=3, dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        stage_sizes,
+        widths,
+        *,
+        stem: str,
+        shortcut: str,
+        num_classes: int,
+        in_channels=3,
+        dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         if stem == "cifar":
-            self.stem = nnx.Conv(in_channels, widths[0], (3, 3), padding="SAME", use_bias=False, param_dtype=dtype, rngs=rngs)
+            self.stem = nnx.Conv(
+                in_channels, widths[0], (3, 3), padding="SAME", use_bias=False, param_dtype=dtype, rngs=rngs
+            )
         else:
-            self.stem = nnx.Conv(in_channels, widths[0], (7, 7), strides=2, padding=((3, 3), (3, 3)), use_bias=False, param_dtype=dtype, rngs=rngs)
+            self.stem = nnx.Conv(
+                in_channels,
+                widths[0],
+                (7, 7),
+                strides=2,
+                padding=((3, 3), (3, 3)),
+                use_bias=False,
+                param_dtype=dtype,
+                rngs=rngs,
+            )
         self.stem_bn = _bn(widths[0], dtype, rngs)
         self.pools = stem == "imagenet"
         blocks, c = [], widths[0]
         for stage, (n, width) in enumerate(zip(stage_sizes, widths)):
             for i in range(n):
-                blocks.append(PeerBasicBlock(c, width, 2 if (i == 0 and stage > 0) else 1, shortcut, dtype=dtype, rngs=rngs))
+                blocks.append(
+                    PeerBasicBlock(c, width, 2 if (i == 0 and stage > 0) else 1, shortcut, dtype=dtype, rngs=rngs)
+                )
                 c = width
         self.blocks = nnx.List(blocks)
         self.head = nnx.Linear(c, num_classes, param_dtype=dtype, rngs=rngs)
@@ -287,7 +316,9 @@ WORKLOADS: list[Workload] = [
         name="resnet20",
         description="CIFAR ResNet-20 (option-A shortcuts), 32x32x3, 10 classes",
         model=lambda: models.resnet20(num_classes=10),
-        peer=lambda dtype, rngs: PeerResNet((3, 3, 3), (16, 32, 64), stem="cifar", shortcut="A", num_classes=10, dtype=dtype, rngs=rngs),
+        peer=lambda dtype, rngs: PeerResNet(
+            (3, 3, 3), (16, 32, 64), stem="cifar", shortcut="A", num_classes=10, dtype=dtype, rngs=rngs
+        ),
         num_classes=10,
         batch=128,
         example_shape=(32, 32, 3),
@@ -382,7 +413,9 @@ def prepare(workload: Workload, quick: bool, seed: int = 0, dtype=jnp.float32) -
     net = build_peer(workload, params, state, dtype)
     n_library, n_peer = models.num_params(params), peer_num_params(net)
     if n_peer != n_library:
-        raise AssertionError(f"{workload.name}: the Flax peer has {n_peer:,} parameters, the library model {n_library:,}; they must be the same architecture")
+        raise AssertionError(
+            f"{workload.name}: the Flax peer has {n_peer:,} parameters, the library model {n_library:,}; they must be the same architecture"
+        )
     graphdef, peer_carry = nnx.split((net, nnx.Optimizer(net, tx, wrt=nnx.Param)))
 
     library_carry = jax.jit(lambda params, state: (params, state, tx.init(params)))
@@ -396,7 +429,9 @@ def prepare(workload: Workload, quick: bool, seed: int = 0, dtype=jnp.float32) -
     return prepared
 
 
-def time_interleaved(prepared: Sequence[Prepared], rounds: int, min_round_s: float, budget_s: float = math.inf, warmup: int = 2) -> dict[str, float]:
+def time_interleaved(
+    prepared: Sequence[Prepared], rounds: int, min_round_s: float, budget_s: float = math.inf, warmup: int = 2
+) -> dict[str, float]:
     """Median seconds per step of each method, rounds interleaved.
 
     After `warmup` steps each, every round runs each method for the same
@@ -436,7 +471,9 @@ def environment(quick: bool) -> dict:
     }
 
 
-def bench_workload(workload: Workload, *, quick: bool, rounds: int, min_round_s: float, budget_s: float, env: dict) -> list[dict]:
+def bench_workload(
+    workload: Workload, *, quick: bool, rounds: int, min_round_s: float, budget_s: float, env: dict
+) -> list[dict]:
     """Rows (one per method) for one workload; field names are a stable contract."""
     prepared = prepare(workload, quick)
     step_s = time_interleaved(prepared, rounds, min_round_s, budget_s)
@@ -522,7 +559,8 @@ def _bytes(n: int) -> str:
 def _env_line(env: dict) -> str:
     return (
         f"{env['device']} ({env['platform']}), {env['cpu_count']} CPU cores, jax {env['jax']}, "
-        f"flax {env['flax']}, optax {env['optax']}, {env['date']}" + (" — quick mode, not meaningful" if env["quick"] else "")
+        f"flax {env['flax']}, optax {env['optax']}, {env['date']}"
+        + (" — quick mode, not meaningful" if env["quick"] else "")
     )
 
 
@@ -567,7 +605,7 @@ def format_markdown(rows: list[dict]) -> str:
             f"| {r['workload']} | {r['batch_size']} | {r['method']} | {_ms(r['step_time_ms'])} | {r['ratio_to_autodiff']:.2f} | "
             f"{r['compile_time_s']:.2f} | {_mib(r['temp_memory_bytes'])} | {r['examples_per_second']:.0f} |"
         )
-    lines += ["", "#### Goals", "", "For `grad=\"rules\"`, reported rather than asserted.", ""]
+    lines += ["", "#### Goals", "", 'For `grad="rules"`, reported rather than asserted.', ""]
     lines += ["| workload | " + " | ".join(label for label, *_ in GOALS) + " |", "|---|" + "---|" * len(GOALS)]
     table: dict[str, list[str]] = {}
     for g in goals(rows):
@@ -588,9 +626,22 @@ def _positive_int(text: str) -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `jax-resnet bench`."""
     names = [w.name for w in WORKLOADS]
-    parser.add_argument("--workload", action="append", choices=names, metavar="NAME", help=f"run only this workload (repeatable): {', '.join(names)}")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes and few rounds (a smoke test; the numbers mean nothing)")
-    parser.add_argument("--rounds", type=_positive_int, metavar="N", help="timed rounds per workload (default 15, quick 3; fewer, but at least 5, when a workload has timed for 90 s)")
+    parser.add_argument(
+        "--workload",
+        action="append",
+        choices=names,
+        metavar="NAME",
+        help=f"run only this workload (repeatable): {', '.join(names)}",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny sizes and few rounds (a smoke test; the numbers mean nothing)"
+    )
+    parser.add_argument(
+        "--rounds",
+        type=_positive_int,
+        metavar="N",
+        help="timed rounds per workload (default 15, quick 3; fewer, but at least 5, when a workload has timed for 90 s)",
+    )
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     parser.add_argument("--markdown", metavar="FILE", help="also write a Markdown table with the goals, for the README")
 
@@ -606,7 +657,9 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     for workload in selected:
         print(f"bench: {workload.name} — {workload.description}", file=sys.stderr, flush=True)
-        rows += bench_workload(workload, quick=args.quick, rounds=rounds, min_round_s=min_round_s, budget_s=budget_s, env=env)
+        rows += bench_workload(
+            workload, quick=args.quick, rounds=rounds, min_round_s=min_round_s, budget_s=budget_s, env=env
+        )
     print(format_table(rows))
     if args.json:
         with open(args.json, "w") as f:
@@ -615,7 +668,6 @@ def run(args: argparse.Namespace) -> int:
         with open(args.markdown, "w") as f:
             f.write(format_markdown(rows))
     return 0
-
 
 
 if __name__ == "__main__":

@@ -148,7 +148,7 @@ def apply_block(ops: OpSet, spec: BlockSpec, params, state, x, *, train):
     convs = spec.convs()
     h = x
     pre = None
-    for i, (k, _, _, stride) in enumerate(convs):
+    for i, (_, _, _, stride) in enumerate(convs):
         if spec.preact:
             h, new_state[f"bn{i}"] = batch_norm(ops, params[f"bn{i}"], state[f"bn{i}"], h, train=train)
             h = ops.relu(h)

@@ -1,10 +1,10 @@
 """The `jax-resnet` command line: a thin layer over the library.
 
-    jax-resnet train  [--model resnet8] [--dataset digits] ...   (the main job; --help lists all flags)
-    jax-resnet verify [--dtype float64|float32] [--json FILE] [--rule NAME ...]
-    jax-resnet flow   [--out runs/flow] [--quick]
-    jax-resnet bench  [--quick] [--json FILE] [--markdown FILE]
-    jax-resnet info MODEL [--input-size H W C] [--num-classes K] [--json FILE]
+jax-resnet train  [--model resnet8] [--dataset digits] ...   (the main job; --help lists all flags)
+jax-resnet verify [--dtype float64|float32] [--json FILE] [--rule NAME ...]
+jax-resnet flow   [--out runs/flow] [--quick]
+jax-resnet bench  [--quick] [--json FILE] [--markdown FILE]
+jax-resnet info MODEL [--input-size H W C] [--num-classes K] [--json FILE]
 """
 
 from __future__ import annotations
@@ -42,10 +42,14 @@ def _info(args) -> int:
     elif isinstance(model.spec, models.MLPSpec):
         shape = (model.spec.in_features,)
     else:
-        shape = (224, 224, model.spec.in_channels) if model.spec.stem == "imagenet" else (32, 32, model.spec.in_channels)
+        shape = (
+            (224, 224, model.spec.in_channels) if model.spec.stem == "imagenet" else (32, 32, model.spec.in_channels)
+        )
     info = models.summary(model, shape)
     print("\n".join(info["layers"]))
-    print(f"input {'x'.join(map(str, shape))}: {info['params']:,} parameters, {_si(info['flops'])}FLOPs per forward pass (XLA count, multiply-add = 2)")
+    print(
+        f"input {'x'.join(map(str, shape))}: {info['params']:,} parameters, {_si(info['flops'])}FLOPs per forward pass (XLA count, multiply-add = 2)"
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(info, f, indent=2)
@@ -53,7 +57,9 @@ def _info(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jax-resnet", description="Residual networks with hand-derived gradients in JAX.")
+    parser = argparse.ArgumentParser(
+        prog="jax-resnet", description="Residual networks with hand-derived gradients in JAX."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     from jax_resnet import bench, flow, train
@@ -70,12 +76,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="layers, parameter count and FLOPs of a model preset")
     p.add_argument("model", help="preset name, e.g. resnet20, resnet50, residual_mlp")
-    p.add_argument("--input-size", type=int, nargs="+", metavar="N", help="one example's shape, e.g. 224 224 3 (default: the preset's usual input)")
+    p.add_argument(
+        "--input-size",
+        type=int,
+        nargs="+",
+        metavar="N",
+        help="one example's shape, e.g. 224 224 3 (default: the preset's usual input)",
+    )
     p.add_argument("--num-classes", type=int)
     p.add_argument("--json", metavar="FILE", help="also write {model, params, flops, layers, input_shape} as JSON")
     p.set_defaults(run=_info)
 
-    p = sub.add_parser("flow", help="gradient norm per layer, plain vs residual networks, and a short training comparison")
+    p = sub.add_parser(
+        "flow", help="gradient norm per layer, plain vs residual networks, and a short training comparison"
+    )
     flow.add_arguments(p)
     p.set_defaults(run=flow.run)
 

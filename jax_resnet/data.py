@@ -47,8 +47,9 @@ import tempfile
 import urllib.error
 import urllib.request
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -195,9 +196,7 @@ def digits(*, seed: int = 0, test_size: float = 0.25) -> Dataset:
     bunch = load_digits()
     x = (bunch.images / 16.0).astype(np.float32)[..., None]
     y = bunch.target.astype(np.int32)
-    x_train, x_test, y_train, y_test = train_test_split(
-        x, y, test_size=test_size, stratify=y, random_state=seed
-    )
+    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=test_size, stratify=y, random_state=seed)
     return _standardised("digits", x_train, y_train, x_test, y_test, num_classes=10)
 
 
@@ -330,9 +329,7 @@ def read_mnist(
         images = read_idx(images_path, magic=IDX_IMAGES_MAGIC)
         labels = read_idx(labels_path, magic=IDX_LABELS_MAGIC)
         if images.shape[1:] != (28, 28):
-            raise DataError(
-                f"{images_path}: wrong image size: expected 28x28, got {images.shape[1]}x{images.shape[2]}"
-            )
+            raise DataError(f"{images_path}: wrong image size: expected 28x28, got {images.shape[1]}x{images.shape[2]}")
         if images.shape[0] != labels.shape[0]:
             raise DataError(
                 f"{images_path.name} has {images.shape[0]} images but {labels_path.name} has "

@@ -44,7 +44,8 @@ import os
 import platform
 import sys
 import time
-from typing import Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -87,7 +88,9 @@ def weight_paths(model: models.Model, params) -> list[tuple[str, tuple]]:
             if "proj" in block:
                 paths.append((f"block{i}.proj", ("blocks", i, "proj", "w")))
         return [*paths, ("head", ("head", "w"))]
-    raise TypeError(f"weight_paths: model {model.name!r} has spec {type(spec).__name__}; expected MLPSpec or ResNetSpec")
+    raise TypeError(
+        f"weight_paths: model {model.name!r} has spec {type(spec).__name__}; expected MLPSpec or ResNetSpec"
+    )
 
 
 def _at(tree, path):
@@ -159,7 +162,9 @@ def tapped_forward(model: models.Model, params, state, x, taps=None, *, train=Tr
         return _mlp_forward(model.spec, ops, params, x, taps)
     if isinstance(model.spec, models.ResNetSpec):
         return _resnet_forward(model.spec, ops, params, state, x, taps, train=train)
-    raise TypeError(f"tapped_forward: model {model.name!r} has spec {type(model.spec).__name__}; expected MLPSpec or ResNetSpec")
+    raise TypeError(
+        f"tapped_forward: model {model.name!r} has spec {type(model.spec).__name__}; expected MLPSpec or ResNetSpec"
+    )
 
 
 # -------------------------------------------------------------- measurements
@@ -338,7 +343,13 @@ def sweep(
             t = time.perf_counter()
             model = models.cifar_resnet(depth, residual=residual)
             params, state = model.init(jax.random.key(seed), dtype)
-            record(model.name, "cifar", depth, layer_gradients(model, params, state, x, y, grad=grad), time.perf_counter() - t)
+            record(
+                model.name,
+                "cifar",
+                depth,
+                layer_gradients(model, params, state, x, y, grad=grad),
+                time.perf_counter() - t,
+            )
 
     xd, yd = digits_batch(mlp_batch, seed)
     xd = xd.astype(dtype)
@@ -346,7 +357,13 @@ def sweep(
         for variant in mlp_variants:
             t = time.perf_counter()
             model, params, state = variant.build(depth, mlp_width, jax.random.key(seed), dtype)
-            record(variant.name(depth), "mlp", depth, layer_gradients(model, params, state, xd, yd, grad=grad), time.perf_counter() - t)
+            record(
+                variant.name(depth),
+                "mlp",
+                depth,
+                layer_gradients(model, params, state, xd, yd, grad=grad),
+                time.perf_counter() - t,
+            )
     return out
 
 
@@ -407,7 +424,9 @@ def train_compare(
     stops there.
     """
     if optimizer not in LEARNING_RATES:
-        raise ValueError(f"train_compare: argument `optimizer` must be one of {sorted(LEARNING_RATES)}, got {optimizer!r}")
+        raise ValueError(
+            f"train_compare: argument `optimizer` must be one of {sorted(LEARNING_RATES)}, got {optimizer!r}"
+        )
     lr = LEARNING_RATES[optimizer] if learning_rate is None else learning_rate
     ds = data.load("digits", seed=seed)
     curves = {}
@@ -463,9 +482,17 @@ def plot(result: dict, path: str | os.PathLike) -> None:
     cifar = [f"{prefix}{d}" for d in cfg["cifar_depths"] for prefix in ("plain", "resnet")]
     images = f"{cfg['cifar_batch']} random 32×32×3 images"
     lines(axes[0, 0], cifar, "gradient_norms", lambda i: i // 2)
-    axes[0, 0].set(xlabel="layer (0 = stem, last = head)", ylabel="‖∂L/∂W‖₂ at init", title=f"CIFAR nets with BatchNorm: weights ({images})")
+    axes[0, 0].set(
+        xlabel="layer (0 = stem, last = head)",
+        ylabel="‖∂L/∂W‖₂ at init",
+        title=f"CIFAR nets with BatchNorm: weights ({images})",
+    )
     lines(axes[0, 1], cifar, "input_gradient_norms", lambda i: i // 2)
-    axes[0, 1].set(xlabel="block (last = input of the head)", ylabel="‖∂L/∂h‖₂ at init", title="CIFAR nets with BatchNorm: block inputs h")
+    axes[0, 1].set(
+        xlabel="block (last = input of the head)",
+        ylabel="‖∂L/∂h‖₂ at init",
+        title="CIFAR nets with BatchNorm: block inputs h",
+    )
 
     ax = axes[1, 0]
     if cfg["mlp_depths"]:
@@ -473,8 +500,10 @@ def plot(result: dict, path: str | os.PathLike) -> None:
         mlps = [k for k, s in summary.items() if s["family"] == "mlp" and s["depth"] == depth]
         lines(ax, mlps, "gradient_norms", lambda i: i)
         floored = any(r["norm"] < FLOOR for k in mlps for r in result["gradient_norms"][k])
-        ax.set(title=f"MLPs, width {cfg['mlp_width']}, no normalisation, {cfg['mlp_batch']} digits"
-               + (f"\n(exact zeros drawn at {FLOOR:g})" if floored else ""))
+        ax.set(
+            title=f"MLPs, width {cfg['mlp_width']}, no normalisation, {cfg['mlp_batch']} digits"
+            + (f"\n(exact zeros drawn at {FLOOR:g})" if floored else "")
+        )
     ax.set(xlabel="layer (0 = input layer, last = output layer)", ylabel="‖∂L/∂W‖₂ at init")
 
     ax = axes[1, 1]
@@ -482,11 +511,22 @@ def plot(result: dict, path: str | os.PathLike) -> None:
         steps = [s for s, v in enumerate(curve) if v is not None]
         diverged = bool(curve) and curve[-1] is None
         label = key + (f" (diverged at step {len(curve) - 1})" if diverged else "")
-        ax.plot(steps, [curve[s] for s in steps], "--" if key.startswith("plain") else "-", color=colors[i % len(colors)],
-                lw=0.8, marker="x" if diverged else None, label=label)
+        ax.plot(
+            steps,
+            [curve[s] for s in steps],
+            "--" if key.startswith("plain") else "-",
+            color=colors[i % len(colors)],
+            lw=0.8,
+            marker="x" if diverged else None,
+            label=label,
+        )
     tc = cfg["train"]
-    ax.set(yscale="log", xlabel="step", ylabel="training loss (minibatch)",
-           title=f"training on digits: {tc['optimizer']} lr {tc['learning_rate']}, batch {tc['batch_size']}, same init and batches")
+    ax.set(
+        yscale="log",
+        xlabel="step",
+        ylabel="training loss (minibatch)",
+        title=f"training on digits: {tc['optimizer']} lr {tc['learning_rate']}, batch {tc['batch_size']}, same init and batches",
+    )
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=72)
@@ -505,7 +545,9 @@ def _finite(obj):
 
 def format_table(result: dict) -> str:
     """One line per model: layers, init loss, first/last-layer gradient norms and their ratio."""
-    rows = [f"{'model':<26} {'layers':>6} {'loss@init':>10} {'|dW| first':>11} {'|dW| last':>10} {'first/last':>11} {'|dh| first/last':>16}"]
+    rows = [
+        f"{'model':<26} {'layers':>6} {'loss@init':>10} {'|dW| first':>11} {'|dW| last':>10} {'first/last':>11} {'|dh| first/last':>16}"
+    ]
     for name, s in result["summary"].items():
         rows.append(
             f"{name:<26} {s['layers']:>6} {_g(s['loss']):>10} {_g(s['first']):>11} {_g(s['last']):>10} "
@@ -527,16 +569,39 @@ def _g(v):
 # ---------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The `jax-resnet flow` options."""
-    parser.add_argument("--out", default=os.path.join("runs", "flow"), metavar="DIR", help="folder for flow.json and flow.png (default runs/flow)")
-    parser.add_argument("--depths", type=int, nargs="+", metavar="D", help=f"CIFAR net depths, 6n+2 (default {' '.join(map(str, CIFAR_DEPTHS))})")
-    parser.add_argument("--mlp-depths", type=int, nargs="+", metavar="D", help=f"MLP depths (default {' '.join(map(str, MLP_DEPTHS))})")
-    parser.add_argument("--train-depth", type=int, metavar="D", help=f"MLP depth of the training comparison (default {TRAIN_DEPTH})")
+    parser.add_argument(
+        "--out",
+        default=os.path.join("runs", "flow"),
+        metavar="DIR",
+        help="folder for flow.json and flow.png (default runs/flow)",
+    )
+    parser.add_argument(
+        "--depths",
+        type=int,
+        nargs="+",
+        metavar="D",
+        help=f"CIFAR net depths, 6n+2 (default {' '.join(map(str, CIFAR_DEPTHS))})",
+    )
+    parser.add_argument(
+        "--mlp-depths", type=int, nargs="+", metavar="D", help=f"MLP depths (default {' '.join(map(str, MLP_DEPTHS))})"
+    )
+    parser.add_argument(
+        "--train-depth", type=int, metavar="D", help=f"MLP depth of the training comparison (default {TRAIN_DEPTH})"
+    )
     parser.add_argument("--steps", type=int, metavar="N", help=f"training steps per model (default {TRAIN_STEPS})")
-    parser.add_argument("--optimizer", choices=sorted(LEARNING_RATES), default="sgd",
-                        help=f"sgd (momentum {MOMENTUM}, lr {LEARNING_RATES['sgd']}) or adam (lr {LEARNING_RATES['adam']})")
+    parser.add_argument(
+        "--optimizer",
+        choices=sorted(LEARNING_RATES),
+        default="sgd",
+        help=f"sgd (momentum {MOMENTUM}, lr {LEARNING_RATES['sgd']}) or adam (lr {LEARNING_RATES['adam']})",
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--grad", choices=["rules", "autodiff"], default="rules", help="hand-derived VJPs or JAX autodiff")
-    parser.add_argument("--quick", action="store_true", help="depth-8 CIFAR nets, small MLPs, 20 steps (under a minute; for tests)")
+    parser.add_argument(
+        "--grad", choices=["rules", "autodiff"], default="rules", help="hand-derived VJPs or JAX autodiff"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="depth-8 CIFAR nets, small MLPs, 20 steps (under a minute; for tests)"
+    )
     parser.add_argument("--json", metavar="FILE", help="also write the JSON result to FILE")
 
 
@@ -554,7 +619,10 @@ def run(args: argparse.Namespace) -> int:
     cifar_batch = pick(None, "cifar_batch", CIFAR_BATCH)
     for d in cifar_depths:
         if d < 8 or (d - 2) % 6:
-            print(f"jax-resnet flow: --depths must be 6n+2 with n ≥ 1 (8, 14, 20, 32, 56, 110, …), got {d}", file=sys.stderr)
+            print(
+                f"jax-resnet flow: --depths must be 6n+2 with n ≥ 1 (8, 14, 20, 32, 56, 110, …), got {d}",
+                file=sys.stderr,
+            )
             return 2
     learning_rate = LEARNING_RATES[args.optimizer]
 
@@ -564,7 +632,15 @@ def run(args: argparse.Namespace) -> int:
     sweep_s = time.perf_counter() - started
     print(f"training: MLP depth {train_depth}, {steps} steps, {args.optimizer}")
     t = time.perf_counter()
-    training = train_compare(train_depth, steps=steps, optimizer=args.optimizer, learning_rate=learning_rate, seed=args.seed, grad=args.grad, log=print)
+    training = train_compare(
+        train_depth,
+        steps=steps,
+        optimizer=args.optimizer,
+        learning_rate=learning_rate,
+        seed=args.seed,
+        grad=args.grad,
+        log=print,
+    )
     train_s = time.perf_counter() - t
 
     result = {
@@ -580,8 +656,15 @@ def run(args: argparse.Namespace) -> int:
             "mlp_batch": MLP_BATCH,
             "mlp_input": f"first {MLP_BATCH} digits training images (data.load('digits'))",
             "mlp_variants": [dataclasses.asdict(v) for v in MLP_VARIANTS],
-            "train": {"depth": train_depth, "width": MLP_WIDTH, "steps": steps, "batch_size": TRAIN_BATCH, "optimizer": args.optimizer,
-                      "learning_rate": learning_rate, "momentum": MOMENTUM if args.optimizer == "sgd" else None},
+            "train": {
+                "depth": train_depth,
+                "width": MLP_WIDTH,
+                "steps": steps,
+                "batch_size": TRAIN_BATCH,
+                "optimizer": args.optimizer,
+                "learning_rate": learning_rate,
+                "momentum": MOMENTUM if args.optimizer == "sgd" else None,
+            },
             "loss": "mean softmax cross-entropy (ops.softmax_cross_entropy), train mode",
             "grad": args.grad,
             "seed": args.seed,
@@ -607,7 +690,6 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(result))
     print(f"\nwrote {json_path} and {png_path} in {result['timing_s']['total']:.0f} s")
     return 0
-
 
 
 if __name__ == "__main__":

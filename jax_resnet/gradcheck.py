@@ -25,7 +25,8 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -163,7 +164,7 @@ def gradcheck(
             minus = list(p64)
             plus[k] = p64[k] + eps * directions[k]
             minus[k] = p64[k] - eps * directions[k]
-            fd = _vdot(ct64, jax.tree.map(lambda a, b: (a - b) / (2 * eps), f64(*plus), f64(*minus)))
+            fd = _vdot(ct64, jax.tree.map(lambda a, b, eps=eps: (a - b) / (2 * eps), f64(*plus), f64(*minus)))
             lhs = _vdot(directions[k], got64[k])
             scale = max(abs(float(lhs)), abs(float(fd)), 1e-300)
             fd_errs[k] = abs(float(lhs) - float(fd)) / scale

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -84,7 +85,9 @@ class MLPSpec:
         del train  # no batch statistics in an MLP
         x = x.reshape(x.shape[0], -1)
         if x.shape[1] != self.in_features:
-            raise ValueError(f"MLP apply: argument `x` must have {self.in_features} features per example, got shape {x.shape}")
+            raise ValueError(
+                f"MLP apply: argument `x` must have {self.in_features} features per example, got shape {x.shape}"
+            )
         g, g_out = _activation(ops, self.activation), _activation(ops, self.output_activation)
         a = g(ops.dense(x, params["in"]["w"], params["in"]["b"]))
         for layer in params["hidden"]:
@@ -119,7 +122,9 @@ class ResNetSpec:
 
     def __post_init__(self):
         if len(self.stage_sizes) != len(self.widths):
-            raise ValueError(f"ResNetSpec: `stage_sizes` {self.stage_sizes} and `widths` {self.widths} must have equal length")
+            raise ValueError(
+                f"ResNetSpec: `stage_sizes` {self.stage_sizes} and `widths` {self.widths} must have equal length"
+            )
         if self.stem not in ("cifar", "imagenet"):
             raise ValueError(f"ResNetSpec: `stem` must be 'cifar' or 'imagenet', got {self.stem!r}")
         if self.num_classes < 1:
@@ -167,7 +172,9 @@ class ResNetSpec:
 
     def forward(self, ops: OpSet, params, state, x, *, train):
         if x.ndim != 4 or x.shape[-1] != self.in_channels:
-            raise ValueError(f"ResNet apply: argument `x` must be NHWC with {self.in_channels} channels, got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"ResNet apply: argument `x` must be NHWC with {self.in_channels} channels, got shape {tuple(x.shape)}"
+            )
         new_state = {}
         if self.stem == "cifar":
             h = ops.conv2d(x, params["stem"]["w"], stride=1, padding="SAME")
@@ -190,9 +197,13 @@ class ResNetSpec:
 
     def describe(self) -> list[str]:
         kind = "ResNet" if self.residual else "plain net"
-        lines = [f"{kind}: {self.stem} stem ({self.stem_width} channels), {self.block} blocks, shortcut {self.shortcut}"]
+        lines = [
+            f"{kind}: {self.stem} stem ({self.stem_width} channels), {self.block} blocks, shortcut {self.shortcut}"
+        ]
         for i, spec in enumerate(self.block_specs()):
-            lines.append(f"  block {i:3d}: {spec.kind:<17} {spec.in_channels:>5} -> {spec.out_channels:<5} stride {spec.stride}")
+            lines.append(
+                f"  block {i:3d}: {spec.kind:<17} {spec.in_channels:>5} -> {spec.out_channels:<5} stride {spec.stride}"
+            )
         lines.append(f"  head: global average pool, dense -> {self.num_classes}")
         return lines
 
@@ -248,7 +259,9 @@ def summary(model: Model, input_shape: tuple[int, ...]) -> dict:
 
 
 # --------------------------------------------------------------------- presets
-def residual_mlp(in_features=64, width=64, depth=2, out_features=10, activation="relu", output_activation="identity") -> Model:
+def residual_mlp(
+    in_features=64, width=64, depth=2, out_features=10, activation="relu", output_activation="identity"
+) -> Model:
     """The seed's residual network, generalised to `depth` skip-connected hidden layers.
 
     Command: jax-resnet train --model residual_mlp
@@ -257,7 +270,9 @@ def residual_mlp(in_features=64, width=64, depth=2, out_features=10, activation=
     return Model(spec, "residual_mlp")
 
 
-def plain_mlp(in_features=64, width=64, depth=2, out_features=10, activation="relu", output_activation="identity") -> Model:
+def plain_mlp(
+    in_features=64, width=64, depth=2, out_features=10, activation="relu", output_activation="identity"
+) -> Model:
     """`residual_mlp` without the skip connections (the seed's "BP network").
 
     Command: jax-resnet train --model plain_mlp
@@ -266,13 +281,24 @@ def plain_mlp(in_features=64, width=64, depth=2, out_features=10, activation="re
     return Model(spec, "plain_mlp")
 
 
-def cifar_resnet(depth: int, *, num_classes=10, in_channels=3, widths=(16, 32, 64), residual=True, block="basic", zero_init_residual=False) -> Model:
+def cifar_resnet(
+    depth: int,
+    *,
+    num_classes=10,
+    in_channels=3,
+    widths=(16, 32, 64),
+    residual=True,
+    block="basic",
+    zero_init_residual=False,
+) -> Model:
     """CIFAR ResNet with 6n+2 layers and option-A shortcuts (He et al. 2015, §4.2).
 
     Command: jax-resnet train --model resnet20 --dataset cifar10
     """
     if (depth - 2) % 6 or depth < 8:
-        raise ValueError(f"cifar_resnet: `depth` must be 6n+2 with n ≥ 1 (8, 14, 20, 32, 44, 56, 110, 1202), got {depth}")
+        raise ValueError(
+            f"cifar_resnet: `depth` must be 6n+2 with n ≥ 1 (8, 14, 20, 32, 44, 56, 110, 1202), got {depth}"
+        )
     n = (depth - 2) // 6
     spec = ResNetSpec(
         stage_sizes=(n,) * len(widths),
@@ -289,7 +315,9 @@ def cifar_resnet(depth: int, *, num_classes=10, in_channels=3, widths=(16, 32, 6
     return Model(spec, f"{'resnet' if residual else 'plain'}{depth}")
 
 
-def imagenet_resnet(stage_sizes, block, *, num_classes=1000, in_channels=3, width=64, zero_init_residual=False, name="resnet") -> Model:
+def imagenet_resnet(
+    stage_sizes, block, *, num_classes=1000, in_channels=3, width=64, zero_init_residual=False, name="resnet"
+) -> Model:
     """ImageNet ResNet: 7x7 stem, max pool, four stages, option-B projections.
 
     Command (CPU-sized input; any data set, the head takes its classes):

@@ -47,7 +47,8 @@ with `grad="rules"` raise; use `grad="autodiff"` for those.
 from __future__ import annotations
 
 import numbers
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -100,7 +101,9 @@ def _check_features(owner: str, x, features: int, *, nhwc: bool = False, min_ran
     if shape is None:
         raise TypeError(f"{owner}: argument `x` must be an array, got {type(x).__name__}")
     if nhwc and len(shape) != 4:
-        raise ValueError(f"{owner}: argument `x` must be NHWC (rank 4) with {features} channels, got shape {tuple(shape)}")
+        raise ValueError(
+            f"{owner}: argument `x` must be NHWC (rank 4) with {features} channels, got shape {tuple(shape)}"
+        )
     if len(shape) < min_rank or shape[-1] != features:
         raise ValueError(
             f"{owner}: argument `x` must have {features} features in its last axis "
@@ -317,15 +320,17 @@ class BatchNorm(nnx.Module):
         epsilon: float = blocks.BN_EPS,
         dtype=None,
         param_dtype=jnp.float32,
-        scale_init: Initializer = initializers.ones_init(),
-        bias_init: Initializer = initializers.zeros_init(),
+        scale_init: Initializer = initializers.ones_init(),  # noqa: B008 (flax.nnx.BatchNorm's signature)
+        bias_init: Initializer = initializers.zeros_init(),  # noqa: B008
         rngs: nnx.Rngs,
         grad: str = "rules",
     ):
         owner = type(self).__name__
         self.num_features = _positive_int(owner, "num_features", num_features)
         if use_running_average is not None and not isinstance(use_running_average, bool):
-            raise TypeError(f"{owner}: argument `use_running_average` must be True, False or None, got {use_running_average!r}")
+            raise TypeError(
+                f"{owner}: argument `use_running_average` must be True, False or None, got {use_running_average!r}"
+            )
         self.use_running_average = use_running_average
         if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not 0 <= momentum <= 1:
             raise ValueError(f"{owner}: argument `momentum` must be a number in [0, 1], got {momentum!r}")
@@ -394,10 +399,14 @@ class Block(nnx.Module):
       rngs, grad, dtype, param_dtype: as for `Linear`.
     """
 
-    def __init__(self, spec: blocks.BlockSpec, *, rngs: nnx.Rngs, grad: str = "rules", dtype=None, param_dtype=jnp.float32):
+    def __init__(
+        self, spec: blocks.BlockSpec, *, rngs: nnx.Rngs, grad: str = "rules", dtype=None, param_dtype=jnp.float32
+    ):
         owner = type(self).__name__
         if not isinstance(spec, blocks.BlockSpec):
-            raise TypeError(f"{owner}: argument `spec` must be a jax_resnet.blocks.BlockSpec, got {type(spec).__name__}")
+            raise TypeError(
+                f"{owner}: argument `spec` must be a jax_resnet.blocks.BlockSpec, got {type(spec).__name__}"
+            )
         for field in ("in_channels", "width", "stride"):
             _positive_int(owner, f"spec.{field}", getattr(spec, field))
         self.spec = spec
@@ -407,13 +416,17 @@ class Block(nnx.Module):
         common = dict(rngs=rngs, grad=grad, dtype=dtype, param_dtype=param_dtype)
         convs = spec.convs()
         for i, (k, c_in, c_out, stride) in enumerate(convs):
-            setattr(self, f"conv{i}", Conv(c_in, c_out, k, strides=stride, padding="SAME", kernel_init=he_normal, **common))
+            setattr(
+                self, f"conv{i}", Conv(c_in, c_out, k, strides=stride, padding="SAME", kernel_init=he_normal, **common)
+            )
             # v1 normalizes each conv's output, v2 each conv's input.
             last = i == len(convs) - 1 and not spec.preact
             scale_init = initializers.zeros_init() if (last and spec.zero_init_residual) else initializers.ones_init()
             setattr(self, f"bn{i}", BatchNorm(c_in if spec.preact else c_out, scale_init=scale_init, **common))
         if spec.projects:
-            self.proj = Projection(spec.in_channels, spec.out_channels, strides=spec.stride, kernel_init=he_normal, **common)
+            self.proj = Projection(
+                spec.in_channels, spec.out_channels, strides=spec.stride, kernel_init=he_normal, **common
+            )
             if not spec.preact:
                 self.proj_bn = BatchNorm(spec.out_channels, **common)
 
@@ -523,7 +536,9 @@ class Bottleneck(Block):
         dtype=None,
         param_dtype=jnp.float32,
     ):
-        spec = _v1_block("Bottleneck", "bottleneck", in_features, features, strides, shortcut, residual, zero_init_residual)
+        spec = _v1_block(
+            "Bottleneck", "bottleneck", in_features, features, strides, shortcut, residual, zero_init_residual
+        )
         super().__init__(spec, rngs=rngs, grad=grad, dtype=dtype, param_dtype=param_dtype)
 
 

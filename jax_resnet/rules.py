@@ -11,11 +11,11 @@ the entry's callables take only arrays.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Mapping
 from functools import partial
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 
 from jax_resnet.gradcheck import DEFAULT_RTOL
 from jax_resnet.ops import activations, conv, linear, loss, norm, pool, shortcut
@@ -63,7 +63,14 @@ def _unary(shape):
 _ACT_SHAPE = (3, 4, 5)
 
 _ACTIVATIONS = [
-    Rule("relu", activations.relu, activations.relu_reference, activations._relu_fwd, _unary(_ACT_SHAPE), "activations.md#relu"),
+    Rule(
+        "relu",
+        activations.relu,
+        activations.relu_reference,
+        activations._relu_fwd,
+        _unary(_ACT_SHAPE),
+        "activations.md#relu",
+    ),
     Rule(
         "leaky_relu",
         partial(activations.leaky_relu, negative_slope=0.1),
@@ -72,8 +79,22 @@ _ACTIVATIONS = [
         _unary(_ACT_SHAPE),
         "activations.md#leaky_relu",
     ),
-    Rule("tanh", activations.tanh, activations.tanh_reference, activations._tanh_fwd, _unary(_ACT_SHAPE), "activations.md#tanh"),
-    Rule("sigmoid", activations.sigmoid, activations.sigmoid_reference, activations._sigmoid_fwd, _unary(_ACT_SHAPE), "activations.md#sigmoid"),
+    Rule(
+        "tanh",
+        activations.tanh,
+        activations.tanh_reference,
+        activations._tanh_fwd,
+        _unary(_ACT_SHAPE),
+        "activations.md#tanh",
+    ),
+    Rule(
+        "sigmoid",
+        activations.sigmoid,
+        activations.sigmoid_reference,
+        activations._sigmoid_fwd,
+        _unary(_ACT_SHAPE),
+        "activations.md#sigmoid",
+    ),
     Rule(
         "gelu",
         activations.gelu,
@@ -90,8 +111,22 @@ _ACTIVATIONS = [
         _unary(_ACT_SHAPE),
         "activations.md#gelu",
     ),
-    Rule("silu", activations.silu, activations.silu_reference, activations._silu_fwd, _unary(_ACT_SHAPE), "activations.md#silu"),
-    Rule("softplus", activations.softplus, activations.softplus_reference, activations._softplus_fwd, _unary(_ACT_SHAPE), "activations.md#softplus"),
+    Rule(
+        "silu",
+        activations.silu,
+        activations.silu_reference,
+        activations._silu_fwd,
+        _unary(_ACT_SHAPE),
+        "activations.md#silu",
+    ),
+    Rule(
+        "softplus",
+        activations.softplus,
+        activations.softplus_reference,
+        activations._softplus_fwd,
+        _unary(_ACT_SHAPE),
+        "activations.md#softplus",
+    ),
 ]
 
 
@@ -105,7 +140,14 @@ def _dense_args(batch_shape):
 
 _LINEAR = [
     Rule("dense", linear.dense, linear.dense_reference, linear._dense_fwd, _dense_args((4,)), "linear.md#dense"),
-    Rule("dense[batch=2x3]", linear.dense, linear.dense_reference, linear._dense_fwd, _dense_args((2, 3)), "linear.md#dense"),
+    Rule(
+        "dense[batch=2x3]",
+        linear.dense,
+        linear.dense_reference,
+        linear._dense_fwd,
+        _dense_args((2, 3)),
+        "linear.md#dense",
+    ),
 ]
 
 
@@ -141,6 +183,7 @@ _LOSS = [
         "loss.md#softmax_cross_entropy",
     ),
 ]
+
 
 def _norm_args(shape, statistics=False):
     """x [..., C], a random gamma (not all ones, so a wrong ct_gamma shows) and beta;
@@ -182,7 +225,14 @@ _NORM = [
         _norm_args((4, 3, 3, 5), statistics=True),
         "norm.md#batch_norm_eval",
     ),
-    Rule("layer_norm", norm.layer_norm, norm.layer_norm_reference, partial(norm._layer_norm_fwd, eps=1e-5), _norm_args((3, 4, 6)), "norm.md#layer_norm"),
+    Rule(
+        "layer_norm",
+        norm.layer_norm,
+        norm.layer_norm_reference,
+        partial(norm._layer_norm_fwd, eps=1e-5),
+        _norm_args((3, 4, 6)),
+        "norm.md#layer_norm",
+    ),
     Rule(
         "group_norm[groups=3]",
         partial(norm.group_norm, groups=3),
@@ -192,7 +242,6 @@ _NORM = [
         "norm.md#group_norm",
     ),
 ]
-
 
 
 def _conv(name, x_shape, w_shape, **settings):
@@ -206,7 +255,9 @@ def _conv(name, x_shape, w_shape, **settings):
     def fwd(x, w):
         return conv._conv2d_fwd(x, w, conv.conv2d_config(x, w, **settings))
 
-    return Rule(name, partial(conv.conv2d, **settings), partial(conv.conv2d_reference, **settings), fwd, make, "conv.md#conv2d")
+    return Rule(
+        name, partial(conv.conv2d, **settings), partial(conv.conv2d_reference, **settings), fwd, make, "conv.md#conv2d"
+    )
 
 
 _CONV = [
@@ -223,7 +274,6 @@ _CONV = [
 ]
 
 
-
 def _pool(name, op, x_shape, **settings):
     """A max_pool or avg_pool entry: the settings bound into fn and reference; fwd
     resolves the static geometry from x, as the public wrapper does."""
@@ -232,12 +282,23 @@ def _pool(name, op, x_shape, **settings):
     def fwd(x):
         return core_fwd(x, pool._geometry(op, x.shape, **settings))
 
-    return Rule(name, partial(getattr(pool, op), **settings), partial(getattr(pool, f"{op}_reference"), **settings), fwd, _unary(x_shape), f"pool.md#{op}")
+    return Rule(
+        name,
+        partial(getattr(pool, op), **settings),
+        partial(getattr(pool, f"{op}_reference"), **settings),
+        fwd,
+        _unary(x_shape),
+        f"pool.md#{op}",
+    )
 
 
 _POOL = [
-    _pool("max_pool[3x3,s2,SAME]", "max_pool", (2, 8, 8, 3), window=3, stride=2, padding="SAME"),  # the ResNet stem; pads (0, 1)
-    _pool("max_pool[2x2,s2,VALID]", "max_pool", (2, 7, 7, 3), window=2, stride=2, padding="VALID"),  # last row/column unread
+    _pool(
+        "max_pool[3x3,s2,SAME]", "max_pool", (2, 8, 8, 3), window=3, stride=2, padding="SAME"
+    ),  # the ResNet stem; pads (0, 1)
+    _pool(
+        "max_pool[2x2,s2,VALID]", "max_pool", (2, 7, 7, 3), window=2, stride=2, padding="VALID"
+    ),  # last row/column unread
     _pool("max_pool[3x3,s1,pad=((1,0),(2,1))]", "max_pool", (2, 6, 5, 2), window=3, stride=1, padding=((1, 0), (2, 1))),
     _pool("avg_pool[2x2,s2,VALID]", "avg_pool", (2, 7, 6, 3), window=2, stride=2, padding="VALID"),
     _pool("avg_pool[3x3,s1,SAME]", "avg_pool", (2, 6, 6, 2), window=3, stride=1, padding="SAME"),

@@ -88,8 +88,9 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -225,7 +226,9 @@ def _kernels(params):
     return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def make_optimizer(name: str, learning_rate: float | optax.Schedule, weight_decay: float = 0.0) -> optax.GradientTransformation:
+def make_optimizer(
+    name: str, learning_rate: float | optax.Schedule, weight_decay: float = 0.0
+) -> optax.GradientTransformation:
     """An optax optimizer by name; weight decay applies to kernels (rank ≥ 2) only.
 
     sgd: θ ← θ − η·g;  momentum: v ← 0.9·v + g, θ ← θ − η·v;  adam / adamw:
@@ -277,7 +280,9 @@ def make_mesh(devices: int | None = None) -> jax.sharding.Mesh:
         raise ValueError("devices: with several processes the mesh spans all devices; leave --devices unset")
     local = jax.local_devices()
     if devices > len(local):
-        raise ValueError(f"devices: asked for {devices} but only {len(local)} local device(s) exist ({local[0].platform})")
+        raise ValueError(
+            f"devices: asked for {devices} but only {len(local)} local device(s) exist ({local[0].platform})"
+        )
     return jax.sharding.Mesh(np.array(local[:devices]), ("data",))
 
 
@@ -404,7 +409,9 @@ def evaluate(
         if m < size:
             xb = np.concatenate([xb, np.zeros((size - m, *xb.shape[1:]), xb.dtype)])
             yb = np.concatenate([yb, np.zeros(size - m, yb.dtype)])
-        batch = (xb, yb, weight) if mesh is None else tuple(_put_batch(a, _shardings(mesh)[1]) for a in (xb, yb, weight))
+        batch = (
+            (xb, yb, weight) if mesh is None else tuple(_put_batch(a, _shardings(mesh)[1]) for a in (xb, yb, weight))
+        )
         loss_sum, correct = fn(params, state, *batch)
         total_loss += _host(loss_sum)
         total_correct += _host(correct)
@@ -565,7 +572,9 @@ def load_checkpoint(out: str | os.PathLike, step: int | None = None) -> tuple[di
         step = manager.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint under {directory}")
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+        restored = manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())
+        )
     return restored.state, restored.meta
 
 
@@ -686,7 +695,9 @@ def train(config: TrainConfig = TrainConfig()) -> dict[str, Any]:
     model = _build_model(config.model, ds)
     steps_per_epoch = data.num_batches(n_train, config.batch_size)
     learning_rate = make_schedule(config.schedule, config.lr, steps_per_epoch * config.epochs)
-    optimizer = _optimizer(config.optimizer, config.schedule, config.lr, steps_per_epoch * config.epochs, config.weight_decay)
+    optimizer = _optimizer(
+        config.optimizer, config.schedule, config.lr, steps_per_epoch * config.epochs, config.weight_decay
+    )
     tree = init_train_state(model, optimizer, config.seed, mesh)
     n_params = models.num_params(tree["params"])
 
@@ -696,7 +707,9 @@ def train(config: TrainConfig = TrainConfig()) -> dict[str, Any]:
         latest = manager.latest_step()
         if latest is not None:
             if not config.resume:
-                raise ValueError(f"{out} already holds checkpoints; pass --resume to continue that run, or choose another --out")
+                raise ValueError(
+                    f"{out} already holds checkpoints; pass --resume to continue that run, or choose another --out"
+                )
             meta = _restore_meta(manager, latest)
             saved = meta["config"]
             differ = [
@@ -705,12 +718,16 @@ def train(config: TrainConfig = TrainConfig()) -> dict[str, Any]:
                 if saved.get(k) != getattr(config, k)
             ]
             if differ:
-                raise ValueError(f"resume: {out} was trained with {', '.join(differ)}; pass the same settings, or a new --out")
+                raise ValueError(
+                    f"resume: {out} was trained with {', '.join(differ)}; pass the same settings, or a new --out"
+                )
             tree = _restore_tree(manager, latest, tree)
             start_epoch = resumed_from = meta["epoch"]
             log(f"resuming {out} from epoch {start_epoch} (step {latest})")
             if saved["epochs"] != config.epochs and config.schedule != "constant":
-                log(f"note: --epochs is now {config.epochs} (was {saved['epochs']}); the {config.schedule} schedule stretches")
+                log(
+                    f"note: --epochs is now {config.epochs} (was {saved['epochs']}); the {config.schedule} schedule stretches"
+                )
         elif config.resume:
             log(f"resume: no checkpoint under {out / 'checkpoints'} yet; starting from scratch")
         if log.on:
@@ -724,11 +741,15 @@ def train(config: TrainConfig = TrainConfig()) -> dict[str, Any]:
         check, step_fn, compile_time = None, None, 0.0
         if start_epoch < config.epochs:
             # On the first batch this run trains on.
-            x0, y0 = next(data.batches(ds.x_train, ds.y_train, config.batch_size, key_or_seed=(config.seed, start_epoch)))
+            x0, y0 = next(
+                data.batches(ds.x_train, ds.y_train, config.batch_size, key_or_seed=(config.seed, start_epoch))
+            )
             check = _gradient_gate(config, model, tree, x0, y0, log)
             # Compiled ahead of the loop, so that throughput excludes compilation.
             t = time.perf_counter()
-            step_fn = _compiled_step(model, optimizer, config.grad, config.dtype, mesh, (config.batch_size, *ds.image_shape))
+            step_fn = _compiled_step(
+                model, optimizer, config.grad, config.dtype, mesh, (config.batch_size, *ds.image_shape)
+            )
             compile_time = time.perf_counter() - t
         else:
             log(f"{out} has already trained {start_epoch} of {config.epochs} epochs; raise --epochs to train longer")
@@ -741,7 +762,9 @@ def train(config: TrainConfig = TrainConfig()) -> dict[str, Any]:
             for epoch in range(start_epoch, config.epochs):
                 tree, row = _train_epoch(config, ds, epoch, step_fn, tree, batch_sharding)
                 train_time += row["epoch_time_s"]
-                test = evaluate(model, tree["params"], tree["state"], ds.x_test, ds.y_test, dtype=config.dtype, mesh=mesh)
+                test = evaluate(
+                    model, tree["params"], tree["state"], ds.x_test, ds.y_test, dtype=config.dtype, mesh=mesh
+                )
                 row.update(
                     test_loss=test["loss"],
                     test_accuracy=test["accuracy"],
@@ -821,7 +844,9 @@ def _gradient_gate(config: TrainConfig, model, tree, x, y, log) -> GradCheck | N
     ok = check.ok(config.grad_check_tol)
     recheck = ""
     if check.dtype != "float32":
-        recheck = f"float32 gave {check.float32_rel_err:.2e} (a ReLU kink flipped by rounding?), rechecked in {check.dtype}: "
+        recheck = (
+            f"float32 gave {check.float32_rel_err:.2e} (a ReLU kink flipped by rounding?), rechecked in {check.dtype}: "
+        )
     log(
         f"gradient check (hand-derived vs jax.grad, one batch): {recheck}max relative error {check.max_rel_err:.2e} "
         f"at {check.where}, tolerance {config.grad_check_tol:.0e}: {'ok' if ok else 'FAILED'} ({time.perf_counter() - t:.1f} s)"
@@ -865,7 +890,9 @@ def _train_epoch(config: TrainConfig, ds, epoch: int, step_fn, tree: dict, batch
         losses.append(loss)
         accuracies.append(accuracy)
         rate = len(losses) * config.batch_size / (time.perf_counter() - t0)
-        bar.set_postfix(loss=f"{np.mean(losses):.4f}", acc=f"{np.mean(accuracies):.4f}", ex_s=f"{rate:,.0f}", refresh=False)
+        bar.set_postfix(
+            loss=f"{np.mean(losses):.4f}", acc=f"{np.mean(accuracies):.4f}", ex_s=f"{rate:,.0f}", refresh=False
+        )
         bar.update(1)
 
     params, state, opt_state = tree["params"], tree["state"], tree["opt_state"]
@@ -901,7 +928,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--data-dir", default=d.data_dir, help="folder with the MNIST / CIFAR-10 files")
     add("--download", action="store_true", help="download missing MNIST / CIFAR-10 files (SHA-256 checked)")
     add("--epochs", type=int, default=d.epochs, help=f"total epochs (default {d.epochs})")
-    add("--batch-size", type=int, default=d.batch_size, help=f"examples per step, all devices together (default {d.batch_size})")
+    add(
+        "--batch-size",
+        type=int,
+        default=d.batch_size,
+        help=f"examples per step, all devices together (default {d.batch_size})",
+    )
     add("--optimizer", default=d.optimizer, help=f"one of {', '.join(OPTIMIZERS)} (default {d.optimizer})")
     add("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr:g})")
     add("--schedule", default=d.schedule, help=f"one of {', '.join(SCHEDULES)} (default {d.schedule})")
@@ -910,12 +942,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--dtype", default=d.dtype, help="compute dtype: float32 (default) or bfloat16 (parameters stay float32)")
     add("--seed", type=int, default=d.seed, help="init, data split and batch order (default 0)")
     add("--out", default=d.out, help="output folder (default runs/<timestamp>)")
-    add("--resume", action="store_true", help="continue from the newest checkpoint under --out (default: newest run in runs/)")
-    add("--json", nargs="?", const="-", default=d.json, metavar="FILE", help="print the final metrics as JSON, or write them to FILE")
+    add(
+        "--resume",
+        action="store_true",
+        help="continue from the newest checkpoint under --out (default: newest run in runs/)",
+    )
+    add(
+        "--json",
+        nargs="?",
+        const="-",
+        default=d.json,
+        metavar="FILE",
+        help="print the final metrics as JSON, or write them to FILE",
+    )
     add("--devices", type=int, default=d.devices, help="shard each batch over this many local devices (default: all)")
-    add("--grad-check-tol", type=float, default=d.grad_check_tol,
-        help=f"largest accepted relative error of the step-0 gradient check (default {d.grad_check_tol:g})")
-    add("--no-grad-check", dest="skip_grad_check", action="store_true", help="train without the gradient check, or despite its failure")
+    add(
+        "--grad-check-tol",
+        type=float,
+        default=d.grad_check_tol,
+        help=f"largest accepted relative error of the step-0 gradient check (default {d.grad_check_tol:g})",
+    )
+    add(
+        "--no-grad-check",
+        dest="skip_grad_check",
+        action="store_true",
+        help="train without the gradient check, or despite its failure",
+    )
     add("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
@@ -934,7 +986,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         train(config_from_args(args))
     except KeyboardInterrupt:
-        print("jax-resnet train: interrupted; every finished epoch is checkpointed (continue with --resume --out DIR)", file=sys.stderr)
+        print(
+            "jax-resnet train: interrupted; every finished epoch is checkpointed (continue with --resume --out DIR)",
+            file=sys.stderr,
+        )
         return 130
     except TrainingError as e:
         print(f"jax-resnet train: error: {e}", file=sys.stderr)
@@ -943,7 +998,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"jax-resnet train: error: {e}", file=sys.stderr)
         return 2
     return 0
-
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 import json
-from typing import Iterable
+from collections.abc import Iterable
 
 import jax
 import jax.numpy as jnp
@@ -63,7 +63,9 @@ def format_table(rows: list[dict]) -> str:
             f"{r['saved_bytes']:>8} {r['input_bytes']:>8}  {'yes' if r['ok'] else 'FAIL'}"
         )
     failed = [r["rule"] for r in rows if not r["ok"]]
-    lines.append(f"{len(rows) - len(failed)} of {len(rows)} rules pass" + (f"; failed: {', '.join(failed)}" if failed else ""))
+    lines.append(
+        f"{len(rows) - len(failed)} of {len(rows)} rules pass" + (f"; failed: {', '.join(failed)}" if failed else "")
+    )
     return "\n".join(lines)
 
 

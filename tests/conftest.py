@@ -1,8 +1,8 @@
 """Strict test settings: float64 on (gradient checks need it), warnings are
 errors (pyproject), hypothesis without deadlines (JAX compiles on first call)."""
 
-import jax
 import hypothesis
+import jax
 
 jax.config.update("jax_enable_x64", True)
 

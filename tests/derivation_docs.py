@@ -32,7 +32,9 @@ def section(rule) -> str:
         raise AssertionError(f"{rule.name}: derivations/{rule.family}.md does not exist")
     found = sections(rule.family)
     if rule.section not in found:
-        raise AssertionError(f"{rule.name}: no section #{rule.section} in derivations/{rule.family}.md (have {sorted(found)})")
+        raise AssertionError(
+            f"{rule.name}: no section #{rule.section} in derivations/{rule.family}.md (have {sorted(found)})"
+        )
     return found[rule.section]
 
 

@@ -12,7 +12,16 @@ from flax import nnx
 
 from jax_resnet import bench, cli, models
 
-ROW_FIELDS = {"workload", "method", "step_time_ms", "ratio_to_autodiff", "compile_time_s", "temp_memory_bytes", "examples_per_second", "environment"}
+ROW_FIELDS = {
+    "workload",
+    "method",
+    "step_time_ms",
+    "ratio_to_autodiff",
+    "compile_time_s",
+    "temp_memory_bytes",
+    "examples_per_second",
+    "environment",
+}
 ENV_FIELDS = {"device", "platform", "jax", "flax", "cpu_count", "date"}
 
 
@@ -68,7 +77,9 @@ def _peer_forward(net, x):
     return forward(state, x)
 
 
-@pytest.mark.parametrize("name, example_shape", [("residual_mlp", (64,)), ("resnet20", (8, 8, 3)), ("resnet18", (32, 32, 3))])
+@pytest.mark.parametrize(
+    "name, example_shape", [("residual_mlp", (64,)), ("resnet20", (8, 8, 3)), ("resnet18", (32, 32, 3))]
+)
 def test_peer_with_the_library_weights_computes_the_library_forward(name, example_shape):
     # Float64 (tests/conftest.py), so any difference beyond rounding is a different architecture.
     workload = bench.get_workload(name)

@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from jax_resnet import gradcheck as gc
 from jax_resnet.ops import conv
@@ -96,18 +97,54 @@ _W = jnp.zeros((3, 3, 4, 2), jnp.float32)
         (_X, _W[0], {}, ValueError, r"conv2d: argument `w` must have rank 4 \(HWIO\), got shape \(3, 4, 2\)"),
         (_X.astype(jnp.int32), _W, {}, TypeError, r"conv2d: argument `x` must have a floating dtype.*got int32"),
         (_X, _W.astype(jnp.int32), {}, TypeError, r"conv2d: argument `w` must have a floating dtype.*got int32"),
-        (_X, _W.astype(jnp.float16), {}, TypeError, r"conv2d: arguments must share one dtype, got `x`: float32, `w`: float16"),
-        (_X, jnp.zeros((3, 3, 3, 2), jnp.float32), {}, ValueError, r"conv2d: argument `w` must have in-channels.*got w.shape \(3, 3, 3, 2\)"),
-        (_X, jnp.zeros((3, 3, 2, 3), jnp.float32), dict(groups=2), ValueError, r"conv2d: argument `w` must have out-channels .* divisible by groups = 2"),
+        (
+            _X,
+            _W.astype(jnp.float16),
+            {},
+            TypeError,
+            r"conv2d: arguments must share one dtype, got `x`: float32, `w`: float16",
+        ),
+        (
+            _X,
+            jnp.zeros((3, 3, 3, 2), jnp.float32),
+            {},
+            ValueError,
+            r"conv2d: argument `w` must have in-channels.*got w.shape \(3, 3, 3, 2\)",
+        ),
+        (
+            _X,
+            jnp.zeros((3, 3, 2, 3), jnp.float32),
+            dict(groups=2),
+            ValueError,
+            r"conv2d: argument `w` must have out-channels .* divisible by groups = 2",
+        ),
         (_X, _W, dict(groups=0), ValueError, r"conv2d: argument `groups` must be a positive int, got 0"),
         (_X, _W, dict(groups=2.0), ValueError, r"conv2d: argument `groups` must be a positive int, got 2.0"),
-        (_X, _W, dict(stride=0), ValueError, r"conv2d: argument `stride` must be a positive int or a pair.*got \(0, 0\)"),
+        (
+            _X,
+            _W,
+            dict(stride=0),
+            ValueError,
+            r"conv2d: argument `stride` must be a positive int or a pair.*got \(0, 0\)",
+        ),
         (_X, _W, dict(stride=(1, 2, 3)), ValueError, r"conv2d: argument `stride`"),
-        (_X, _W, dict(dilation=(1, -1)), ValueError, r"conv2d: argument `dilation` must be a positive int or a pair.*got \(1, -1\)"),
+        (
+            _X,
+            _W,
+            dict(dilation=(1, -1)),
+            ValueError,
+            r"conv2d: argument `dilation` must be a positive int or a pair.*got \(1, -1\)",
+        ),
         (_X, _W, dict(padding="FULL"), ValueError, r"conv2d: argument `padding` must be 'SAME', 'VALID'.*got 'FULL'"),
         (_X, _W, dict(padding=-1), ValueError, r"conv2d: argument `padding`.*got -1"),
         (_X, _W, dict(padding=((1, 1),)), ValueError, r"conv2d: argument `padding`"),
-        (_X[:, :2], _W, dict(padding="VALID"), ValueError, r"conv2d: the padded input height 2 is smaller than the \(dilated\) window 3"),
+        (
+            _X[:, :2],
+            _W,
+            dict(padding="VALID"),
+            ValueError,
+            r"conv2d: the padded input height 2 is smaller than the \(dilated\) window 3",
+        ),
     ],
 )
 def test_conv2d_rejects_bad_input(x, w, settings, error, match):

@@ -24,7 +24,6 @@ from sklearn.model_selection import train_test_split
 from jax_resnet import data
 from jax_resnet.data import DataError
 
-
 # --- helpers: files in the real formats --------------------------------------
 
 
@@ -69,8 +68,10 @@ def cifar_rows(first, n):
 
 def cifar_expected_nhwc(first, n):
     return np.array(
-        [[[[cifar_value(i, r, c, ch) for ch in range(3)] for c in range(32)] for r in range(32)]
-         for i in range(first, first + n)],
+        [
+            [[[cifar_value(i, r, c, ch) for ch in range(3)] for c in range(32)] for r in range(32)]
+            for i in range(first, first + n)
+        ],
         np.uint8,
     )
 
@@ -78,8 +79,12 @@ def cifar_expected_nhwc(first, n):
 def cifar_pickle(rows, labels, overrides=None):
     """A batch as the Python-2 originals are: a protocol-2 pickled dict with bytes keys.
     The global is spelled `numpy.core.multiarray`, as numpy 1.x wrote it."""
-    batch = {b"batch_label": b"a test batch", b"data": rows, b"labels": list(labels),
-             b"filenames": [b"img_%d.png" % i for i in range(len(rows))]}
+    batch = {
+        b"batch_label": b"a test batch",
+        b"data": rows,
+        b"labels": list(labels),
+        b"filenames": [b"img_%d.png" % i for i in range(len(rows))],
+    }
     batch.update(overrides or {})
     return pickle.dumps(batch, protocol=2).replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
 
@@ -180,8 +185,9 @@ def test_synthetic_is_configurable_balanced_and_seeded():
     np.testing.assert_array_equal(np.bincount(ds.y_train), [15, 15, 15, 15])
     again = data.load("synthetic", n_train=60, n_test=20, image_shape=(6, 5, 3), num_classes=4, seed=7)
     np.testing.assert_array_equal(ds.x_train, again.x_train)
-    assert not np.array_equal(ds.x_train, data.load("synthetic", n_train=60, n_test=20, image_shape=(6, 5, 3),
-                                                   num_classes=4, seed=8).x_train)
+    assert not np.array_equal(
+        ds.x_train, data.load("synthetic", n_train=60, n_test=20, image_shape=(6, 5, 3), num_classes=4, seed=8).x_train
+    )
 
 
 def test_synthetic_classes_are_separable_by_nearest_class_mean():
@@ -224,8 +230,11 @@ def test_idx_header_is_big_endian(tmp_path):
 
 def test_idx_bad_magic(tmp_path):
     labels = write(tmp_path / "train-labels-idx1-ubyte", idx_bytes(np.zeros(5)))
-    with pytest.raises(DataError, match=r"train-labels-idx1-ubyte: bad magic number: expected 0x00000803, "
-                                        r"got 0x00000801 \(element type uint8, 1 dimensions\)"):
+    with pytest.raises(
+        DataError,
+        match=r"train-labels-idx1-ubyte: bad magic number: expected 0x00000803, "
+        r"got 0x00000801 \(element type uint8, 1 dimensions\)",
+    ):
         data.read_idx(labels, magic=data.IDX_IMAGES_MAGIC)
 
 
@@ -372,8 +381,10 @@ def bad_batch(overrides):
         (bad_batch({})[:100], "data_batch_2: not a readable pickle"),
         (pickle.dumps([1, 2, 3], protocol=2), "data_batch_2: expected a pickled dict, got list"),
         (pickle.dumps({b"data": cifar_rows(0, 2)}, protocol=2), r"data_batch_2: missing key\(s\) \[b'labels'\]"),
-        (pickle.dumps({"data": cifar_rows(0, 2), "labels": [0, 1]}, protocol=2),
-         r"data_batch_2: missing key\(s\) \[b'data', b'labels'\]"),
+        (
+            pickle.dumps({"data": cifar_rows(0, 2), "labels": [0, 1]}, protocol=2),
+            r"data_batch_2: missing key\(s\) \[b'data', b'labels'\]",
+        ),
         (bad_batch({b"data": cifar_rows(0, 2)[:, :1024]}), r"data_batch_2: wrong data: expected uint8 \[N, 3072\]"),
         (bad_batch({b"data": cifar_rows(0, 2).astype(np.float32)}), "data_batch_2: wrong data.*float32"),
         (bad_batch({b"labels": [0, 1, 2]}), r"data_batch_2: 2 images but labels of shape \[3\]"),
@@ -444,9 +455,12 @@ def test_mnist_download_verifies_then_places_files(tmp_path, monkeypatch):
 def test_download_bad_checksum_leaves_nothing(tmp_path, monkeypatch):
     url = data.MNIST_URL + "train-images-idx3-ubyte.gz"
     monkeypatch.setattr(urllib.request, "urlopen", FakeNetwork({url: b"a tampered file"}))
-    with pytest.raises(DataError, match=rf"train-images-idx3-ubyte.gz: sha256 checksum mismatch: expected "
-                                        rf"{data.MNIST_SHA256['train-images-idx3-ubyte.gz']}, "
-                                        rf"got {sha256(b'a tampered file')}.*not kept"):
+    with pytest.raises(
+        DataError,
+        match=rf"train-images-idx3-ubyte.gz: sha256 checksum mismatch: expected "
+        rf"{data.MNIST_SHA256['train-images-idx3-ubyte.gz']}, "
+        rf"got {sha256(b'a tampered file')}.*not kept",
+    ):
         data.load("mnist", tmp_path, download=True)
     assert list(tmp_path.iterdir()) == []
 

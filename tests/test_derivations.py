@@ -2,12 +2,11 @@
 every function or test a document names exists."""
 
 import importlib
-import pathlib
 import re
 
 import pytest
-
 from derivation_docs import DERIVATIONS, section
+
 from jax_resnet import rules
 
 DOCS = sorted(DERIVATIONS.glob("*.md"))
@@ -50,7 +49,9 @@ def test_named_tests_exist(doc):
     for path, name in sorted(set(re.findall(r"`(tests/[\w/]+\.py)::(\w+)", doc.read_text()))):
         source = ROOT / path
         assert source.exists(), f"{doc.name} names {path}, which does not exist"
-        assert re.search(rf"^\s*def {name}\(", source.read_text(), re.M), f"{doc.name} names {path}::{name}, which does not exist"
+        assert re.search(rf"^\s*def {name}\(", source.read_text(), re.M), (
+            f"{doc.name} names {path}::{name}, which does not exist"
+        )
 
 
 def test_a_missing_function_is_caught():

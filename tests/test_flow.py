@@ -29,7 +29,16 @@ def _small_cifar(depth, residual):
     return models.cifar_resnet(depth, residual=residual, in_channels=1, widths=(4, 8, 16))
 
 
-CIFAR8_NAMES = ["stem", "block0.conv0", "block0.conv1", "block1.conv0", "block1.conv1", "block2.conv0", "block2.conv1", "head"]
+CIFAR8_NAMES = [
+    "stem",
+    "block0.conv0",
+    "block0.conv1",
+    "block1.conv0",
+    "block1.conv1",
+    "block2.conv0",
+    "block2.conv1",
+    "head",
+]
 
 
 @pytest.mark.parametrize(
@@ -56,7 +65,9 @@ def test_weight_paths_put_an_option_b_projection_after_its_blocks_convolutions()
     model = models.imagenet_resnet((1, 1, 1, 1), "basic", num_classes=10, in_channels=1, width=4)
     params, _ = jax.eval_shape(lambda k: model.init(k, F32), jax.random.key(0))
     names = [name for name, _ in flow.weight_paths(model, params)]
-    assert names == ["stem", "block0.conv0", "block0.conv1"] + [f"block{i}.{w}" for i in (1, 2, 3) for w in ("conv0", "conv1", "proj")] + ["head"]
+    assert names == ["stem", "block0.conv0", "block0.conv1"] + [
+        f"block{i}.{w}" for i in (1, 2, 3) for w in ("conv0", "conv1", "proj")
+    ] + ["head"]
     assert all(flow._at(params, path).ndim in (2, 4) for _, path in flow.weight_paths(model, params))
 
 
@@ -121,7 +132,11 @@ def test_unscaled_residual_mlp_gradient_explodes_towards_the_input(seed):
     residual with branches × 1/√32 0.96–1.4."""
     x, y = _mlp_batch(64, seed)
     ratios = {}
-    for variant in (flow.MLPVariant("plain_mlp"), flow.MLPVariant("residual_mlp"), flow.MLPVariant("residual_mlp", scaled=True)):
+    for variant in (
+        flow.MLPVariant("plain_mlp"),
+        flow.MLPVariant("residual_mlp"),
+        flow.MLPVariant("residual_mlp", scaled=True),
+    ):
         model, params, state = variant.build(32, 64, jax.random.key(seed), F32)
         g = flow.layer_gradients(model, params, state, x, y)
         ratios[variant.name(32)] = g.inputs[0][1] / g.inputs[-1][1]
@@ -166,12 +181,23 @@ def test_quick_run_writes_the_documented_json_and_a_png(tmp_path):
 
     parser = argparse.ArgumentParser()
     flow.add_arguments(parser)
-    args = parser.parse_args(["--quick", "--out", str(tmp_path), "--mlp-depths", "4", "--steps", "5", "--json", str(tmp_path / "copy.json")])
+    args = parser.parse_args(
+        ["--quick", "--out", str(tmp_path), "--mlp-depths", "4", "--steps", "5", "--json", str(tmp_path / "copy.json")]
+    )
     assert flow.run(args) == 0
 
     result = json.loads((tmp_path / "flow.json").read_text())
     assert json.loads((tmp_path / "copy.json").read_text()) == result
-    for field in ("gradient_norms", "input_gradient_norms", "summary", "training", "final_loss", "config", "device", "jax_version"):
+    for field in (
+        "gradient_norms",
+        "input_gradient_norms",
+        "summary",
+        "training",
+        "final_loss",
+        "config",
+        "device",
+        "jax_version",
+    ):
         assert field in result, field
     assert result["jax_version"] == jax.__version__
     names = {"plain8", "resnet8"} | {v.name(4) for v in flow.MLP_VARIANTS}

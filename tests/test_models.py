@@ -30,7 +30,14 @@ def test_resnet20_count_by_hand():
 
 @pytest.mark.parametrize(
     "name, millions",
-    [("resnet20", 0.27), ("resnet32", 0.46), ("resnet44", 0.66), ("resnet56", 0.85), ("resnet110", 1.7), ("resnet1202", 19.4)],
+    [
+        ("resnet20", 0.27),
+        ("resnet32", 0.46),
+        ("resnet44", 0.66),
+        ("resnet56", 0.85),
+        ("resnet110", 1.7),
+        ("resnet1202", 19.4),
+    ],
 )
 def test_cifar_counts_match_the_paper_table(name, millions):
     # He et al. 2015, Table 6 rounds to two decimals below 1M and one above.
@@ -40,7 +47,13 @@ def test_cifar_counts_match_the_paper_table(name, millions):
 
 @pytest.mark.parametrize(
     "name, count",
-    [("resnet18", 11_689_512), ("resnet34", 21_797_672), ("resnet50", 25_557_032), ("resnet101", 44_549_160), ("resnet152", 60_192_808)],
+    [
+        ("resnet18", 11_689_512),
+        ("resnet34", 21_797_672),
+        ("resnet50", 25_557_032),
+        ("resnet101", 44_549_160),
+        ("resnet152", 60_192_808),
+    ],
 )
 def test_imagenet_counts_equal_the_reference_builds(name, count):
     assert _count(models.get(name)) == count
@@ -54,11 +67,17 @@ def test_plain_twin_has_the_same_parameters_as_the_resnet():
 # ----------------------------------------------------------- whole-model gradients
 SMALL = {
     "residual_mlp": (lambda: models.residual_mlp(in_features=12, width=8, depth=3, out_features=5), (4, 12)),
-    "plain_mlp": (lambda: models.plain_mlp(in_features=12, width=8, depth=3, out_features=5, activation="tanh"), (4, 12)),
+    "plain_mlp": (
+        lambda: models.plain_mlp(in_features=12, width=8, depth=3, out_features=5, activation="tanh"),
+        (4, 12),
+    ),
     "resnet8": (lambda: models.resnet8(num_classes=5, widths=(4, 8, 8)), (3, 8, 8, 3)),
     "plain8": (lambda: models.cifar_resnet(8, num_classes=5, widths=(4, 8, 8), residual=False), (3, 8, 8, 3)),
     "resnet20-narrow": (lambda: models.resnet20(num_classes=5, widths=(4, 4, 8)), (2, 8, 8, 3)),
-    "preact_resnet20-narrow": (lambda: models.cifar_resnet(20, num_classes=5, widths=(4, 4, 8), block="preact_basic"), (2, 8, 8, 3)),
+    "preact_resnet20-narrow": (
+        lambda: models.cifar_resnet(20, num_classes=5, widths=(4, 4, 8), block="preact_basic"),
+        (2, 8, 8, 3),
+    ),
     "resnet18-narrow": (lambda: models.resnet18(num_classes=5, width=4), (2, 16, 16, 3)),
     "resnet50-narrow": (lambda: models.resnet50(num_classes=5, width=2), (2, 16, 16, 3)),
     "preact_resnet18-narrow": (lambda: models.preact_resnet18(num_classes=5, width=4), (2, 16, 16, 3)),
@@ -151,7 +170,9 @@ def test_batchnorm_state_updates_once_per_training_call():
     h = ops.conv2d(x, params["stem"]["w"], stride=1, padding="SAME")
     batch_mean = jnp.mean(h, axis=(0, 1, 2))
     batch_var = jnp.var(h, axis=(0, 1, 2))
-    np.testing.assert_allclose(new_state["stem_bn"]["mean"], 0.9 * state["stem_bn"]["mean"] + 0.1 * batch_mean, rtol=1e-12)
+    np.testing.assert_allclose(
+        new_state["stem_bn"]["mean"], 0.9 * state["stem_bn"]["mean"] + 0.1 * batch_mean, rtol=1e-12
+    )
     np.testing.assert_allclose(new_state["stem_bn"]["var"], 0.9 * state["stem_bn"]["var"] + 0.1 * batch_var, rtol=1e-12)
     _, eval_state = model.apply(params, state, x, train=False)
     assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), eval_state, state))

@@ -12,7 +12,8 @@ import optax
 import pytest
 from flax import nnx
 
-from jax_resnet import blocks, models, nnx as jrnnx
+from jax_resnet import blocks, models
+from jax_resnet import nnx as jrnnx
 from jax_resnet.gradcheck import relative_error
 from jax_resnet.ops import opset
 
@@ -87,7 +88,9 @@ class FlaxBasicBlock(nnx.Module):
 
     def __init__(self, c_in, c_out, stride, *, dtype, rngs):
         conv = functools.partial(nnx.Conv, use_bias=False, param_dtype=dtype, rngs=rngs)
-        bn = functools.partial(nnx.BatchNorm, momentum=0.9, epsilon=1e-5, use_fast_variance=False, param_dtype=dtype, rngs=rngs)
+        bn = functools.partial(
+            nnx.BatchNorm, momentum=0.9, epsilon=1e-5, use_fast_variance=False, param_dtype=dtype, rngs=rngs
+        )
         self.conv0, self.bn0 = conv(c_in, c_out, (3, 3), strides=stride), bn(c_out)
         self.conv1, self.bn1 = conv(c_out, c_out, (3, 3)), bn(c_out)
         self.proj, self.proj_bn = conv(c_in, c_out, (1, 1), strides=stride), bn(c_out)
@@ -109,7 +112,9 @@ class Net(nnx.Module):
         self.flax = flax
         if flax:
             self.stem = nnx.Conv(3, 4, (3, 3), use_bias=False, param_dtype=dtype, rngs=rngs)
-            self.stem_bn = nnx.BatchNorm(4, momentum=0.9, epsilon=1e-5, use_fast_variance=False, param_dtype=dtype, rngs=rngs)
+            self.stem_bn = nnx.BatchNorm(
+                4, momentum=0.9, epsilon=1e-5, use_fast_variance=False, param_dtype=dtype, rngs=rngs
+            )
             self.block = FlaxBasicBlock(4, 8, 2, dtype=dtype, rngs=rngs)
             self.head = nnx.Linear(8, 5, param_dtype=dtype, rngs=rngs)
         else:
@@ -119,7 +124,9 @@ class Net(nnx.Module):
             self.head = jrnnx.Linear(8, 5, param_dtype=dtype, rngs=rngs)
 
     def __call__(self, x):
-        relu, pool = (nnx.relu, lambda h: jnp.mean(h, axis=(1, 2))) if self.flax else (opset().relu, opset().global_avg_pool)
+        relu, pool = (
+            (nnx.relu, lambda h: jnp.mean(h, axis=(1, 2))) if self.flax else (opset().relu, opset().global_avg_pool)
+        )
         h = relu(self.stem_bn(self.stem(x)))
         return self.head(pool(self.block(h)))
 
@@ -308,7 +315,9 @@ def test_block_from_pure_and_back_for_a_bottleneck():
     spec = blocks.BlockSpec("bottleneck", 8, 4, stride=2)
     params, state = jax.eval_shape(lambda: blocks.init_block(jax.random.key(0), spec))
     rng = np.random.default_rng(0)
-    params, state = jax.tree_util.tree_map_with_path(lambda p, a: _value(p[-1].key, a.shape, a.dtype, rng), (params, state))
+    params, state = jax.tree_util.tree_map_with_path(
+        lambda p, a: _value(p[-1].key, a.shape, a.dtype, rng), (params, state)
+    )
     block = jrnnx.from_pure(spec, params, state)
     assert isinstance(block, jrnnx.Block)
     x = _normal((2, 4, 4, 8))
@@ -358,7 +367,11 @@ def test_three_sgd_steps_with_nnx_optimizer_decrease_the_loss():
         (lambda r: jrnnx.Linear(3, 4, rngs=r, grad="numeric"), ValueError, r"Linear: argument `grad`"),
         (lambda r: jrnnx.Conv(3, 4, (3, 0), rngs=r), ValueError, r"Conv: argument `kernel_size`"),
         (lambda r: jrnnx.Conv(3, 4, 3, padding="FULL", rngs=r), ValueError, r"Conv: argument `padding`"),
-        (lambda r: jrnnx.Conv(4, 6, 3, feature_group_count=4, rngs=r), ValueError, r"`feature_group_count` must divide"),
+        (
+            lambda r: jrnnx.Conv(4, 6, 3, feature_group_count=4, rngs=r),
+            ValueError,
+            r"`feature_group_count` must divide",
+        ),
         (lambda r: jrnnx.Conv(3, 4, 3, param_dtype=jnp.int32, rngs=r), TypeError, r"Conv: argument `param_dtype`"),
         (lambda r: jrnnx.BatchNorm(4, momentum=1.5, rngs=r), ValueError, r"BatchNorm: argument `momentum`"),
         (lambda r: jrnnx.BasicBlock(4, 0, rngs=r), ValueError, r"BasicBlock: argument `features`"),
@@ -391,7 +404,9 @@ def test_calls_name_the_bad_input(build, shape, match):
 def test_conversion_errors_name_the_mismatch():
     model = models.tiny()
     params, state = _pure_weights(model)
-    with pytest.raises(ValueError, match=r"argument `params` does not have the model's layout; missing .*\['blocks'\]\[3\]"):
+    with pytest.raises(
+        ValueError, match=r"argument `params` does not have the model's layout; missing .*\['blocks'\]\[3\]"
+    ):
         jrnnx.from_pure(models.cifar_resnet(14, widths=(8, 16, 32), in_channels=1), params, state)
     wrong = {**params, "head": {"w": jnp.zeros((32, 3), jnp.float32), "b": params["head"]["b"]}}
     with pytest.raises(ValueError, match=r"`params\['head'\]\['w'\]` must have shape \(32, 10\)"):

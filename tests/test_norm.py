@@ -152,18 +152,73 @@ def _bad_inputs():
     mean, var = jnp.zeros(6), jnp.ones(6)
     bn, bne, ln, gn = norm.batch_norm_train, norm.batch_norm_eval, norm.layer_norm, norm.group_norm
     return [
-        ("int-x", lambda: bn(x.astype(jnp.int32), gamma, beta), TypeError, r"batch_norm_train: argument `x` must have a floating dtype"),
+        (
+            "int-x",
+            lambda: bn(x.astype(jnp.int32), gamma, beta),
+            TypeError,
+            r"batch_norm_train: argument `x` must have a floating dtype",
+        ),
         ("list-x", lambda: ln([[1.0, 2.0]], gamma, beta), TypeError, r"layer_norm: argument `x` must be an array"),
-        ("mixed-dtype", lambda: bn(x, gamma.astype(jnp.float32), beta), TypeError, r"batch_norm_train: arguments must share one dtype, got `x`: float64, `gamma`: float32"),
-        ("gamma-shape", lambda: bn(x, gamma[:5], beta), ValueError, r"batch_norm_train: argument `gamma` must have shape \(6,\) .*, got \(5,\)"),
-        ("beta-2d", lambda: ln(x, gamma, beta[None]), ValueError, r"layer_norm: argument `beta` must have shape \(6,\) .*, got \(1, 6\)"),
-        ("rank-1", lambda: ln(x[0, 0, 0], gamma, beta), ValueError, r"layer_norm: argument `x` must have rank >= 2 .*, got shape \(6,\)"),
-        ("eval-int-mean", lambda: bne(x, gamma, beta, mean.astype(jnp.int32), var), TypeError, r"batch_norm_eval: argument `mean` must have a floating dtype"),
-        ("eval-var-shape", lambda: bne(x, gamma, beta, mean, var[:3]), ValueError, r"batch_norm_eval: argument `var` must have shape \(6,\) .*, got \(3,\)"),
-        ("groups-divide", lambda: gn(x, gamma, beta, groups=4), ValueError, r"group_norm: argument `groups` must divide the 6 channels of x .*, got groups=4"),
-        ("groups-zero", lambda: gn(x, gamma, beta, groups=0), ValueError, r"group_norm: argument `groups` must be a positive Python int, got 0"),
-        ("groups-float", lambda: gn(x, gamma, beta, groups=2.0), ValueError, r"group_norm: argument `groups` must be a positive Python int, got 2.0"),
-        ("group-eps", lambda: gn(x, gamma, beta, groups=2, eps=0), ValueError, r"group_norm: argument `eps` must be a positive number, got 0"),
+        (
+            "mixed-dtype",
+            lambda: bn(x, gamma.astype(jnp.float32), beta),
+            TypeError,
+            r"batch_norm_train: arguments must share one dtype, got `x`: float64, `gamma`: float32",
+        ),
+        (
+            "gamma-shape",
+            lambda: bn(x, gamma[:5], beta),
+            ValueError,
+            r"batch_norm_train: argument `gamma` must have shape \(6,\) .*, got \(5,\)",
+        ),
+        (
+            "beta-2d",
+            lambda: ln(x, gamma, beta[None]),
+            ValueError,
+            r"layer_norm: argument `beta` must have shape \(6,\) .*, got \(1, 6\)",
+        ),
+        (
+            "rank-1",
+            lambda: ln(x[0, 0, 0], gamma, beta),
+            ValueError,
+            r"layer_norm: argument `x` must have rank >= 2 .*, got shape \(6,\)",
+        ),
+        (
+            "eval-int-mean",
+            lambda: bne(x, gamma, beta, mean.astype(jnp.int32), var),
+            TypeError,
+            r"batch_norm_eval: argument `mean` must have a floating dtype",
+        ),
+        (
+            "eval-var-shape",
+            lambda: bne(x, gamma, beta, mean, var[:3]),
+            ValueError,
+            r"batch_norm_eval: argument `var` must have shape \(6,\) .*, got \(3,\)",
+        ),
+        (
+            "groups-divide",
+            lambda: gn(x, gamma, beta, groups=4),
+            ValueError,
+            r"group_norm: argument `groups` must divide the 6 channels of x .*, got groups=4",
+        ),
+        (
+            "groups-zero",
+            lambda: gn(x, gamma, beta, groups=0),
+            ValueError,
+            r"group_norm: argument `groups` must be a positive Python int, got 0",
+        ),
+        (
+            "groups-float",
+            lambda: gn(x, gamma, beta, groups=2.0),
+            ValueError,
+            r"group_norm: argument `groups` must be a positive Python int, got 2.0",
+        ),
+        (
+            "group-eps",
+            lambda: gn(x, gamma, beta, groups=2, eps=0),
+            ValueError,
+            r"group_norm: argument `eps` must be a positive number, got 0",
+        ),
     ]
 
 
@@ -188,9 +243,20 @@ def test_forward_values_equal_the_textbook_formula():
         mean, var = jnp.mean(x, axis=axes, keepdims=True), jnp.var(x, axis=axes, keepdims=True)
         return (x - mean) / jnp.sqrt(var + eps)
 
-    np.testing.assert_allclose(norm.batch_norm_train(x, gamma, beta, eps=eps)[0], gamma * textbook(x, (0, 1, 2)) + beta, rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(norm.layer_norm(x, gamma, beta, eps=eps), gamma * textbook(x, (3,)) + beta, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(
+        norm.batch_norm_train(x, gamma, beta, eps=eps)[0], gamma * textbook(x, (0, 1, 2)) + beta, rtol=1e-12, atol=1e-12
+    )
+    np.testing.assert_allclose(
+        norm.layer_norm(x, gamma, beta, eps=eps), gamma * textbook(x, (3,)) + beta, rtol=1e-12, atol=1e-12
+    )
     grouped = textbook(x.reshape(4, 3, 3, 3, 2), (1, 2, 4)).reshape(x.shape)
-    np.testing.assert_allclose(norm.group_norm(x, gamma, beta, groups=3, eps=eps), gamma * grouped + beta, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(
+        norm.group_norm(x, gamma, beta, groups=3, eps=eps), gamma * grouped + beta, rtol=1e-12, atol=1e-12
+    )
     mean, var = jnp.asarray(rng.standard_normal(6)), jnp.asarray(rng.uniform(0.5, 1.5, 6))
-    np.testing.assert_allclose(norm.batch_norm_eval(x, gamma, beta, mean, var, eps=eps), gamma * (x - mean) / jnp.sqrt(var + eps) + beta, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(
+        norm.batch_norm_eval(x, gamma, beta, mean, var, eps=eps),
+        gamma * (x - mean) / jnp.sqrt(var + eps) + beta,
+        rtol=1e-12,
+        atol=1e-12,
+    )

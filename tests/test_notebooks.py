@@ -14,7 +14,7 @@ def _code(path):
     cells = json.loads(path.read_text())["cells"]
     for cell in cells:
         if cell["cell_type"] == "code":
-            lines = [l for l in "".join(cell["source"]).splitlines() if not l.lstrip().startswith(("!", "%"))]
+            lines = [s for s in "".join(cell["source"]).splitlines() if not s.lstrip().startswith(("!", "%"))]
             yield "\n".join(lines)
 
 

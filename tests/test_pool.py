@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from jax_resnet.gradcheck import DEFAULT_FD_RTOL, gradcheck
 from jax_resnet.ops import pool
@@ -56,7 +57,9 @@ def _assert_gradcheck(op, reference, x, **config):
 @given(pool_cases(max_pad_below_window=True), st.integers(0, 2**16))
 def test_max_pool_matches_autodiff_and_finite_differences(case, seed):
     shape, window, stride, padding = case
-    _assert_gradcheck(pool.max_pool, pool.max_pool_reference, _distinct(seed, shape), window=window, stride=stride, padding=padding)
+    _assert_gradcheck(
+        pool.max_pool, pool.max_pool_reference, _distinct(seed, shape), window=window, stride=stride, padding=padding
+    )
 
 
 @settings(max_examples=8)
@@ -127,7 +130,9 @@ def test_max_pool_ties_match_the_first_maximum_loops(case, seed):
 def test_max_pool_saves_a_small_integer_argmax(window, dtype):
     # 11·11 = 121 offsets fit in int8; 12·12 = 144 do not.
     x = jax.ShapeDtypeStruct((1, 12, 12, 2), jnp.float64)
-    y, res = jax.eval_shape(functools.partial(pool._max_pool_fwd, geom=pool._geometry("max_pool", x.shape, window, 1, "SAME")), x)
+    y, res = jax.eval_shape(
+        functools.partial(pool._max_pool_fwd, geom=pool._geometry("max_pool", x.shape, window, 1, "SAME")), x
+    )
     assert res.argmax.dtype == dtype and res.argmax.shape == y.shape
 
 
@@ -139,17 +144,37 @@ X = jnp.zeros((2, 6, 6, 3), jnp.float32)
     "op, kwargs, error, match",
     [
         (pool.max_pool, dict(x=jnp.zeros((6, 6, 3))), ValueError, r"max_pool: argument `x` must have rank 4 \(NHWC\)"),
-        (pool.max_pool, dict(x=jnp.zeros((2, 6, 6, 3), jnp.int32)), TypeError, "max_pool: argument `x` must have a floating dtype"),
+        (
+            pool.max_pool,
+            dict(x=jnp.zeros((2, 6, 6, 3), jnp.int32)),
+            TypeError,
+            "max_pool: argument `x` must have a floating dtype",
+        ),
         (pool.max_pool, dict(x=X, window=0), ValueError, "max_pool: argument `window`"),
         (pool.max_pool, dict(x=X, stride=(1, 2, 3)), ValueError, "max_pool: argument `stride`"),
         (pool.max_pool, dict(x=X, padding="FULL"), ValueError, "max_pool: argument `padding`"),
-        (pool.max_pool, dict(x=X, window=2, padding=((0, 2), (0, 0))), ValueError, "max_pool: argument `padding` must be smaller than the window"),
-        (pool.max_pool, dict(x=X, window=7, padding="VALID"), ValueError, "max_pool: the padded input height 6 is smaller"),
+        (
+            pool.max_pool,
+            dict(x=X, window=2, padding=((0, 2), (0, 0))),
+            ValueError,
+            "max_pool: argument `padding` must be smaller than the window",
+        ),
+        (
+            pool.max_pool,
+            dict(x=X, window=7, padding="VALID"),
+            ValueError,
+            "max_pool: the padded input height 6 is smaller",
+        ),
         (pool.avg_pool, dict(x=X[0], window=2, stride=2), ValueError, "avg_pool: argument `x` must have rank 4"),
         (pool.avg_pool, dict(x=X, window=(2, -1), stride=2), ValueError, "avg_pool: argument `window`"),
         (pool.avg_pool, dict(x=X, window=2, stride=2, padding=-1), ValueError, "avg_pool: argument `padding`"),
         (pool.global_avg_pool, dict(x=X[:, :, :, 0]), ValueError, "global_avg_pool: argument `x` must have rank 4"),
-        (pool.global_avg_pool, dict(x=np.arange(4)), TypeError, "global_avg_pool: argument `x` must have a floating dtype"),
+        (
+            pool.global_avg_pool,
+            dict(x=np.arange(4)),
+            TypeError,
+            "global_avg_pool: argument `x` must have a floating dtype",
+        ),
     ],
 )
 def test_bad_input_is_refused_naming_the_argument(op, kwargs, error, match):

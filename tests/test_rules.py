@@ -8,10 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from derivation_docs import residuals_documented
 
 from jax_resnet import gradcheck as gc
 from jax_resnet import rules
-from derivation_docs import residuals_documented
 
 RULES = list(rules.REGISTRY.values())
 IDS = [r.name for r in RULES]
@@ -28,7 +28,12 @@ def _maybe_jit(fn, jit):
 @pytest.mark.parametrize("jit", [False, True], ids=["nojit", "jit"])
 @pytest.mark.parametrize("rule", RULES, ids=IDS)
 def test_vjp_matches_autodiff_float64(rule, jit):
-    report = gc.gradcheck(_maybe_jit(rule.fn, jit), _maybe_jit(rule.reference, jit), _args(rule, jnp.float64), rtol=rule.rtol[jnp.dtype("float64")])
+    report = gc.gradcheck(
+        _maybe_jit(rule.fn, jit),
+        _maybe_jit(rule.reference, jit),
+        _args(rule, jnp.float64),
+        rtol=rule.rtol[jnp.dtype("float64")],
+    )
     assert report.forward_rel_err <= 1e-12, report
     for arg in report.args:
         assert arg.max_rel_err <= 1e-10, (rule.name, arg)
@@ -38,7 +43,9 @@ def test_vjp_matches_autodiff_float64(rule, jit):
 
 @pytest.mark.parametrize("rule", RULES, ids=IDS)
 def test_vjp_matches_autodiff_float32(rule):
-    report = gc.gradcheck(jax.jit(rule.fn), jax.jit(rule.reference), _args(rule, jnp.float32), rtol=rule.rtol[jnp.dtype("float32")])
+    report = gc.gradcheck(
+        jax.jit(rule.fn), jax.jit(rule.reference), _args(rule, jnp.float32), rtol=rule.rtol[jnp.dtype("float32")]
+    )
     assert report.dtype == "float32"
     for arg in report.args:
         assert arg.max_rel_err <= 1e-5, (rule.name, arg)
@@ -74,8 +81,8 @@ def test_vmap_over_leading_axis(rule):
     assert gc.relative_error(got, want) <= 1e-10
     # The batched rule must equal the rule applied to each slice on its own.
     for k, single in enumerate((a, b)):
-        one = _vjp_all(rule.fn, single, jax.tree.map(lambda c: c[k], ct))
-        assert gc.relative_error(jax.tree.map(lambda g: g[k], got), one) <= 1e-12
+        one = _vjp_all(rule.fn, single, jax.tree.map(lambda c, k=k: c[k], ct))
+        assert gc.relative_error(jax.tree.map(lambda g, k=k: g[k], got), one) <= 1e-12
 
 
 @pytest.mark.parametrize("rule", RULES, ids=IDS)
@@ -106,7 +113,9 @@ def test_grad_of_grad(rule):
 def test_custom_rule_is_what_runs(rule):
     args = _args(rule, jnp.float64)
     assert "custom_vjp_call" in str(jax.make_jaxpr(rule.fn)(*args)), f"{rule.name} does not go through custom_vjp"
-    assert "custom_vjp_call" not in str(jax.make_jaxpr(rule.reference)(*args)), f"{rule.name}: reference must be plain jnp"
+    assert "custom_vjp_call" not in str(jax.make_jaxpr(rule.reference)(*args)), (
+        f"{rule.name}: reference must be plain jnp"
+    )
 
 
 @pytest.mark.parametrize("rule", RULES, ids=IDS)

@@ -74,8 +74,25 @@ def _numpy_seed(X, Y, W1, b1, W2, b2, *, skip=True, g2="identity"):
     dX_weight = dZ1 @ W1.T
     dX_shortcut = dU2 if skip else np.zeros_like(X)
     dX = dX_shortcut + dX_weight
-    return dict(Z1=Z1, A1=A1, Z2=Z2, U2=U2, A2=A2, J=J, dU2=dU2, dZ2=dZ2, dW2=dW2, db2=db2, dA1=dA1,
-                dZ1=dZ1, dW1=dW1, db1=db1, dX_shortcut=dX_shortcut, dX_weight=dX_weight, dX=dX)
+    return dict(
+        Z1=Z1,
+        A1=A1,
+        Z2=Z2,
+        U2=U2,
+        A2=A2,
+        J=J,
+        dU2=dU2,
+        dZ2=dZ2,
+        dW2=dW2,
+        db2=db2,
+        dA1=dA1,
+        dZ1=dZ1,
+        dW1=dW1,
+        db1=db1,
+        dX_shortcut=dX_shortcut,
+        dX_weight=dX_weight,
+        dX=dX,
+    )
 
 
 # ------------------------------------------------------ the worked example
@@ -234,7 +251,10 @@ def test_mlp_rules_equal_autodiff(build, loss, activation):
 
 
 def test_residual_and_plain_mlp_input_gradients_differ():
-    residual, plain = models.residual_mlp(**MLP_SIZE, activation="tanh"), models.plain_mlp(**MLP_SIZE, activation="tanh")
+    residual, plain = (
+        models.residual_mlp(**MLP_SIZE, activation="tanh"),
+        models.plain_mlp(**MLP_SIZE, activation="tanh"),
+    )
     kp, x, targets, labels = _mlp_setup()
     params, _ = residual.init(kp, jnp.float64)  # the plain twin has the same parameter shapes
     dx = {m.name: _mlp_grads(m, "mse", "rules", params, x, targets, labels)[1] for m in (residual, plain)}
@@ -253,9 +273,9 @@ def test_residual_mlp_matches_the_hand_derived_recurrence():
     A = [np.tanh(X @ p["in"]["w"] + p["in"]["b"])]
     for layer in p["hidden"]:
         A.append(np.tanh(A[-1] @ layer["w"] + layer["b"] + A[-1]))
-    O = A[-1] @ p["out"]["w"] + p["out"]["b"]
+    out = A[-1] @ p["out"]["w"] + p["out"]["b"]
 
-    dO = (O - Y) / m
+    dO = (out - Y) / m
     d_out = {"w": A[-1].T @ dO, "b": dO.sum(0)}
     dA = dO @ p["out"]["w"].T
     d_hidden = []
@@ -292,8 +312,13 @@ def _block_setup(spec, seed=0):
     def draw(path, leaf):
         name = path[-1].key
         noise = rng.normal(size=leaf.shape)
-        value = {"w": np.sqrt(2 / np.prod(leaf.shape[:-1])) * noise, "gamma": 1 + 0.1 * noise, "beta": 0.1 * noise,
-                 "mean": np.zeros(leaf.shape), "var": np.ones(leaf.shape)}[name]
+        value = {
+            "w": np.sqrt(2 / np.prod(leaf.shape[:-1])) * noise,
+            "gamma": 1 + 0.1 * noise,
+            "beta": 0.1 * noise,
+            "mean": np.zeros(leaf.shape),
+            "var": np.ones(leaf.shape),
+        }[name]
         return jnp.asarray(value, jnp.float64)
 
     params, state = jax.tree_util.tree_map_with_path(draw, shapes)
@@ -320,7 +345,8 @@ def test_block_cotangent_is_shortcut_path_plus_branch_path(name):
     y = np.asarray(blocks.apply_block(RULES, spec, params, state, x, train=True)[0])
     ct_y = np.random.default_rng(7).normal(size=y.shape)
     full, shortcut_only, branch_only = (
-        _block_input_cotangent(op_set, spec, params, state, x, ct_y) for op_set in (RULES, _cut("branch"), _cut("shortcut"))
+        _block_input_cotangent(op_set, spec, params, state, x, ct_y)
+        for op_set in (RULES, _cut("branch"), _cut("shortcut"))
     )
     np.testing.assert_allclose(full, shortcut_only + branch_only, rtol=0, atol=TIGHT)
     assert np.max(np.abs(branch_only)) > 1e-3 and np.max(np.abs(shortcut_only)) > 1e-3
@@ -347,7 +373,7 @@ def test_v2_identity_term_reaches_every_block_and_v1_masks_it():
         setups = [_block_setup(spec, seed) for seed in range(depth)]
         x = setups[0][2]
 
-        def stack(op_set, x):
+        def stack(op_set, x, setups=setups, spec=spec):
             outputs = []
             for params, state, _ in setups:
                 x = blocks.apply_block(op_set, spec, params, state, x, train=True)[0]
@@ -399,7 +425,9 @@ def test_batch_norm_running_statistics_are_state_not_gradients():
     h = np.asarray(conv2d_reference(x, params["conv0"]["w"], stride=spec.stride, padding="SAME"))
     momentum = blocks.BN_MOMENTUM
     np.testing.assert_allclose(new_state["bn0"]["mean"], (1 - momentum) * h.mean(axis=(0, 1, 2)), rtol=0, atol=TIGHT)
-    np.testing.assert_allclose(new_state["bn0"]["var"], momentum + (1 - momentum) * h.var(axis=(0, 1, 2)), rtol=0, atol=TIGHT)
+    np.testing.assert_allclose(
+        new_state["bn0"]["var"], momentum + (1 - momentum) * h.var(axis=(0, 1, 2)), rtol=0, atol=TIGHT
+    )
 
     _, eval_state = blocks.apply_block(RULES, spec, params, state, x, train=False)
     for got, before in zip(jax.tree.leaves(eval_state), jax.tree.leaves(state)):

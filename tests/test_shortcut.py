@@ -59,18 +59,58 @@ X = jnp.zeros((2, 4, 4, 3), jnp.float32)
 @pytest.mark.parametrize(
     "call, error, match",
     [
-        (lambda: shortcut.add(X, X[:, ::2, ::2, :]), ValueError, r"add: argument `b` must have shape \(2, 4, 4, 3\).*shortcut_pad or projection"),
+        (
+            lambda: shortcut.add(X, X[:, ::2, ::2, :]),
+            ValueError,
+            r"add: argument `b` must have shape \(2, 4, 4, 3\).*shortcut_pad or projection",
+        ),
         (lambda: shortcut.add(X, X.astype(jnp.float64)), TypeError, "add: arguments must share one dtype"),
-        (lambda: shortcut.add(X, jnp.zeros((2, 4, 4, 3), jnp.int32)), TypeError, "add: argument `b` must have a floating dtype"),
-        (lambda: shortcut.shortcut_pad(X, out_channels=2, stride=2), ValueError, "shortcut_pad: argument `out_channels` must be an int ≥ the input's channels 3"),
-        (lambda: shortcut.shortcut_pad(X, out_channels=6.0, stride=2), ValueError, "shortcut_pad: argument `out_channels`"),
-        (lambda: shortcut.shortcut_pad(X[0], out_channels=6, stride=2), ValueError, r"shortcut_pad: argument `x` must have rank 4 \(NHWC\)"),
+        (
+            lambda: shortcut.add(X, jnp.zeros((2, 4, 4, 3), jnp.int32)),
+            TypeError,
+            "add: argument `b` must have a floating dtype",
+        ),
+        (
+            lambda: shortcut.shortcut_pad(X, out_channels=2, stride=2),
+            ValueError,
+            "shortcut_pad: argument `out_channels` must be an int ≥ the input's channels 3",
+        ),
+        (
+            lambda: shortcut.shortcut_pad(X, out_channels=6.0, stride=2),
+            ValueError,
+            "shortcut_pad: argument `out_channels`",
+        ),
+        (
+            lambda: shortcut.shortcut_pad(X[0], out_channels=6, stride=2),
+            ValueError,
+            r"shortcut_pad: argument `x` must have rank 4 \(NHWC\)",
+        ),
         (lambda: shortcut.shortcut_pad(X, out_channels=6, stride=0), ValueError, "shortcut_pad: argument `stride`"),
-        (lambda: shortcut.projection(X, jnp.zeros((4, 6), jnp.float32), stride=2), ValueError, "projection: argument `w` must have shape .*rows must equal x's channels 3"),
-        (lambda: shortcut.projection(X, jnp.zeros((3, 6, 1), jnp.float32), stride=2), ValueError, r"projection: argument `w` must have rank 2 \(\[C_in, C_out\]\)"),
-        (lambda: shortcut.projection(X, jnp.zeros((3, 6), jnp.float64), stride=2), TypeError, "projection: arguments must share one dtype"),
-        (lambda: shortcut.projection(X.astype(jnp.int32), jnp.zeros((3, 6), jnp.float32), stride=2), TypeError, "projection: argument `x` must have a floating dtype"),
-        (lambda: shortcut.projection(X, jnp.zeros((3, 6), jnp.float32), stride=(2, 2, 2)), ValueError, "projection: argument `stride`"),
+        (
+            lambda: shortcut.projection(X, jnp.zeros((4, 6), jnp.float32), stride=2),
+            ValueError,
+            "projection: argument `w` must have shape .*rows must equal x's channels 3",
+        ),
+        (
+            lambda: shortcut.projection(X, jnp.zeros((3, 6, 1), jnp.float32), stride=2),
+            ValueError,
+            r"projection: argument `w` must have rank 2 \(\[C_in, C_out\]\)",
+        ),
+        (
+            lambda: shortcut.projection(X, jnp.zeros((3, 6), jnp.float64), stride=2),
+            TypeError,
+            "projection: arguments must share one dtype",
+        ),
+        (
+            lambda: shortcut.projection(X.astype(jnp.int32), jnp.zeros((3, 6), jnp.float32), stride=2),
+            TypeError,
+            "projection: argument `x` must have a floating dtype",
+        ),
+        (
+            lambda: shortcut.projection(X, jnp.zeros((3, 6), jnp.float32), stride=(2, 2, 2)),
+            ValueError,
+            "projection: argument `stride`",
+        ),
     ],
 )
 def test_bad_input_is_refused_naming_the_argument(call, error, match):

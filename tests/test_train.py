@@ -54,8 +54,17 @@ def test_run_writes_metrics_curves_and_checkpoints(straight):
     out, metrics = straight
     summary = json.loads((out / "metrics.json").read_text())
     for field in (
-        "test_accuracy", "train_loss", "epochs", "examples_per_second", "grad_check_max_rel_err",
-        "wall_time_s", "model", "dataset", "device", "jax_version", "num_params",
+        "test_accuracy",
+        "train_loss",
+        "epochs",
+        "examples_per_second",
+        "grad_check_max_rel_err",
+        "wall_time_s",
+        "model",
+        "dataset",
+        "device",
+        "jax_version",
+        "num_params",
     ):
         assert field in summary, field
     assert summary["epochs"] == 2 and summary["steps"] == 2 * STEPS_PER_EPOCH
@@ -151,8 +160,25 @@ def test_kill_while_saving_keeps_previous_checkpoint(straight, tmp_path, monkeyp
     assert all(np.isfinite(np.asarray(a)).all() for a in jax.tree.leaves(tree["params"]))
 
     summary = tmp_path / "summary.json"
-    argv = ["--model", "tiny", "--dataset", "synthetic", "--epochs", "2", "--batch-size", "64", "--lr", "0.01", "--out", str(out),
-            "--resume", "--no-grad-check", "--no-progress", "--json", str(summary)]
+    argv = [
+        "--model",
+        "tiny",
+        "--dataset",
+        "synthetic",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "64",
+        "--lr",
+        "0.01",
+        "--out",
+        str(out),
+        "--resume",
+        "--no-grad-check",
+        "--no-progress",
+        "--json",
+        str(summary),
+    ]
     assert train.run(_parse(argv)) == 0
     metrics = json.loads(summary.read_text())
     assert metrics == json.loads((out / "metrics.json").read_text())
@@ -172,7 +198,9 @@ def test_bfloat16_computes_in_bfloat16_and_keeps_float32_parameters():
     params, state = tree["params"], tree["state"]
     loss = {"float32": float(jax.jit(train._loss_fn(model, "rules", "float32"))(params, state, x, y)[0])}
     p, s, o, m = train.make_train_step(model, opt, dtype="bfloat16")(params, state, tree["opt_state"], x, y)
-    assert {a.dtype for a in jax.tree.leaves((p, s, o)) if jnp.issubdtype(a.dtype, jnp.floating)} == {jnp.dtype("float32")}
+    assert {a.dtype for a in jax.tree.leaves((p, s, o)) if jnp.issubdtype(a.dtype, jnp.floating)} == {
+        jnp.dtype("float32")
+    }
     loss["bfloat16"] = float(m["loss"])
     assert loss["bfloat16"] != loss["float32"]  # it did compute in bfloat16
     assert abs(loss["bfloat16"] - loss["float32"]) <= 0.05 * loss["float32"]
@@ -200,10 +228,17 @@ def test_wrong_gradient_refuses_to_train(tmp_path, monkeypatch, capsys):
     rules = ops.opset("rules")._replace(softmax_cross_entropy=bad_loss)
     monkeypatch.setattr(train, "opset", lambda grad="rules": rules if grad == "rules" else ops.opset(grad))
     out = tmp_path / "refused"
-    status = train.run(_parse(["--model", "residual_mlp", "--dataset", "synthetic", "--out", str(out), "--no-progress"]))
+    status = train.run(
+        _parse(["--model", "residual_mlp", "--dataset", "synthetic", "--out", str(out), "--no-progress"])
+    )
     err = capsys.readouterr().err
     assert status == 1
-    assert "gradient check failed" in err and "in float64" in err and "Refusing to train" in err and "--no-grad-check" in err
+    assert (
+        "gradient check failed" in err
+        and "in float64" in err
+        and "Refusing to train" in err
+        and "--no-grad-check" in err
+    )
     assert not (out / "checkpoints").exists() or _steps(out) == []
     assert not (out / "metrics.json").exists()
 
@@ -243,15 +278,24 @@ def test_nan_loss_stops_naming_the_step_without_checkpoint(tmp_path, monkeypatch
 
     monkeypatch.setattr(data, "load", load_with_nan)
     out = tmp_path / "nan"
-    with pytest.raises(train.TrainingError, match=rf"became (nan|NaN).* at step {bad_step} \(epoch 1, batch {bad_step} of 8\); stopped without saving"):
+    with pytest.raises(
+        train.TrainingError,
+        match=rf"became (nan|NaN).* at step {bad_step} \(epoch 1, batch {bad_step} of 8\); stopped without saving",
+    ):
         train.train(dataclasses.replace(BASE, out=str(out), skip_grad_check=True))
     assert _steps(out) == []
 
 
 @pytest.mark.parametrize(
     "field, value, listed",
-    [("model", "resnet7", "resnet20"), ("dataset", "imagenet", "digits"), ("optimizer", "lion", "adamw"),
-     ("schedule", "step", "warmup-cosine"), ("grad", "numeric", "autodiff"), ("dtype", "float16", "bfloat16")],
+    [
+        ("model", "resnet7", "resnet20"),
+        ("dataset", "imagenet", "digits"),
+        ("optimizer", "lion", "adamw"),
+        ("schedule", "step", "warmup-cosine"),
+        ("grad", "numeric", "autodiff"),
+        ("dtype", "float16", "bfloat16"),
+    ],
 )
 def test_unknown_names_list_the_valid_choices(field, value, listed):
     with pytest.raises(ValueError, match=rf"unknown {field} '{value}'.*{listed}"):
@@ -260,10 +304,12 @@ def test_unknown_names_list_the_valid_choices(field, value, listed):
 
 @pytest.mark.parametrize(
     "overrides, message",
-    [({"batch_size": 1000}, "batch_size 1000 exceeds the 512 training examples"),
-     ({"devices": 64}, "asked for 64 but only"),
-     ({"epochs": 0}, "epochs must be a positive integer"),
-     ({"lr": float("nan")}, "lr must be a positive finite number")],
+    [
+        ({"batch_size": 1000}, "batch_size 1000 exceeds the 512 training examples"),
+        ({"devices": 64}, "asked for 64 but only"),
+        ({"epochs": 0}, "epochs must be a positive integer"),
+        ({"lr": float("nan")}, "lr must be a positive finite number"),
+    ],
 )
 def test_bad_settings_are_clear_errors(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):

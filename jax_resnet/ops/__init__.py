@@ -8,7 +8,8 @@ names, so models are written once and choose their gradients per call.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 from jax_resnet.ops import activations, conv, linear, loss, norm, pool, shortcut
 from jax_resnet.ops.activations import gelu, leaky_relu, relu, sigmoid, silu, softplus, tanh
@@ -18,6 +19,42 @@ from jax_resnet.ops.loss import mse_loss, softmax_cross_entropy
 from jax_resnet.ops.norm import batch_norm_eval, batch_norm_train, group_norm, layer_norm
 from jax_resnet.ops.pool import avg_pool, global_avg_pool, max_pool
 from jax_resnet.ops.shortcut import add, projection, shortcut_pad
+
+__all__ = [
+    "activations",
+    "conv",
+    "linear",
+    "loss",
+    "norm",
+    "pool",
+    "shortcut",
+    "OpSet",
+    "opset",
+    "RULES",
+    "AUTODIFF",
+    "GRAD_MODES",
+    "gelu",
+    "leaky_relu",
+    "relu",
+    "sigmoid",
+    "silu",
+    "softplus",
+    "tanh",
+    "conv2d",
+    "dense",
+    "mse_loss",
+    "softmax_cross_entropy",
+    "batch_norm_eval",
+    "batch_norm_train",
+    "group_norm",
+    "layer_norm",
+    "avg_pool",
+    "global_avg_pool",
+    "max_pool",
+    "add",
+    "projection",
+    "shortcut_pad",
+]
 
 
 class OpSet(NamedTuple):

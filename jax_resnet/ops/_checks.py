@@ -4,7 +4,7 @@ static under `jit`, so these checks cost nothing in compiled code)."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax.numpy as jnp
 

@@ -109,7 +109,9 @@ def leaky_relu(x: jax.Array, negative_slope: float = 0.01) -> jax.Array:
     """
     _checks.floating("leaky_relu", "x", x)
     if isinstance(negative_slope, bool) or not isinstance(negative_slope, (int, float)):
-        raise TypeError(f"leaky_relu: argument `negative_slope` must be a Python float, got {type(negative_slope).__name__}")
+        raise TypeError(
+            f"leaky_relu: argument `negative_slope` must be a Python float, got {type(negative_slope).__name__}"
+        )
     return _leaky_relu(x, float(negative_slope))
 
 

@@ -60,7 +60,9 @@ def conv2d_config(x, w, *, stride=1, padding="SAME", dilation=1, groups=1) -> Co
             f"(w.shape[2] * groups == C), got w.shape {tuple(w.shape)} with x.shape {tuple(x.shape)}"
         )
     if c_out % groups != 0:
-        raise ValueError(f"{op}: argument `w` must have out-channels w.shape[3] divisible by groups = {groups}, got w.shape {tuple(w.shape)}")
+        raise ValueError(
+            f"{op}: argument `w` must have out-channels w.shape[3] divisible by groups = {groups}, got w.shape {tuple(w.shape)}"
+        )
     stride = _checks.pair(op, "stride", stride)
     dilation = _checks.pair(op, "dilation", dilation)
     pads = _checks.padding(op, padding, (height, width), (kh, kw), stride, dilation)

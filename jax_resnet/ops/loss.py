@@ -134,7 +134,11 @@ def softmax_cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing:
     _checks.integer(op, "labels", labels)
     _checks.rank(op, "logits", logits, 2, "[batch, classes]")
     _checks.shape(op, "labels", labels, logits.shape[:1], "one label per row of logits")
-    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) or not 0 <= label_smoothing < 1:
+    if (
+        isinstance(label_smoothing, bool)
+        or not isinstance(label_smoothing, (int, float))
+        or not 0 <= label_smoothing < 1
+    ):
         raise ValueError(f"{op}: argument `label_smoothing` must be a Python float in [0, 1), got {label_smoothing!r}")
     num_classes = logits.shape[-1]
     if not isinstance(labels, jax.core.Tracer):

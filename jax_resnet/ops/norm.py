@@ -350,7 +350,9 @@ def group_norm(x: jax.Array, gamma: jax.Array, beta: jax.Array, *, groups: int, 
     if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
         raise ValueError(f"group_norm: argument `groups` must be a positive Python int, got {groups!r}")
     if channels % groups:
-        raise ValueError(f"group_norm: argument `groups` must divide the {channels} channels of x (last axis), got groups={groups}")
+        raise ValueError(
+            f"group_norm: argument `groups` must divide the {channels} channels of x (last axis), got groups={groups}"
+        )
     return _group_norm(x, gamma, beta, groups, eps)
 
 

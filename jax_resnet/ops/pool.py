@@ -43,7 +43,9 @@ def _geometry(op: str, shape: tuple, window, stride, padding) -> PoolGeometry:
 
 
 def _out_hw(geom: PoolGeometry) -> tuple[int, int]:
-    return tuple((n + lo + hi - k) // s + 1 for n, (lo, hi), k, s in zip(geom.in_hw, geom.pads, geom.window, geom.stride))
+    return tuple(
+        (n + lo + hi - k) // s + 1 for n, (lo, hi), k, s in zip(geom.in_hw, geom.pads, geom.window, geom.stride)
+    )
 
 
 def _offsets(geom: PoolGeometry):
