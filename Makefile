@@ -17,7 +17,17 @@ demo: $(BIN)/.installed
 verify: $(BIN)/.installed
 	$(BIN)/jax-resnet verify
 
-test: $(BIN)/.installed
+# KaTeX parses the derivations' math (tests/test_render.py); that test skips without npm.
+KATEX := tests/katex/node_modules/.installed
+
+$(KATEX): tests/katex/package.json tests/katex/package-lock.json
+	@if command -v npm >/dev/null 2>&1; then \
+		npm ci --prefix tests/katex --no-audit --no-fund --loglevel=error && touch $@; \
+	else \
+		echo "npm not found: tests/test_render.py will skip the KaTeX check"; \
+	fi
+
+test: $(BIN)/.installed $(KATEX)
 	$(BIN)/python -m pytest -q -n 2
 
 lint: $(BIN)/.installed
