@@ -1,11 +1,12 @@
-"""The registry and derivations/ stay in step: every rule has its section, and
-every function or test a document names exists."""
+"""The registry and derivations/ stay in step: every rule has its section,
+every function or test a document names exists, and every link between the
+documents reaches its file and heading."""
 
 import importlib
 import re
 
 import pytest
-from derivation_docs import DERIVATIONS, section
+from derivation_docs import DERIVATIONS, anchor, section
 
 from jax_resnet import rules
 
@@ -52,6 +53,22 @@ def test_named_tests_exist(doc):
         assert re.search(rf"^\s*def {name}\(", source.read_text(), re.M), (
             f"{doc.name} names {path}::{name}, which does not exist"
         )
+
+
+def _anchors(path) -> set[str]:
+    return {anchor(h) for h in re.findall(r"^#{1,6}\s+(.+?)\s*$", path.read_text(), re.M)}
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=[d.name for d in DOCS])
+def test_relative_links_and_anchors_resolve(doc):
+    for target in sorted(set(re.findall(r"\]\(([^)\s]+)\)", doc.read_text()))):
+        if re.match(r"[a-z]+:", target):
+            continue
+        path, _, fragment = target.partition("#")
+        linked = (doc.parent / path).resolve() if path else doc
+        assert linked.exists(), f"{doc.name} links to {target}, and {path} does not exist"
+        if fragment:
+            assert fragment in _anchors(linked), f"{doc.name} links to {target}: no such heading in {linked.name}"
 
 
 def test_a_missing_function_is_caught():
