@@ -13,7 +13,9 @@ formula into a silent mess that no other test notices. This file
   `tests/katex`, installed by `make test` with `npm ci --prefix tests/katex`),
   in one node process for all documents.
 
-Failures name the file and line, and KaTeX's message.
+Failures name the file and line, and KaTeX's message. GitHub itself renders
+with MathJax; KaTeX supports a narrower set of commands, so a formula it
+parses is very likely to render on GitHub, in Colab and in most previewers.
 """
 
 import json
