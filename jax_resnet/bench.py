@@ -72,20 +72,16 @@ import jaxlib
 import optax
 from flax import nnx
 
-from jax_resnet import models
-from jax_resnet.ops import opset
+from jax_resnet import blocks, models
+from jax_resnet import step as step_lib
 
 METHODS = ("rules", "autodiff", "flax")
 LEARNING_RATE = 0.01
-MOMENTUM = 0.9
-# The peer's BatchNorm hyperparameters are those of jax_resnet.blocks (nnx's default momentum is 0.99).
-BN_MOMENTUM = 0.9
-BN_EPS = 1e-5
 
 
 def optimizer() -> optax.GradientTransformation:
-    """The optax transform every method trains with."""
-    return optax.sgd(LEARNING_RATE, momentum=MOMENTUM)
+    """The optax transform every method trains with: SGD with momentum 0.9."""
+    return step_lib.make_optimizer("momentum", LEARNING_RATE)
 
 
 # ------------------------------------------------------------------ Flax peers
@@ -116,7 +112,13 @@ class PeerMLP(nnx.Module):
 
 def _bn(channels: int, dtype, rngs) -> nnx.BatchNorm:
     return nnx.BatchNorm(
-        channels, use_running_average=False, momentum=BN_MOMENTUM, epsilon=BN_EPS, param_dtype=dtype, rngs=rngs
+        channels,
+        use_running_average=False,
+        # jax_resnet.blocks' settings (nnx's default momentum is 0.99).
+        momentum=blocks.BN_MOMENTUM,
+        epsilon=blocks.BN_EPS,
+        param_dtype=dtype,
+        rngs=rngs,
     )
 
 
@@ -243,18 +245,12 @@ def peer_num_params(module: nnx.Module) -> int:
 # ---------------------------------------------------------------------- steps
 # A step is pure: step(carry, x, y) -> (carry, loss), the carry donated.
 def library_step(model: models.Model, grad: str, tx: optax.GradientTransformation) -> Callable:
-    """The library's training step; carry = (params, state, opt_state)."""
-    loss_op = opset(grad).softmax_cross_entropy
-
-    def loss_fn(params, state, x, y):
-        logits, new_state = model.apply(params, state, x, train=True, grad=grad)
-        return loss_op(logits, y), new_state
+    """The library's training step (`step.update_fn`); carry = (params, state, opt_state)."""
+    update = step_lib.update_fn(model, tx, grad)
 
     def step(carry, x, y):
-        params, state, opt_state = carry
-        (loss, state), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, state, x, y)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return (optax.apply_updates(params, updates), state, opt_state), loss
+        params, state, opt_state, loss, _ = update(*carry, x, y)
+        return (params, state, opt_state), loss
 
     return step
 

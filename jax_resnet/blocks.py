@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import NamedTuple
 
 import chex
 import jax
@@ -33,8 +34,29 @@ from jax_resnet.ops import OpSet
 
 BN_MOMENTUM = 0.9  # running = momentum · running + (1 − momentum) · batch
 BN_EPS = 1e-5
-KINDS = ("basic", "bottleneck", "preact_basic", "preact_bottleneck")
-EXPANSION = {"basic": 1, "bottleneck": 4, "preact_basic": 1, "preact_bottleneck": 4}
+
+
+class BlockKind(NamedTuple):
+    """One row of the block table: the body's shape and where normalisation sits.
+
+    bottleneck: the body is 1x1-3x3-1x1 (output width · 4) instead of 3x3-3x3.
+    preact: v2 (BN-ReLU before each convolution, nothing after the add) instead
+    of v1 (BN after each convolution, ReLU after the add).
+    """
+
+    expansion: int
+    bottleneck: bool
+    preact: bool
+
+
+# Adding a block kind is one row here; a new arrangement of the layers is one
+# more apply function beside `_apply_v1` and `_apply_v2`.
+KINDS = {
+    "basic": BlockKind(expansion=1, bottleneck=False, preact=False),
+    "bottleneck": BlockKind(expansion=4, bottleneck=True, preact=False),
+    "preact_basic": BlockKind(expansion=1, bottleneck=False, preact=True),
+    "preact_bottleneck": BlockKind(expansion=4, bottleneck=True, preact=True),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,28 +73,35 @@ class BlockSpec:
 
     def __post_init__(self):
         if self.kind not in KINDS:
-            raise ValueError(f"BlockSpec: `kind` must be one of {KINDS}, got {self.kind!r}")
+            raise ValueError(f"BlockSpec: `kind` must be one of {tuple(KINDS)}, got {self.kind!r}")
         if self.shortcut not in ("A", "B"):
             raise ValueError(f"BlockSpec: `shortcut` must be 'A' or 'B', got {self.shortcut!r}")
 
     @property
+    def row(self) -> BlockKind:
+        return KINDS[self.kind]
+
+    @property
     def out_channels(self) -> int:
-        return self.width * EXPANSION[self.kind]
+        return self.width * self.row.expansion
 
     @property
     def preact(self) -> bool:
-        return self.kind.startswith("preact")
+        return self.row.preact
 
     @property
     def projects(self) -> bool:
         """True when the shortcut needs parameters (option B on a shape change)."""
-        changes = self.stride != 1 or self.in_channels != self.out_channels
-        return self.residual and changes and self.shortcut == "B"
+        return self.residual and self.changes_shape and self.shortcut == "B"
+
+    @property
+    def changes_shape(self) -> bool:
+        return self.stride != 1 or self.in_channels != self.out_channels
 
     def convs(self) -> list[tuple[int, int, int, int]]:
         """(kernel, in, out, stride) of the body's convolutions, in order."""
         c, w, o, s = self.in_channels, self.width, self.out_channels, self.stride
-        if self.kind.endswith("basic"):
+        if not self.row.bottleneck:
             return [(3, c, w, s), (3, w, o, 1)]
         # Stride on the 3x3 convolution (ResNet v1.5, as in torchvision); same parameter count.
         return [(1, c, w, 1), (3, w, w, s), (1, w, o, 1)]
@@ -84,8 +113,8 @@ def he_normal(key, shape, fan_in, dtype):
     return math.sqrt(2.0 / fan_in) * jax.random.normal(key, shape, dtype)
 
 
-def init_conv(key, k, c_in, c_out, dtype):
-    return {"w": he_normal(key, (k, k, c_in, c_out), k * k * c_in, dtype)}
+def init_conv(key, k, c_in, c_out, dtype, scale=1.0):
+    return {"w": scale * he_normal(key, (k, k, c_in, c_out), k * k * c_in, dtype)}
 
 
 def init_bn(c, dtype, scale=1.0):
@@ -109,17 +138,22 @@ def batch_norm(ops: OpSet, params, state, x, *, train):
 
 
 def init_block(key, spec: BlockSpec, dtype=jnp.float32):
-    """Parameters and BatchNorm state of one block."""
+    """Parameters and BatchNorm state of one block.
+
+    `zero_init_residual` makes the residual branch output zero at
+    initialisation, so the block starts as its shortcut (Goyal et al. 2017):
+    v1 sets the scale of the body's last BatchNorm to 0; v2, whose body ends
+    in a convolution, sets that convolution's kernel to 0.
+    """
     convs = spec.convs()
     keys = jax.random.split(key, len(convs) + 1)
     params, state = {}, {}
     for i, (k, c_in, c_out, _) in enumerate(convs):
-        params[f"conv{i}"] = init_conv(keys[i], k, c_in, c_out, dtype)
+        last = i == len(convs) - 1 and spec.zero_init_residual
+        params[f"conv{i}"] = init_conv(keys[i], k, c_in, c_out, dtype, 0.0 if last and spec.preact else 1.0)
         # v1 normalises each conv's output; v2 normalises each conv's input.
         bn_channels = c_in if spec.preact else c_out
-        last = i == len(convs) - 1 and not spec.preact
-        scale = 0.0 if (last and spec.zero_init_residual) else 1.0
-        params[f"bn{i}"], state[f"bn{i}"] = init_bn(bn_channels, dtype, scale)
+        params[f"bn{i}"], state[f"bn{i}"] = init_bn(bn_channels, dtype, 0.0 if last and not spec.preact else 1.0)
     if spec.projects:
         params["proj"] = {"w": he_normal(keys[-1], (spec.in_channels, spec.out_channels), spec.in_channels, dtype)}
         if not spec.preact:
@@ -129,7 +163,7 @@ def init_block(key, spec: BlockSpec, dtype=jnp.float32):
 
 # ----------------------------------------------------------------------- apply
 def _shortcut(ops: OpSet, spec: BlockSpec, params, state, x, *, train):
-    if spec.stride == 1 and spec.in_channels == spec.out_channels:
+    if not spec.changes_shape:
         return x, {}
     if spec.shortcut == "A":
         return ops.shortcut_pad(x, out_channels=spec.out_channels, stride=spec.stride), {}
@@ -140,31 +174,45 @@ def _shortcut(ops: OpSet, spec: BlockSpec, params, state, x, *, train):
     return y, {"proj_bn": bn_state}
 
 
+def _apply_v1(ops: OpSet, spec: BlockSpec, params, state, x, *, train):
+    """y = relu(body(x) + s(x)), body = (conv, BN, ReLU)… with no ReLU after the last BN."""
+    new_state = {}
+    h = x
+    n = len(spec.convs())
+    for i, (_, _, _, stride) in enumerate(spec.convs()):
+        h = ops.conv2d(h, params[f"conv{i}"]["w"], stride=stride, padding="SAME")
+        h, new_state[f"bn{i}"] = batch_norm(ops, params[f"bn{i}"], state[f"bn{i}"], h, train=train)
+        if i < n - 1:
+            h = ops.relu(h)
+    if spec.residual:
+        s, shortcut_state = _shortcut(ops, spec, params, state, x, train=train)
+        new_state.update(shortcut_state)
+        h = ops.add(h, s)
+    return ops.relu(h), new_state
+
+
+def _apply_v2(ops: OpSet, spec: BlockSpec, params, state, x, *, train):
+    """y = body(x) + s(x), body = (BN, ReLU, conv)…; nothing after the add."""
+    new_state = {}
+    h = x
+    pre = None
+    for i, (_, _, _, stride) in enumerate(spec.convs()):
+        h, new_state[f"bn{i}"] = batch_norm(ops, params[f"bn{i}"], state[f"bn{i}"], h, train=train)
+        h = ops.relu(h)
+        if i == 0:
+            pre = h
+        h = ops.conv2d(h, params[f"conv{i}"]["w"], stride=stride, padding="SAME")
+    if spec.residual:
+        # Option B projects the pre-activated input (He et al. 2016, §3); identity and option A use x itself.
+        s, shortcut_state = _shortcut(ops, spec, params, state, pre if spec.projects else x, train=train)
+        new_state.update(shortcut_state)
+        h = ops.add(h, s)
+    return h, new_state
+
+
 def apply_block(ops: OpSet, spec: BlockSpec, params, state, x, *, train):
     """Run one block; returns (y, new_state)."""
     chex.assert_rank(x, 4)  # NHWC
     chex.assert_axis_dimension(x, 3, spec.in_channels)
-    new_state = {}
-    convs = spec.convs()
-    h = x
-    pre = None
-    for i, (_, _, _, stride) in enumerate(convs):
-        if spec.preact:
-            h, new_state[f"bn{i}"] = batch_norm(ops, params[f"bn{i}"], state[f"bn{i}"], h, train=train)
-            h = ops.relu(h)
-            if i == 0:
-                pre = h
-        h = ops.conv2d(h, params[f"conv{i}"]["w"], stride=stride, padding="SAME")
-        if not spec.preact:
-            h, new_state[f"bn{i}"] = batch_norm(ops, params[f"bn{i}"], state[f"bn{i}"], h, train=train)
-            if i < len(convs) - 1:
-                h = ops.relu(h)
-    if spec.residual:
-        # v2 projects the pre-activated input (He et al. 2016, §3); identity and option A use x itself.
-        source = pre if (spec.preact and spec.projects) else x
-        s, shortcut_state = _shortcut(ops, spec, params, state, source, train=train)
-        new_state.update(shortcut_state)
-        h = ops.add(h, s)
-    if not spec.preact:
-        h = ops.relu(h)
-    return h, new_state
+    apply = _apply_v2 if spec.preact else _apply_v1
+    return apply(ops, spec, params, state, x, train=train)

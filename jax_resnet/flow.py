@@ -8,7 +8,8 @@ it instead of repeating it (derivations/bp_vs_resnet.md has the figures):
   order, at initialisation, from one batch in train mode.
 - `layer_gradients`: the same, plus ‖∂L/∂h‖ for the activation h entering
   each block (each hidden layer of an MLP), taken as the gradient with
-  respect to a zero perturbation added there.
+  respect to a zero perturbation added there through the model's forward
+  hook (`Model.apply(..., hook=)`): the network runs its own forward pass.
 - `sweep`: plain vs residual CIFAR nets (BatchNorm, He et al. 2015 §4.2) at
   several depths on a batch of random images, and plain vs residual MLPs (no
   normalisation) at several depths on the digits data.
@@ -51,7 +52,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_resnet import blocks, data, models
+from jax_resnet import data, models, step
 from jax_resnet.ops import opset
 
 CIFAR_DEPTHS = (8, 20, 56, 110)
@@ -63,111 +64,16 @@ TRAIN_DEPTH = 32
 TRAIN_STEPS = 400
 TRAIN_BATCH = 64
 LEARNING_RATES = {"sgd": 0.01, "adam": 1e-3}  # one per optimiser, not tuned per model
-MOMENTUM = 0.9
 QUICK = {"cifar_depths": (8,), "cifar_batch": 4, "mlp_depths": (2, 8), "train_depth": 8, "steps": 20}
 
 
-# ----------------------------------------------------------- weights by depth
-def weight_paths(model: models.Model, params) -> list[tuple[str, tuple]]:
-    """(name, path into params) of every conv/dense weight, input side first.
-
-    MLP: "in", "hidden0" … "hidden{depth-1}", "out". ResNet: "stem",
-    "block{i}.conv{j}" (and "block{i}.proj" after its block's convolutions
-    when an option-B shortcut has one), "head". BatchNorm scales and biases
-    are not weights of a layer here; they are left out.
-    """
-    spec = model.spec
-    if isinstance(spec, models.MLPSpec):
-        hidden = [(f"hidden{i}", ("hidden", i, "w")) for i in range(len(params["hidden"]))]
-        return [("in", ("in", "w")), *hidden, ("out", ("out", "w"))]
-    if isinstance(spec, models.ResNetSpec):
-        paths = [("stem", ("stem", "w"))]
-        for i, block in enumerate(params["blocks"]):
-            convs = sorted((k for k in block if k.startswith("conv")), key=lambda k: int(k[4:]))
-            paths += [(f"block{i}.{k}", ("blocks", i, k, "w")) for k in convs]
-            if "proj" in block:
-                paths.append((f"block{i}.proj", ("blocks", i, "proj", "w")))
-        return [*paths, ("head", ("head", "w"))]
-    raise TypeError(
-        f"weight_paths: model {model.name!r} has spec {type(spec).__name__}; expected MLPSpec or ResNetSpec"
-    )
-
-
+# ----------------------------------------------------------- measurements
 def _at(tree, path):
     for key in path:
         tree = tree[key]
     return tree
 
 
-# -------------------------------------------------- forward with input taps
-def _tap(h, taps, i):
-    return h if taps is None else h + taps[i]
-
-
-def _mlp_forward(spec: models.MLPSpec, ops, params, x, taps):
-    # Mirrors MLPSpec.forward; test_flow.py::test_tapped_forward_matches_apply keeps them equal.
-    g = (lambda v: v) if spec.activation == "identity" else getattr(ops, spec.activation)
-    g_out = (lambda v: v) if spec.output_activation == "identity" else getattr(ops, spec.output_activation)
-    a = g(ops.dense(x.reshape(x.shape[0], -1), params["in"]["w"], params["in"]["b"]))
-    inputs = []
-    for i, layer in enumerate(params["hidden"]):
-        a = _tap(a, taps, i)
-        inputs.append(a)
-        z = ops.dense(a, layer["w"], layer["b"])
-        a = g(ops.add(z, a) if spec.residual else z)
-    a = _tap(a, taps, len(params["hidden"]))
-    inputs.append(a)
-    return g_out(ops.dense(a, params["out"]["w"], params["out"]["b"])), inputs
-
-
-def _resnet_forward(spec: models.ResNetSpec, ops, params, state, x, taps, *, train):
-    # Mirrors ResNetSpec.forward; test_flow.py::test_tapped_forward_matches_apply keeps them equal.
-    if spec.stem == "cifar":
-        h = ops.conv2d(x, params["stem"]["w"], stride=1, padding="SAME")
-    else:
-        h = ops.conv2d(x, params["stem"]["w"], stride=2, padding=3)
-    if "stem_bn" in params:
-        h, _ = blocks.batch_norm(ops, params["stem_bn"], state["stem_bn"], h, train=train)
-        h = ops.relu(h)
-    if spec.stem == "imagenet":
-        h = ops.max_pool(h, window=3, stride=2, padding=1)
-    inputs = []
-    for i, (block, p, s) in enumerate(zip(spec.block_specs(), params["blocks"], state["blocks"])):
-        h = _tap(h, taps, i)
-        inputs.append(h)
-        h, _ = blocks.apply_block(ops, block, p, s, h, train=train)
-    h = _tap(h, taps, len(params["blocks"]))
-    inputs.append(h)
-    if spec.preact:
-        h, _ = blocks.batch_norm(ops, params["final_bn"], state["final_bn"], h, train=train)
-        h = ops.relu(h)
-    h = ops.global_avg_pool(h)
-    return ops.dense(h, params["head"]["w"], params["head"]["b"]), inputs
-
-
-def tapped_forward(model: models.Model, params, state, x, taps=None, *, train=True, grad="rules"):
-    """`model.apply`'s output, plus the activation entering each block.
-
-    `taps` (one array per block input, or None) is added to each block's input
-    — before both the branch and the shortcut — so the gradient with respect
-    to a zero tap is ∂L/∂h for that input h. The last entry is the input of
-    the head (the final block's output). BatchNorm statistics are not returned.
-
-    Returns:
-      (output, inputs): output equals `model.apply(...)[0]`; inputs is the
-      list of block-input activations, tap included.
-    """
-    ops = opset(grad)
-    if isinstance(model.spec, models.MLPSpec):
-        return _mlp_forward(model.spec, ops, params, x, taps)
-    if isinstance(model.spec, models.ResNetSpec):
-        return _resnet_forward(model.spec, ops, params, state, x, taps, train=train)
-    raise TypeError(
-        f"tapped_forward: model {model.name!r} has spec {type(model.spec).__name__}; expected MLPSpec or ResNetSpec"
-    )
-
-
-# -------------------------------------------------------------- measurements
 class LayerGradients(NamedTuple):
     """What one backward pass at initialisation says about gradient flow."""
 
@@ -176,23 +82,39 @@ class LayerGradients(NamedTuple):
     inputs: list[tuple[str, float]]  # (block, ‖∂L/∂h‖₂) for the activation h entering it
 
 
+def tapped_loss(model: models.Model, grad: str = "rules") -> Callable:
+    """loss(params, taps, state, x, y): the training loss with `taps[i]` added
+    to the activation entering block i (through the model's forward hook).
+
+    The gradient with respect to a zero tap is ∂L/∂h for that block input h,
+    before both the branch and the shortcut.
+    """
+    loss_op = opset(grad).softmax_cross_entropy
+
+    def loss(params, taps, state, x, y):
+        logits, _ = model.apply(params, state, x, train=True, grad=grad, hook=lambda i, h: h + taps[i])
+        return loss_op(logits, y)
+
+    return loss
+
+
 @functools.lru_cache(maxsize=16)
 def _compiled_gradients(model: models.Model, grad: str):
     # Cached per (model, grad): Model is a frozen dataclass, so twins built
     # again (another seed, a rescaled init) reuse one compilation.
-    loss = opset(grad).softmax_cross_entropy
-
-    def fn(params, taps, state, x, y):
-        logits, _ = tapped_forward(model, params, state, x, taps, train=True, grad=grad)
-        return loss(logits, y)
-
-    return jax.jit(jax.value_and_grad(fn, argnums=(0, 1)))
+    return jax.jit(jax.value_and_grad(tapped_loss(model, grad), argnums=(0, 1)))
 
 
-def _input_names(model, count):
-    if isinstance(model.spec, models.MLPSpec):
-        return [f"hidden{i}" for i in range(count - 1)] + ["out"]
-    return [f"block{i}" for i in range(count - 1)] + ["head"]
+def block_inputs(model: models.Model, params, state, x) -> list[jax.ShapeDtypeStruct]:
+    """Shapes of the activations the forward hook sees, in order (nothing is computed)."""
+    seen = []
+
+    def record(i, h):
+        seen.append(jax.ShapeDtypeStruct(h.shape, h.dtype))
+        return h
+
+    jax.eval_shape(lambda p: model.apply(p, state, x, train=True, hook=record), params)
+    return seen
 
 
 def layer_gradients(model: models.Model, params, state, x, y, *, grad: str = "rules") -> LayerGradients:
@@ -201,12 +123,12 @@ def layer_gradients(model: models.Model, params, state, x, y, *, grad: str = "ru
     One compiled backward pass (train mode, so BatchNorm uses the batch's
     statistics) of the mean softmax cross-entropy with integer labels `y`.
     """
-    _, inputs = jax.eval_shape(lambda p: tapped_forward(model, p, state, x, train=True, grad=grad), params)
-    taps = [jnp.zeros(h.shape, h.dtype) for h in inputs]
+    taps = [jnp.zeros(h.shape, h.dtype) for h in block_inputs(model, params, state, x)]
     loss, (ct_params, ct_taps) = _compiled_gradients(model, grad)(params, taps, state, x, y)
-    weights = [(name, float(jnp.linalg.norm(_at(ct_params, path)))) for name, path in weight_paths(model, params)]
-    names = _input_names(model, len(ct_taps))
-    return LayerGradients(float(loss), weights, [(n, float(jnp.linalg.norm(ct))) for n, ct in zip(names, ct_taps)])
+    spec = model.spec
+    weights = [(name, float(jnp.linalg.norm(_at(ct_params, path)))) for name, path in spec.weight_paths()]
+    inputs = [(n, float(jnp.linalg.norm(ct))) for n, ct in zip(spec.hook_points(), ct_taps)]
+    return LayerGradients(float(loss), weights, inputs)
 
 
 def gradient_norms(model: models.Model, params, state, x, y, *, grad: str = "rules") -> list[tuple[str, float]]:
@@ -368,36 +290,13 @@ def sweep(
 
 
 # ----------------------------------------------------------------- training
-def _optimizer(name: str, learning_rate: float):
-    import optax
-
-    if name == "sgd":
-        return optax.sgd(learning_rate, momentum=MOMENTUM)
-    if name == "adam":
-        return optax.adam(learning_rate)
-    raise ValueError(f"argument `optimizer` must be one of {sorted(LEARNING_RATES)}, got {name!r}")
-
-
 def _batch_stream(ds, batch_size, seed):
     for epoch in itertools.count():
         yield from data.batches(ds.x_train, ds.y_train, batch_size, key_or_seed=(seed, epoch))
 
 
-@functools.lru_cache(maxsize=8)
-def _compiled_step(model: models.Model, optimizer: str, learning_rate: float, grad: str):
-    import optax
-
-    opt, loss_fn = _optimizer(optimizer, learning_rate), opset(grad).softmax_cross_entropy
-
-    def step(params, opt_state, state, x, y):
-        def objective(p):
-            return loss_fn(model.apply(p, state, x, train=True, grad=grad)[0], y)
-
-        loss, ct_params = jax.value_and_grad(objective)(params)
-        updates, opt_state = opt.update(ct_params, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    return jax.jit(step)
+def _optimizer(name: str, learning_rate: float):
+    return step.make_optimizer("momentum" if name == "sgd" else name, learning_rate)
 
 
 def train_compare(
@@ -433,10 +332,12 @@ def train_compare(
     for variant in variants:
         t = time.perf_counter()
         model, params, state = variant.build(depth, width, jax.random.key(seed), dtype)
-        step, opt_state = _compiled_step(model, optimizer, lr, grad), _optimizer(optimizer, lr).init(params)
+        opt = _optimizer(optimizer, lr)
+        train_step, opt_state = step.make_train_step(model, opt, grad, dtype=jnp.dtype(dtype).name), opt.init(params)
         losses = []
         for xb, yb in itertools.islice(_batch_stream(ds, batch_size, seed), steps):
-            params, opt_state, loss = step(params, opt_state, state, jnp.asarray(xb, dtype), jnp.asarray(yb))
+            params, state, opt_state, m = train_step(params, state, opt_state, jnp.asarray(xb, dtype), jnp.asarray(yb))
+            loss = m["loss"]
             if not math.isfinite(float(loss)):
                 losses.append(None)
                 break
@@ -593,7 +494,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--optimizer",
         choices=sorted(LEARNING_RATES),
         default="sgd",
-        help=f"sgd (momentum {MOMENTUM}, lr {LEARNING_RATES['sgd']}) or adam (lr {LEARNING_RATES['adam']})",
+        help=f"sgd (momentum {step.MOMENTUM}, lr {LEARNING_RATES['sgd']}) or adam (lr {LEARNING_RATES['adam']})",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -663,7 +564,7 @@ def run(args: argparse.Namespace) -> int:
                 "batch_size": TRAIN_BATCH,
                 "optimizer": args.optimizer,
                 "learning_rate": learning_rate,
-                "momentum": MOMENTUM if args.optimizer == "sgd" else None,
+                "momentum": step.MOMENTUM if args.optimizer == "sgd" else None,
             },
             "loss": "mean softmax cross-entropy (ops.softmax_cross_entropy), train mode",
             "grad": args.grad,

@@ -15,12 +15,29 @@ partial applications of the builders (the flax/haiku pattern):
 `grad="rules"` (default) runs the hand-derived VJPs; `grad="autodiff"` runs
 the reference ops and lets JAX differentiate them, so whole-model gradients
 can be compared. No global switch: each call chooses.
+
+Every spec (a network family) answers the same questions itself, so the
+trainer, the studies and the CLI never dispatch on its type:
+
+  init(key, dtype) -> (params, state)
+  forward(ops, params, state, x, *, train, hook=None) -> (out, new_state)
+      the one place the family's layers are sequenced; `hook(i, h) -> h`
+      (optional) sees the activation entering block i (the head's input is
+      the last point), which is how studies tap the network without copying it
+  hook_points() -> names of those points, in order
+  weight_paths() -> (name, path into params) of each conv/dense kernel, input side first
+  describe() -> lines for `jax-resnet info`
+  input_shape() -> one example's usual shape
+  for_data(image_shape, num_classes) -> the same family sized for a data set
+
+Weight decay applies to the leaves `weight_paths` names (`kernel_mask`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -30,11 +47,17 @@ import jax.numpy as jnp
 from jax_resnet import blocks
 from jax_resnet.ops import OpSet, opset
 
+# ImageNet stem: (convolution padding, max-pool padding).
+STEM_PADDINGS = {"torchvision": (3, 1), "same": ("SAME", "SAME")}
 ACTIVATIONS = ("relu", "leaky_relu", "tanh", "sigmoid", "gelu", "silu", "softplus", "identity")
 
 
 def _activation(ops: OpSet, name: str) -> Callable:
     return (lambda x: x) if name == "identity" else getattr(ops, name)
+
+
+def _no_hook(i, h):
+    return h
 
 
 def _init_dense(key, n_in, n_out, dtype, gain=2.0):
@@ -81,7 +104,7 @@ class MLPSpec:
         }
         return params, {}
 
-    def forward(self, ops: OpSet, params, state, x, *, train):
+    def forward(self, ops: OpSet, params, state, x, *, train, hook=_no_hook):
         del train  # no batch statistics in an MLP
         x = x.reshape(x.shape[0], -1)
         if x.shape[1] != self.in_features:
@@ -90,14 +113,29 @@ class MLPSpec:
             )
         g, g_out = _activation(ops, self.activation), _activation(ops, self.output_activation)
         a = g(ops.dense(x, params["in"]["w"], params["in"]["b"]))
-        for layer in params["hidden"]:
+        for i, layer in enumerate(params["hidden"]):
+            a = hook(i, a)
             z = ops.dense(a, layer["w"], layer["b"])
             a = g(ops.add(z, a) if self.residual else z)
+        a = hook(len(params["hidden"]), a)
         return g_out(ops.dense(a, params["out"]["w"], params["out"]["b"])), state
+
+    def hook_points(self) -> list[str]:
+        return [f"hidden{i}" for i in range(self.depth)] + ["out"]
+
+    def weight_paths(self) -> list[tuple[str, tuple]]:
+        hidden = [(f"hidden{i}", ("hidden", i, "w")) for i in range(self.depth)]
+        return [("in", ("in", "w")), *hidden, ("out", ("out", "w"))]
 
     def describe(self) -> list[str]:
         kind = "residual" if self.residual else "plain"
         return [f"{kind} MLP: {self.in_features} -> {self.width} x {self.depth} hidden -> {self.out_features}"]
+
+    def input_shape(self) -> tuple[int, ...]:
+        return (self.in_features,)
+
+    def for_data(self, image_shape: tuple[int, ...], num_classes: int) -> MLPSpec:
+        return dataclasses.replace(self, in_features=math.prod(image_shape), out_features=num_classes)
 
 
 # --------------------------------------------------------------------- ResNets
@@ -106,7 +144,18 @@ class ResNetSpec:
     """A convolutional residual network: stem, stages of blocks, pooled head.
 
     stem "cifar": 3x3 conv (stride 1); stem "imagenet": 7x7 conv stride 2 and
-    3x3 max pool stride 2 (He et al. 2015, Table 1).
+    3x3 max pool stride 2 (He et al. 2015, Table 1). `stem_padding` of the
+    ImageNet stem: "torchvision" pads the convolution by 3 and the pool by 1
+    on every side (torchvision, the Flax examples); "same" uses XLA's SAME
+    (Haiku, Keras), which at even input sizes puts the odd row and column at
+    the end instead, so weights brought from those libraries give their
+    logits only with the padding they were trained with.
+
+    v1 nets (basic, bottleneck): stem conv, BN, ReLU. Pre-activation (v2)
+    nets normalise once at the stem, as Haiku's ResNetV2 does: the stem is a
+    bare convolution, every block (the first included) starts with BN-ReLU,
+    and a final BN-ReLU precedes the pool (He et al. 2016, "Identity Mappings
+    in Deep Residual Networks").
     """
 
     stage_sizes: tuple[int, ...]
@@ -119,8 +168,15 @@ class ResNetSpec:
     in_channels: int = 3
     residual: bool = True
     zero_init_residual: bool = False
+    stem_padding: str = "torchvision"
 
     def __post_init__(self):
+        if self.stem_padding not in STEM_PADDINGS:
+            raise ValueError(
+                f"ResNetSpec: `stem_padding` must be one of {tuple(STEM_PADDINGS)}, got {self.stem_padding!r}"
+            )
+        if self.block not in blocks.KINDS:
+            raise ValueError(f"ResNetSpec: `block` must be one of {tuple(blocks.KINDS)}, got {self.block!r}")
         if len(self.stage_sizes) != len(self.widths):
             raise ValueError(
                 f"ResNetSpec: `stage_sizes` {self.stage_sizes} and `widths` {self.widths} must have equal length"
@@ -132,7 +188,7 @@ class ResNetSpec:
 
     @property
     def preact(self) -> bool:
-        return self.block.startswith("preact")
+        return blocks.KINDS[self.block].preact
 
     def block_specs(self) -> list[blocks.BlockSpec]:
         specs, c = [], self.stem_width
@@ -157,7 +213,7 @@ class ResNetSpec:
         k = 3 if self.stem == "cifar" else 7
         params = {"stem": blocks.init_conv(keys[0], k, self.in_channels, self.stem_width, dtype)}
         state = {}
-        if not (self.preact and self.stem == "cifar"):
+        if not self.preact:
             params["stem_bn"], state["stem_bn"] = blocks.init_bn(self.stem_width, dtype)
         params["blocks"], state["blocks"] = [], []
         for kb, spec in zip(keys[1:-1], specs):
@@ -170,7 +226,7 @@ class ResNetSpec:
         params["head"] = _init_dense(keys[-1], c, self.num_classes, dtype, gain=1.0)
         return params, state
 
-    def forward(self, ops: OpSet, params, state, x, *, train):
+    def forward(self, ops: OpSet, params, state, x, *, train, hook=_no_hook):
         if x.ndim != 4 or x.shape[-1] != self.in_channels:
             raise ValueError(
                 f"ResNet apply: argument `x` must be NHWC with {self.in_channels} channels, got shape {tuple(x.shape)}"
@@ -179,21 +235,43 @@ class ResNetSpec:
         if self.stem == "cifar":
             h = ops.conv2d(x, params["stem"]["w"], stride=1, padding="SAME")
         else:
-            h = ops.conv2d(x, params["stem"]["w"], stride=2, padding=3)
-        if "stem_bn" in params:
+            conv_pad, pool_pad = STEM_PADDINGS[self.stem_padding]
+            h = ops.conv2d(x, params["stem"]["w"], stride=2, padding=conv_pad)
+        if not self.preact:
             h, new_state["stem_bn"] = blocks.batch_norm(ops, params["stem_bn"], state["stem_bn"], h, train=train)
             h = ops.relu(h)
         if self.stem == "imagenet":
-            h = ops.max_pool(h, window=3, stride=2, padding=1)
+            h = ops.max_pool(h, window=3, stride=2, padding=pool_pad)
         new_state["blocks"] = []
-        for spec, p, s in zip(self.block_specs(), params["blocks"], state["blocks"]):
-            h, s = blocks.apply_block(ops, spec, p, s, h, train=train)
+        for i, (spec, p, s) in enumerate(zip(self.block_specs(), params["blocks"], state["blocks"])):
+            h, s = blocks.apply_block(ops, spec, p, s, hook(i, h), train=train)
             new_state["blocks"].append(s)
+        h = hook(len(params["blocks"]), h)
         if self.preact:
             h, new_state["final_bn"] = blocks.batch_norm(ops, params["final_bn"], state["final_bn"], h, train=train)
             h = ops.relu(h)
         h = ops.global_avg_pool(h)
         return ops.dense(h, params["head"]["w"], params["head"]["b"]), new_state
+
+    def hook_points(self) -> list[str]:
+        return [f"block{i}" for i in range(sum(self.stage_sizes))] + ["head"]
+
+    def weight_paths(self) -> list[tuple[str, tuple]]:
+        paths = [("stem", ("stem", "w"))]
+        for i, spec in enumerate(self.block_specs()):
+            paths += [(f"block{i}.conv{j}", ("blocks", i, f"conv{j}", "w")) for j in range(len(spec.convs()))]
+            if spec.projects:
+                paths.append((f"block{i}.proj", ("blocks", i, "proj", "w")))
+        return [*paths, ("head", ("head", "w"))]
+
+    def input_shape(self) -> tuple[int, ...]:
+        side = 224 if self.stem == "imagenet" else 32
+        return (side, side, self.in_channels)
+
+    def for_data(self, image_shape: tuple[int, ...], num_classes: int) -> ResNetSpec:
+        if len(image_shape) != 3:
+            raise ValueError(f"ResNetSpec.for_data: argument `image_shape` must be (H, W, C), got {image_shape}")
+        return dataclasses.replace(self, in_channels=image_shape[-1], num_classes=num_classes)
 
     def describe(self) -> list[str]:
         kind = "ResNet" if self.residual else "plain net"
@@ -227,9 +305,32 @@ class Model:
         """Return (params, state): pytrees of arrays of `dtype`."""
         return _compiled_init(self.spec, jnp.dtype(dtype))(key)
 
-    def apply(self, params, state, x, *, train: bool, grad: str = "rules"):
-        """Return (output, new_state); new_state carries updated BatchNorm statistics when train."""
-        return self.spec.forward(opset(grad), params, state, x, train=train)
+    def apply(self, params, state, x, *, train: bool, grad: str | OpSet = "rules", hook=_no_hook):
+        """Return (output, new_state); new_state carries updated BatchNorm statistics when train.
+
+        Args:
+          grad: "rules" (hand-derived VJPs), "autodiff" (reference ops), or an
+            `OpSet` of your own (e.g. one rule swapped out, to test or measure it).
+          hook: `hook(i, h) -> h`, called on the activation entering each block
+            and on the head's input (`spec.hook_points()` names them).
+        """
+        return self.spec.forward(opset(grad), params, state, x, train=train, hook=hook)
+
+    def for_data(self, image_shape: tuple[int, ...], num_classes: int) -> Model:
+        """The same network with its input and head sized for a data set."""
+        return dataclasses.replace(self, spec=self.spec.for_data(tuple(image_shape), num_classes))
+
+    def kernel_mask(self, params):
+        """A pytree of bools over `params`: True at conv/dense kernels (`spec.weight_paths`).
+
+        Weight decay applies there, not to biases or BatchNorm scales and shifts.
+        """
+        kernels = {path for _, path in self.spec.weight_paths()}
+
+        def is_kernel(path, _):
+            return tuple(getattr(k, "key", getattr(k, "idx", None)) for k in path) in kernels
+
+        return jax.tree_util.tree_map_with_path(is_kernel, params)
 
 
 def num_params(params) -> int:
@@ -316,9 +417,18 @@ def cifar_resnet(
 
 
 def imagenet_resnet(
-    stage_sizes, block, *, num_classes=1000, in_channels=3, width=64, zero_init_residual=False, name="resnet"
+    stage_sizes,
+    block,
+    *,
+    num_classes=1000,
+    in_channels=3,
+    width=64,
+    zero_init_residual=False,
+    stem_padding="torchvision",
 ) -> Model:
     """ImageNet ResNet: 7x7 stem, max pool, four stages, option-B projections.
+
+    `stem_padding`: "torchvision" (default) or "same" (Haiku, Keras); see `ResNetSpec`.
 
     Command (CPU-sized input; any data set, the head takes its classes):
     jax-resnet train --model resnet18 --dataset cifar10 --data-dir DIR --optimizer momentum --lr 0.1
@@ -333,53 +443,63 @@ def imagenet_resnet(
         num_classes=num_classes,
         in_channels=in_channels,
         zero_init_residual=zero_init_residual,
+        stem_padding=stem_padding,
     )
-    return Model(spec, name)
+    return Model(spec, f"resnet{2 + sum(stage_sizes) * len(spec.block_specs()[0].convs())}")
 
 
-resnet8 = functools.partial(cifar_resnet, 8)
-resnet14 = functools.partial(cifar_resnet, 14)
-resnet20 = functools.partial(cifar_resnet, 20)
-resnet32 = functools.partial(cifar_resnet, 32)
-resnet44 = functools.partial(cifar_resnet, 44)
-resnet56 = functools.partial(cifar_resnet, 56)
-resnet110 = functools.partial(cifar_resnet, 110)
-resnet1202 = functools.partial(cifar_resnet, 1202)
-plain8 = functools.partial(cifar_resnet, 8, residual=False)
-plain14 = functools.partial(cifar_resnet, 14, residual=False)
-plain20 = functools.partial(cifar_resnet, 20, residual=False)
-plain32 = functools.partial(cifar_resnet, 32, residual=False)
-plain44 = functools.partial(cifar_resnet, 44, residual=False)
-plain56 = functools.partial(cifar_resnet, 56, residual=False)
-plain110 = functools.partial(cifar_resnet, 110, residual=False)
-preact_resnet20 = functools.partial(cifar_resnet, 20, block="preact_basic")
-resnet18 = functools.partial(imagenet_resnet, (2, 2, 2, 2), "basic", name="resnet18")
-resnet34 = functools.partial(imagenet_resnet, (3, 4, 6, 3), "basic", name="resnet34")
-resnet50 = functools.partial(imagenet_resnet, (3, 4, 6, 3), "bottleneck", name="resnet50")
-resnet101 = functools.partial(imagenet_resnet, (3, 4, 23, 3), "bottleneck", name="resnet101")
-resnet152 = functools.partial(imagenet_resnet, (3, 8, 36, 3), "bottleneck", name="resnet152")
-preact_resnet18 = functools.partial(imagenet_resnet, (2, 2, 2, 2), "preact_basic", name="preact_resnet18")
+PRESETS: dict[str, Callable[..., Model]] = {}
 
 
-def tiny(num_classes=10, in_channels=1) -> Model:
+def _preset(name: str, builder: Callable[..., Model], *args, **kwargs) -> Callable[..., Model]:
+    """Register `builder(*args, **kwargs)` as the preset `name`; keyword overrides pass through."""
+
+    def build(**overrides) -> Model:
+        return dataclasses.replace(builder(*args, **{**kwargs, **overrides}), name=name)
+
+    build.__name__ = build.__qualname__ = name
+    build.__doc__ = builder.__doc__
+    PRESETS[name] = build
+    return build
+
+
+def _tiny(num_classes=10, in_channels=1) -> Model:
     """A 8-layer CIFAR-style ResNet with narrow stages (8, 16, 32): the test model.
 
     Command: jax-resnet train --model tiny
     """
-    model = cifar_resnet(8, num_classes=num_classes, in_channels=in_channels, widths=(8, 16, 32))
-    return Model(model.spec, "tiny")
+    return cifar_resnet(8, num_classes=num_classes, in_channels=in_channels, widths=(8, 16, 32))
 
 
-_PRESET_NAMES = (
-    "tiny residual_mlp plain_mlp resnet8 resnet14 resnet20 resnet32 resnet44 resnet56 resnet110 resnet1202 "
-    "plain8 plain14 plain20 plain32 plain44 plain56 plain110 preact_resnet20 "
-    "resnet18 resnet34 resnet50 resnet101 resnet152 preact_resnet18"
-).split()
-PRESETS: dict[str, Callable[..., Model]] = {name: globals()[name] for name in _PRESET_NAMES}
+tiny = _preset("tiny", _tiny)
+residual_mlp = _preset("residual_mlp", residual_mlp)
+plain_mlp = _preset("plain_mlp", plain_mlp)
+resnet8 = _preset("resnet8", cifar_resnet, 8)
+resnet14 = _preset("resnet14", cifar_resnet, 14)
+resnet20 = _preset("resnet20", cifar_resnet, 20)
+resnet32 = _preset("resnet32", cifar_resnet, 32)
+resnet44 = _preset("resnet44", cifar_resnet, 44)
+resnet56 = _preset("resnet56", cifar_resnet, 56)
+resnet110 = _preset("resnet110", cifar_resnet, 110)
+resnet1202 = _preset("resnet1202", cifar_resnet, 1202)
+plain8 = _preset("plain8", cifar_resnet, 8, residual=False)
+plain14 = _preset("plain14", cifar_resnet, 14, residual=False)
+plain20 = _preset("plain20", cifar_resnet, 20, residual=False)
+plain32 = _preset("plain32", cifar_resnet, 32, residual=False)
+plain44 = _preset("plain44", cifar_resnet, 44, residual=False)
+plain56 = _preset("plain56", cifar_resnet, 56, residual=False)
+plain110 = _preset("plain110", cifar_resnet, 110, residual=False)
+preact_resnet20 = _preset("preact_resnet20", cifar_resnet, 20, block="preact_basic")
+resnet18 = _preset("resnet18", imagenet_resnet, (2, 2, 2, 2), "basic")
+resnet34 = _preset("resnet34", imagenet_resnet, (3, 4, 6, 3), "basic")
+resnet50 = _preset("resnet50", imagenet_resnet, (3, 4, 6, 3), "bottleneck")
+resnet101 = _preset("resnet101", imagenet_resnet, (3, 4, 23, 3), "bottleneck")
+resnet152 = _preset("resnet152", imagenet_resnet, (3, 8, 36, 3), "bottleneck")
+preact_resnet18 = _preset("preact_resnet18", imagenet_resnet, (2, 2, 2, 2), "preact_basic")
 
 
 def get(name: str, **kwargs) -> Model:
-    """Build a preset by name; unknown names list the known ones."""
+    """Build a preset by name (its `Model.name` is `name`); unknown names list the known ones."""
     if name not in PRESETS:
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(PRESETS)}")
     return PRESETS[name](**kwargs)

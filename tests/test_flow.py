@@ -64,22 +64,24 @@ def test_gradient_norms_one_finite_positive_entry_per_weight_in_depth_order(mode
 def test_weight_paths_put_an_option_b_projection_after_its_blocks_convolutions():
     model = models.imagenet_resnet((1, 1, 1, 1), "basic", num_classes=10, in_channels=1, width=4)
     params, _ = jax.eval_shape(lambda k: model.init(k, F32), jax.random.key(0))
-    names = [name for name, _ in flow.weight_paths(model, params)]
+    names = [name for name, _ in model.spec.weight_paths()]
     assert names == ["stem", "block0.conv0", "block0.conv1"] + [
         f"block{i}.{w}" for i in (1, 2, 3) for w in ("conv0", "conv1", "proj")
     ] + ["head"]
-    assert all(flow._at(params, path).ndim in (2, 4) for _, path in flow.weight_paths(model, params))
+    assert all(flow._at(params, path).ndim in (2, 4) for _, path in model.spec.weight_paths())
 
 
 @pytest.mark.parametrize("model", [models.residual_mlp(depth=4), models.resnet8()], ids=["residual_mlp4", "resnet8"])
-def test_tapped_forward_matches_apply(model):
-    """With no taps the mirrored forward is Model.apply, value for value."""
+def test_the_hook_sees_every_block_input_and_a_zero_tap_changes_nothing(model):
+    """The study taps the model's own forward pass: with zero taps the loss is
+    Model.apply's, and the hook is called once per named point, in order."""
     params, state = model.init(jax.random.key(0), F32)
-    x, _ = _batch_for(model)
-    out, inputs = flow.tapped_forward(model, params, state, x, train=True)
-    expected, _ = model.apply(params, state, x, train=True)
-    np.testing.assert_array_equal(out, expected)
-    assert len(inputs) == (len(params["hidden"]) if "hidden" in params else len(params["blocks"])) + 1
+    x, y = _batch_for(model)
+    seen = flow.block_inputs(model, params, state, x)
+    assert len(seen) == len(model.spec.hook_points())
+    taps = [jnp.zeros(h.shape, h.dtype) for h in seen]
+    expected = opset("rules").softmax_cross_entropy(model.apply(params, state, x, train=True)[0], y)
+    assert flow.tapped_loss(model)(params, taps, state, x, y) == expected
 
 
 def test_weight_gradients_are_those_of_model_apply():
@@ -91,7 +93,7 @@ def test_weight_gradients_are_those_of_model_apply():
         return opset("rules").softmax_cross_entropy(model.apply(p, state, x, train=True)[0], y)
 
     ct = jax.jit(jax.grad(loss))(params, x, y)
-    expected = [float(jnp.linalg.norm(flow._at(ct, path))) for _, path in flow.weight_paths(model, params)]
+    expected = [float(jnp.linalg.norm(flow._at(ct, path))) for _, path in model.spec.weight_paths()]
     np.testing.assert_allclose([v for _, v in flow.gradient_norms(model, params, state, x, y)], expected, rtol=1e-5)
 
 
@@ -110,7 +112,7 @@ def test_input_gradient_of_a_zero_tap_is_the_backpropagated_cotangent():
     model = models.plain_mlp(depth=4)
     params, state = model.init(jax.random.key(3), F32)
     x, y = _mlp_batch()
-    logits, inputs = flow.tapped_forward(model, params, state, x)
+    logits, _ = model.apply(params, state, x, train=True)
     p = jax.nn.softmax(logits)
     ct_logits = (p - jax.nn.one_hot(y, 10, dtype=F32)) / x.shape[0]
     expected = float(jnp.linalg.norm(ct_logits @ params["out"]["w"].T))

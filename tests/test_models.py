@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_resnet import models, ops
+from jax_resnet import blocks, models, ops
 from jax_resnet.gradcheck import relative_error
 
 
@@ -59,12 +59,42 @@ def test_imagenet_counts_equal_the_reference_builds(name, count):
     assert _count(models.get(name)) == count
 
 
+# Pre-activation ResNet-18 (v2, normalised once at the stem as Haiku's ResNetV2),
+# from ResNet-18's 11,689,512:
+#   no stem BN                                         −   128
+#   no BN after the three option-B projections  −2·(128+256+512) = − 1,792
+#   first block of stages 2-4: bn0 sees the input  −2·(64+128+256) = −   896
+#   final BN before the pool                         +2·512       = + 1,024
+#   total                                                          = 11,687,720
+def test_preact_resnet18_count_by_hand():
+    assert _count(models.preact_resnet18()) == 11_689_512 - 128 - 1_792 - 896 + 1_024 == 11_687_720
+
+
+def test_preact_nets_normalise_once_at_the_stem():
+    for name in ("preact_resnet18", "preact_resnet20"):
+        params, _ = jax.eval_shape(lambda name=name: models.get(name).init(jax.random.key(0)))
+        assert "stem_bn" not in params and "final_bn" in params, name
+
+
+def test_every_preset_is_named_by_its_registry_key():
+    for name in models.PRESETS:
+        assert models.get(name).name == name
+    assert models.preact_resnet20().name == "preact_resnet20"
+
+
 def test_plain_twin_has_the_same_parameters_as_the_resnet():
     # Option-A shortcuts have no parameters, so removing them changes no count.
     assert _count(models.plain20()) == _count(models.resnet20())
 
 
 # ----------------------------------------------------------- whole-model gradients
+# Small specs that take every code path of the full presets (stems, block
+# kinds, identity/A/B shortcuts, stage changes); the counts above cover the
+# full-size builds.
+def _imagenet_small(block, width):
+    return models.imagenet_resnet((1, 1, 1, 1), block, num_classes=5, width=width)
+
+
 SMALL = {
     "residual_mlp": (lambda: models.residual_mlp(in_features=12, width=8, depth=3, out_features=5), (4, 12)),
     "plain_mlp": (
@@ -73,14 +103,14 @@ SMALL = {
     ),
     "resnet8": (lambda: models.resnet8(num_classes=5, widths=(4, 8, 8)), (3, 8, 8, 3)),
     "plain8": (lambda: models.cifar_resnet(8, num_classes=5, widths=(4, 8, 8), residual=False), (3, 8, 8, 3)),
-    "resnet20-narrow": (lambda: models.resnet20(num_classes=5, widths=(4, 4, 8)), (2, 8, 8, 3)),
-    "preact_resnet20-narrow": (
-        lambda: models.cifar_resnet(20, num_classes=5, widths=(4, 4, 8), block="preact_basic"),
+    "preact_resnet8": (
+        lambda: models.cifar_resnet(8, num_classes=5, widths=(4, 4, 8), block="preact_basic"),
         (2, 8, 8, 3),
     ),
-    "resnet18-narrow": (lambda: models.resnet18(num_classes=5, width=4), (2, 16, 16, 3)),
-    "resnet50-narrow": (lambda: models.resnet50(num_classes=5, width=2), (2, 16, 16, 3)),
-    "preact_resnet18-narrow": (lambda: models.preact_resnet18(num_classes=5, width=4), (2, 16, 16, 3)),
+    "resnet18-small": (lambda: _imagenet_small("basic", 4), (2, 16, 16, 3)),
+    "resnet50-small": (lambda: _imagenet_small("bottleneck", 2), (2, 16, 16, 3)),
+    "preact_resnet18-small": (lambda: _imagenet_small("preact_basic", 4), (2, 16, 16, 3)),
+    "preact_bottleneck-small": (lambda: _imagenet_small("preact_bottleneck", 2), (2, 16, 16, 3)),
 }
 # float32 needs batches where BatchNorm is well conditioned: with 2 examples and
 # a 1x1 map, each channel normalises 2 numbers (x_hat = ±1) and backward
@@ -88,8 +118,8 @@ SMALL = {
 SMALL_F32 = {
     "residual_mlp": (lambda: models.residual_mlp(in_features=12, width=8, depth=3, out_features=5), (8, 12)),
     "resnet8": (lambda: models.resnet8(num_classes=5, widths=(4, 8, 8)), (8, 8, 8, 3)),
-    "resnet18-narrow": (lambda: models.resnet18(num_classes=5, width=4), (8, 32, 32, 3)),
-    "resnet50-narrow": (lambda: models.resnet50(num_classes=5, width=4), (8, 32, 32, 3)),
+    "resnet18-small": (lambda: _imagenet_small("basic", 4), (8, 32, 32, 3)),
+    "resnet50-small": (lambda: _imagenet_small("bottleneck", 4), (8, 32, 32, 3)),
 }
 
 
@@ -113,9 +143,7 @@ def _setup(name, dtype, table=SMALL):
     return model, params, state, x, labels
 
 
-# Eval mode of the ImageNet nets is covered in float32 below; in float64 their
-# compile time (about 30 s each here) buys little the train mode does not.
-CASES_F64 = [(n, t) for n in SMALL for t in (True, False) if t or "resnet18" not in n and "resnet50" not in n]
+CASES_F64 = [(n, t) for n in SMALL for t in (True, False)]
 
 
 @pytest.mark.parametrize("name, train", CASES_F64, ids=[f"{n}-{'train' if t else 'eval'}" for n, t in CASES_F64])
@@ -193,6 +221,74 @@ def test_zero_init_residual_starts_each_block_as_identity():
     assert all(float(jnp.abs(g).max()) == 0.0 for g in last_bns)
 
 
+@pytest.mark.parametrize("kind", list(blocks.KINDS))
+def test_zero_init_residual_makes_every_block_kind_its_shortcut(kind):
+    """v1 zeroes the last BN's scale, v2 (no BN after its last conv) that conv's kernel:
+    either way the branch adds 0, so a block whose shape is kept returns its shortcut."""
+    spec = blocks.BlockSpec(kind, in_channels=8, width=8 // blocks.KINDS[kind].expansion, zero_init_residual=True)
+    params, state = blocks.init_block(jax.random.key(0), spec, jnp.float64)
+    x = jax.random.normal(jax.random.key(1), (2, 4, 4, 8), jnp.float64)
+    y, _ = blocks.apply_block(ops.opset("rules"), spec, params, state, x, train=True)
+    expected = x if spec.preact else jnp.maximum(x, 0)  # v1 applies ReLU after the add
+    np.testing.assert_array_equal(y, expected)
+
+
+def _stem_output(model, params, state, x):
+    """The activation entering block 0, as the forward hook sees it."""
+    seen = {}
+
+    def hook(i, h):
+        seen.setdefault(i, h)
+        return h
+
+    model.apply(params, state, x, train=True, hook=hook)
+    return seen[0]
+
+
+@pytest.mark.parametrize(
+    "padding, conv_pad, pool_pad", [("torchvision", [(3, 3)] * 2, [(1, 1)] * 2), ("same", "SAME", "SAME")]
+)
+def test_imagenet_stem_padding_matches_lax_with_that_padding(padding, conv_pad, pool_pad):
+    """At an even input size the two conventions differ: torchvision pads (3, 3) and
+    (1, 1), XLA's SAME pads (2, 3) and (0, 1). Each stem equals lax with its own padding."""
+    model = models.imagenet_resnet((1, 1, 1, 1), "basic", num_classes=3, width=4, stem_padding=padding)
+    params, state = model.init(jax.random.key(0), jnp.float64)
+    x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3), jnp.float64)
+    h = jax.lax.conv_general_dilated(
+        x, params["stem"]["w"], (2, 2), conv_pad, dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    mean, var = jnp.mean(h, axis=(0, 1, 2)), jnp.var(h, axis=(0, 1, 2))
+    h = jnp.maximum((h - mean) / jnp.sqrt(var + 1e-5), 0)  # gamma 1, beta 0 at init
+    pool_pads = [(0, 0), *pool_pad, (0, 0)] if padding == "torchvision" else "SAME"
+    h = jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1), pool_pads)
+    np.testing.assert_allclose(_stem_output(model, params, state, x), h, rtol=1e-12, atol=1e-12)
+    other = models.imagenet_resnet(
+        (1, 1, 1, 1),
+        "basic",
+        num_classes=3,
+        width=4,
+        stem_padding="same" if padding == "torchvision" else "torchvision",
+    )
+    assert float(jnp.max(jnp.abs(_stem_output(other, params, state, x) - h))) > 1e-3
+
+
+def test_kernel_mask_marks_conv_and_dense_kernels_only():
+    for model in (models.resnet8(), models.residual_mlp(), _imagenet_small("bottleneck", 2)):
+        params, _ = jax.eval_shape(lambda m=model: m.init(jax.random.key(0)))
+        flags = jax.tree_util.tree_leaves_with_path(model.kernel_mask(params))
+        assert all(flag == (path[-1].key == "w") for path, flag in flags), model.name
+        assert sum(flag for _, flag in flags) == len(model.spec.weight_paths())
+
+
+def test_for_data_sizes_input_and_head():
+    mlp = models.residual_mlp().for_data((28, 28, 1), 7)
+    assert (mlp.spec.in_features, mlp.spec.out_features, mlp.name) == (784, 7, "residual_mlp")
+    net = models.resnet18().for_data((32, 32, 1), 10)
+    assert (net.spec.in_channels, net.spec.num_classes) == (1, 10)
+    with pytest.raises(ValueError, match="image_shape"):
+        models.resnet18().for_data((784,), 10)
+
+
 def test_bad_inputs_name_the_argument():
     model = models.resnet8(num_classes=5, widths=(4, 8, 8))
     params, state = model.init(jax.random.key(0))
@@ -204,3 +300,7 @@ def test_bad_inputs_name_the_argument():
         models.cifar_resnet(21)
     with pytest.raises(ValueError, match="unknown model"):
         models.get("resnet19")
+    with pytest.raises(ValueError, match="`stem_padding`"):
+        models.imagenet_resnet((1, 1, 1, 1), "basic", stem_padding="valid")
+    with pytest.raises(ValueError, match="`block`"):
+        models.cifar_resnet(8, block="wide")

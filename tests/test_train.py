@@ -4,7 +4,7 @@ NaN handling, bad settings, and data parallelism on 8 simulated devices.
 Runs use the synthetic data set (512 training images, 8 steps of 64 per
 epoch) and the `tiny` ResNet, so that BatchNorm state and Adam's state are in
 every checkpoint. Train steps are compiled once per settings and reused across
-runs (`train._compiled_step` is cached), which keeps this file fast.
+runs (`step.compiled_train_step` is cached), which keeps this file fast.
 """
 
 import argparse
@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_resnet import data, ops, train
+from jax_resnet import checkpoints, data, ops, step, train
 
 STEPS_PER_EPOCH = 8  # 512 synthetic training images / batch 64
 BASE = train.TrainConfig(model="tiny", dataset="synthetic", epochs=2, batch_size=64, lr=1e-2, progress=False)
@@ -84,7 +84,7 @@ def test_run_writes_metrics_curves_and_checkpoints(straight):
 
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert _steps(out) == [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]
-    tree, meta = train.load_checkpoint(out)
+    tree, meta = checkpoints.load(out)
     assert meta["epoch"] == 2 and meta["step"] == 2 * STEPS_PER_EPOCH and meta["seed"] == 0
     assert set(tree) == {"params", "state", "opt_state"}
     assert jax.tree.leaves(tree["state"]), "BatchNorm statistics are checkpointed"
@@ -97,13 +97,13 @@ def _parse(argv):
 
 
 def _interrupted_after_first_epoch(out, monkeypatch):
-    real_save = train._save_checkpoint
+    real_save = checkpoints.save
 
     def save_then_die(manager, step, tree, meta):
         real_save(manager, step, tree, meta)
         raise Killed
 
-    monkeypatch.setattr(train, "_save_checkpoint", save_then_die)
+    monkeypatch.setattr(checkpoints, "save", save_then_die)
     with pytest.raises(Killed):
         train.train(dataclasses.replace(BASE, out=str(out), skip_grad_check=True))
     monkeypatch.undo()
@@ -121,8 +121,8 @@ def test_resume_gives_identical_parameters(straight, tmp_path, monkeypatch):
     assert _steps(out) == [2 * STEPS_PER_EPOCH]
     assert metrics["resumed_from_epoch"] == 1 and metrics["epochs"] == 2
     assert metrics["test_accuracy"] == ref_metrics["test_accuracy"]
-    got, _ = train.load_checkpoint(out)
-    want, _ = train.load_checkpoint(ref_out)
+    got, _ = checkpoints.load(out)
+    want, _ = checkpoints.load(ref_out)
     _assert_trees_identical(got, want)  # params, BatchNorm state and Adam state
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]
@@ -155,7 +155,7 @@ def test_kill_while_saving_keeps_previous_checkpoint(straight, tmp_path, monkeyp
     (partial / "state").mkdir(parents=True)
     (partial / "state" / "half_written").write_bytes(b"\x00" * 10)
     assert _steps(out) == [STEPS_PER_EPOCH]
-    tree, meta = train.load_checkpoint(out)
+    tree, meta = checkpoints.load(out)
     assert meta["epoch"] == 1
     assert all(np.isfinite(np.asarray(a)).all() for a in jax.tree.leaves(tree["params"]))
 
@@ -184,7 +184,7 @@ def test_kill_while_saving_keeps_previous_checkpoint(straight, tmp_path, monkeyp
     assert metrics == json.loads((out / "metrics.json").read_text())
     assert metrics["resumed_from_epoch"] == 1
     assert not [p for p in ckpt.iterdir() if ".orbax-checkpoint-tmp" in p.name], "leftovers are cleaned up"
-    _assert_trees_identical(train.load_checkpoint(out)[0], train.load_checkpoint(ref_out)[0])
+    _assert_trees_identical(checkpoints.load(out)[0], checkpoints.load(ref_out)[0])
 
 
 def test_bfloat16_computes_in_bfloat16_and_keeps_float32_parameters():
@@ -193,18 +193,18 @@ def test_bfloat16_computes_in_bfloat16_and_keeps_float32_parameters():
     ds = data.load("synthetic")
     x, y = ds.x_train[:32], ds.y_train[:32]
     model = models.tiny(num_classes=ds.num_classes, in_channels=1)
-    opt = train.make_optimizer("adam", 1e-2)
-    tree = train.init_train_state(model, opt)
+    opt = step.make_optimizer("adam", 1e-2)
+    tree = step.init_train_state(model, opt)
     params, state = tree["params"], tree["state"]
-    loss = {"float32": float(jax.jit(train._loss_fn(model, "rules", "float32"))(params, state, x, y)[0])}
-    p, s, o, m = train.make_train_step(model, opt, dtype="bfloat16")(params, state, tree["opt_state"], x, y)
+    loss = {"float32": float(jax.jit(step.loss_fn(model, "rules", "float32"))(params, state, x, y)[0])}
+    p, s, o, m = step.make_train_step(model, opt, dtype="bfloat16")(params, state, tree["opt_state"], x, y)
     assert {a.dtype for a in jax.tree.leaves((p, s, o)) if jnp.issubdtype(a.dtype, jnp.floating)} == {
         jnp.dtype("float32")
     }
     loss["bfloat16"] = float(m["loss"])
     assert loss["bfloat16"] != loss["float32"]  # it did compute in bfloat16
     assert abs(loss["bfloat16"] - loss["float32"]) <= 0.05 * loss["float32"]
-    bf16 = train.evaluate(model, p, s, ds.x_test, ds.y_test, dtype="bfloat16")
+    bf16 = step.evaluate(model, p, s, ds.x_test, ds.y_test, dtype="bfloat16")
     assert 0 <= bf16["accuracy"] <= 1 and np.isfinite(bf16["loss"])
 
 
@@ -225,8 +225,8 @@ def test_wrong_gradient_refuses_to_train(tmp_path, monkeypatch, capsys):
         return 2 * ct_logits, np.zeros(labels.shape, jax.dtypes.float0)
 
     bad_loss.defvjp(bad_fwd, bad_bwd)
-    rules = ops.opset("rules")._replace(softmax_cross_entropy=bad_loss)
-    monkeypatch.setattr(train, "opset", lambda grad="rules": rules if grad == "rules" else ops.opset(grad))
+    # As if the library shipped this rule: "rules" now means the faulty set everywhere.
+    monkeypatch.setitem(ops.GRAD_MODES, "rules", ops.RULES._replace(softmax_cross_entropy=bad_loss))
     out = tmp_path / "refused"
     status = train.run(
         _parse(["--model", "residual_mlp", "--dataset", "synthetic", "--out", str(out), "--no-progress"])
@@ -248,18 +248,18 @@ def test_float32_disagreement_is_rechecked_in_float64(monkeypatch):
     float64 decides. Here float32 is made to report a miss; float64 runs for real."""
     from jax_resnet import models
 
-    real = train._grad_error
+    real = step._grad_error
     asked = []
 
     def float32_misses(model, params, state, x, y, dtype):
         asked.append(dtype)
         return (3e-2, "['stem']['w']") if dtype == "float32" else real(model, params, state, x, y, dtype)
 
-    monkeypatch.setattr(train, "_grad_error", float32_misses)
+    monkeypatch.setattr(step, "_grad_error", float32_misses)
     ds = data.load("synthetic")
     model = models.residual_mlp(in_features=64, width=16, depth=1, out_features=ds.num_classes)
-    tree = train.init_train_state(model, train.make_optimizer("sgd", 0.1))
-    check = train.check_gradients(model, tree["params"], tree["state"], ds.x_train[:16], ds.y_train[:16], tol=1e-4)
+    tree = step.init_train_state(model, step.make_optimizer("sgd", 0.1))
+    check = step.check_gradients(model, tree["params"], tree["state"], ds.x_train[:16], ds.y_train[:16], tol=1e-4)
     assert asked == ["float32", "float64"]
     assert check.dtype == "float64" and check.float32_rel_err == 3e-2 and check.ok(1e-4)
     assert check.max_rel_err <= 1e-10
@@ -334,23 +334,23 @@ def test_existing_run_needs_resume_and_the_same_settings(straight):
 SHARDED = textwrap.dedent(
     """
     import jax, numpy as np
-    from jax_resnet import data, models, train
+    from jax_resnet import data, models, step, train
 
     assert jax.device_count() == 8, jax.devices()
     ds = data.load("synthetic")
     x, y = ds.x_train[:64], ds.y_train[:64]
     model = models.tiny(num_classes=ds.num_classes, in_channels=1)
-    opt = train.make_optimizer("adam", 1e-2)
-    tree = train.init_train_state(model, opt, seed=0)
+    opt = step.make_optimizer("adam", 1e-2)
+    tree = step.init_train_state(model, opt, seed=0)
     params, state, opt_state = tree["params"], tree["state"], tree["opt_state"]
 
-    one = train.make_train_step(model, opt, "rules")
+    one = step.make_train_step(model, opt, "rules")
     p1, s1, o1, m1 = one(params, state, opt_state, x, y)
 
-    mesh = train.make_mesh()
+    mesh = step.make_mesh()
     assert mesh.size == 8
-    eight = train.make_train_step(model, opt, "rules", mesh=mesh)
-    replicated, batch = train._shardings(mesh)
+    eight = step.make_train_step(model, opt, "rules", mesh=mesh)
+    replicated, batch = step.shardings(mesh)
     xs, ys = jax.device_put(x, batch), jax.device_put(y, batch)
     assert len(xs.addressable_shards) == 8 and xs.addressable_shards[0].data.shape == (8, 8, 8, 1)
     hlo = eight.lower(params, state, opt_state, xs, ys).compile().as_text()

@@ -100,9 +100,15 @@ AUTODIFF = _collect("_reference")
 GRAD_MODES = {"rules": RULES, "autodiff": AUTODIFF}
 
 
-def opset(grad: str = "rules") -> OpSet:
-    """The ops with hand-derived VJPs (`"rules"`) or JAX autodiff (`"autodiff"`)."""
+def opset(grad: str | OpSet = "rules") -> OpSet:
+    """The ops with hand-derived VJPs (`"rules"`) or JAX autodiff (`"autodiff"`).
+
+    An `OpSet` passes through unchanged, so callers can bring their own (for
+    example `RULES._replace(relu=my_relu)` to test or time one rule swapped out).
+    """
+    if isinstance(grad, OpSet):
+        return grad
     try:
         return GRAD_MODES[grad]
-    except KeyError:
-        raise ValueError(f"argument `grad` must be 'rules' or 'autodiff', got {grad!r}") from None
+    except (KeyError, TypeError):
+        raise ValueError(f"argument `grad` must be 'rules', 'autodiff' or an OpSet, got {grad!r}") from None

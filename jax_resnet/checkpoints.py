@@ -1,0 +1,59 @@
+"""Orbax checkpoints of a training run: the arrays (params, BatchNorm state,
+optimizer state) and a JSON `meta` (epoch, step, seed, the run's config).
+
+Saves are atomic: orbax writes each checkpoint into
+`<step>.orbax-checkpoint-tmp-*` and renames it only once complete, so a kill
+while saving leaves the previous checkpoint intact; leftovers are removed when
+the next run opens the folder. Only the newest `max_to_keep` are kept.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import orbax.checkpoint as ocp
+
+
+def manager(directory: Path, max_to_keep: int) -> ocp.CheckpointManager:
+    """A synchronous checkpoint manager over `directory` (created if missing)."""
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep,
+        create=True,
+        cleanup_tmp_directories=True,  # leftovers of a save that was killed
+        enable_async_checkpointing=False,
+    )
+    return ocp.CheckpointManager(Path(directory).absolute(), options=options)
+
+
+def save(mngr: ocp.CheckpointManager, step: int, tree: dict, meta: dict) -> None:
+    """Write `tree` (a pytree of arrays) and `meta` (JSON) as checkpoint `step`."""
+    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)))
+
+
+def restore_meta(mngr: ocp.CheckpointManager, step: int) -> dict:
+    return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
+
+def restore_tree(mngr: ocp.CheckpointManager, step: int, target: dict) -> dict:
+    """The checkpointed arrays, in `target`'s structure, dtypes and shardings."""
+    return mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
+
+
+def load(out: str | os.PathLike, step: int | None = None) -> tuple[dict, dict]:
+    """Read a run's checkpoint (default: the newest) without training.
+
+    Returns:
+      (tree, meta): tree has "params", "state" and "opt_state" (optax states
+      as nested containers, since no target structure is given); meta has
+      "epoch", "step", "seed" and "config".
+    """
+    directory = Path(out) / "checkpoints"
+    options = ocp.CheckpointManagerOptions(read_only=True)
+    with ocp.CheckpointManager(directory.absolute(), options=options) as mngr:
+        step = mngr.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint under {directory}")
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())
+        restored = mngr.restore(step, args=args)
+    return restored.state, restored.meta
