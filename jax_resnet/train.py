@@ -79,7 +79,6 @@ coordinates the checkpoint, and process 0 alone writes metrics and plots.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import functools
@@ -916,91 +915,3 @@ def _train_epoch(config: TrainConfig, ds, epoch: int, step_fn, tree: dict, batch
         "examples_per_second": steps_per_epoch * config.batch_size / seconds,
     }
     return {"params": params, "state": state, "opt_state": opt_state}, row
-
-
-# ------------------------------------------------------------------------- CLI
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the `train` flags to `parser` (defaults from `TrainConfig`)."""
-    d = TrainConfig()
-    add = parser.add_argument
-    add("--model", default=d.model, help=f"model preset (default {d.model}); one of: {', '.join(models.PRESETS)}")
-    add("--dataset", default=d.dataset, help=f"one of {', '.join(data.DATASETS)} (default {d.dataset})")
-    add("--data-dir", default=d.data_dir, help="folder with the MNIST / CIFAR-10 files")
-    add("--download", action="store_true", help="download missing MNIST / CIFAR-10 files (SHA-256 checked)")
-    add("--epochs", type=int, default=d.epochs, help=f"total epochs (default {d.epochs})")
-    add(
-        "--batch-size",
-        type=int,
-        default=d.batch_size,
-        help=f"examples per step, all devices together (default {d.batch_size})",
-    )
-    add("--optimizer", default=d.optimizer, help=f"one of {', '.join(OPTIMIZERS)} (default {d.optimizer})")
-    add("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr:g})")
-    add("--schedule", default=d.schedule, help=f"one of {', '.join(SCHEDULES)} (default {d.schedule})")
-    add("--weight-decay", type=float, default=d.weight_decay, help="on kernels only; decoupled for adamw (default 0)")
-    add("--grad", default=d.grad, help="rules (hand-derived, default) or autodiff (jax.grad of the reference ops)")
-    add("--dtype", default=d.dtype, help="compute dtype: float32 (default) or bfloat16 (parameters stay float32)")
-    add("--seed", type=int, default=d.seed, help="init, data split and batch order (default 0)")
-    add("--out", default=d.out, help="output folder (default runs/<timestamp>)")
-    add(
-        "--resume",
-        action="store_true",
-        help="continue from the newest checkpoint under --out (default: newest run in runs/)",
-    )
-    add(
-        "--json",
-        nargs="?",
-        const="-",
-        default=d.json,
-        metavar="FILE",
-        help="print the final metrics as JSON, or write them to FILE",
-    )
-    add("--devices", type=int, default=d.devices, help="shard each batch over this many local devices (default: all)")
-    add(
-        "--grad-check-tol",
-        type=float,
-        default=d.grad_check_tol,
-        help=f"largest accepted relative error of the step-0 gradient check (default {d.grad_check_tol:g})",
-    )
-    add(
-        "--no-grad-check",
-        dest="skip_grad_check",
-        action="store_true",
-        help="train without the gradient check, or despite its failure",
-    )
-    add("--no-progress", dest="progress", action="store_false", help="no progress bar")
-
-
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The TrainConfig that parsed `add_arguments` flags describe."""
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
-
-
-def run(args: argparse.Namespace) -> int:
-    """Entry point of `jax-resnet train`: 0 on success, 1 when training fails
-    (gradient check, NaN), 2 for bad settings or data, 130 when interrupted.
-
-    Hook it into a CLI with `add_arguments(subparser)` and call `run(args)`.
-    """
-    try:
-        train(config_from_args(args))
-    except KeyboardInterrupt:
-        print(
-            "jax-resnet train: interrupted; every finished epoch is checkpointed (continue with --resume --out DIR)",
-            file=sys.stderr,
-        )
-        return 130
-    except TrainingError as e:
-        print(f"jax-resnet train: error: {e}", file=sys.stderr)
-        return 1
-    except (ValueError, FileNotFoundError) as e:
-        print(f"jax-resnet train: error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    from jax_resnet import cli
-
-    sys.exit(cli.main(["train", *sys.argv[1:]]))
