@@ -56,13 +56,13 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The parser; only `command`'s flags are added (all when None), so that
+    """The parser of `command` (its flags, and the others' names only), so that
     parsing one command imports no other command's library."""
     parser = _Parser(prog="jax-resnet", description="Residual networks with hand-derived gradients in JAX.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help in COMMANDS.items():
         p = sub.add_parser(name, help=help, description=help)
-        if command in (None, name):
+        if name == command:
             _module(name).add_arguments(p)
     return parser
 
