@@ -5,9 +5,9 @@ The main job (no flags: ResNet-8 on scikit-learn's digits, hand-derived
 gradients, checked against `jax.grad` before the first step):
 
     jax-resnet train
-    python -m jax_resnet.train --epochs 5 --out runs/try
-    python -m jax_resnet.train --out runs/try --resume      # continue after a crash
-    python -m jax_resnet.train --model resnet20 --dataset cifar10 --data-dir ~/data/cifar10 \\
+    python -m jax_resnet train --epochs 5 --out runs/try
+    python -m jax_resnet train --out runs/try --resume      # continue after a crash
+    python -m jax_resnet train --model resnet20 --dataset cifar10 --data-dir ~/data/cifar10 \\
         --optimizer momentum --lr 0.1 --schedule warmup-cosine --weight-decay 5e-4 --epochs 90
 
 From Python (a notebook):
@@ -66,7 +66,7 @@ batch axis, they are the statistics of the global batch, as on one device
 on 8 simulated CPU devices: equal to float32 rounding). The batch size must be divisible by the
 number of devices. Try it on a CPU:
 
-    XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m jax_resnet.train --devices 8
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m jax_resnet train --devices 8
 
 Several hosts (untested here; one process per host, as JAX's multi-process
 guide describes): call `jax.distributed.initialize()` before anything else
