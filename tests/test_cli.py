@@ -134,6 +134,7 @@ def test_user_errors_exit_2_with_one_line(argv, status, fragment, paths, capsys)
         (["info", "resnet21"], "argument MODEL: invalid choice: 'resnet21'"),
         (["train", "--out", "{file}/run"], "argument --out: cannot create the folder {file}/run: {file} is a file"),
     ],
+    ids=["info resnet21", "train --out below a file"],
 )
 def test_a_real_process_exits_2_without_a_traceback(argv, fragment, paths):
     argv = [a.format(**paths) for a in argv]
