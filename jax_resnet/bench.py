@@ -41,7 +41,7 @@ Every row carries the environment (device, platform, versions, CPU cores, date).
 Command (the full run takes a few minutes on 2 CPU cores):
 
     jax-resnet bench --json bench.json --markdown bench.md
-    python -m jax_resnet.bench --workload resnet20
+    jax-resnet bench --workload resnet20
     jax-resnet bench --quick        # tiny sizes, seconds; numbers are not meaningful
 
 A new workload (a reversible stack, per-example gradients) is one more entry
@@ -51,16 +51,13 @@ own `library_step` / `peer_step` builders.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import functools
-import json
 import math
 import os
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -611,62 +608,29 @@ def format_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-# ------------------------------------------------------------------------ CLI
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+# -------------------------------------------------------------------- the run
+def benchmark(
+    names: Sequence[str] | None = None,
+    *,
+    quick: bool = False,
+    rounds: int | None = None,
+    log: Callable[[str], None] = lambda s: None,
+) -> list[dict]:
+    """Rows of the named workloads (default: all), one per workload and method: `jax-resnet bench`.
 
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of `jax-resnet bench`."""
-    names = [w.name for w in WORKLOADS]
-    parser.add_argument(
-        "--workload",
-        action="append",
-        choices=names,
-        metavar="NAME",
-        help=f"run only this workload (repeatable): {', '.join(names)}",
-    )
-    parser.add_argument(
-        "--quick", action="store_true", help="tiny sizes and few rounds (a smoke test; the numbers mean nothing)"
-    )
-    parser.add_argument(
-        "--rounds",
-        type=_positive_int,
-        metavar="N",
-        help="timed rounds per workload (default 15, quick 3; fewer, but at least 5, when a workload has timed for 90 s)",
-    )
-    parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
-    parser.add_argument("--markdown", metavar="FILE", help="also write a Markdown table with the goals, for the README")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Run the selected workloads, print the table, write the files; returns the exit status."""
-    selected = [get_workload(n) for n in args.workload] if args.workload else list(WORKLOADS)
-    rounds = args.rounds if args.rounds is not None else (3 if args.quick else 15)
-    min_round_s = 0.01 if args.quick else 0.25
+    `rounds` defaults to 15, or 3 when `quick`; a workload stops timing after
+    at least 5 rounds once it has timed for 90 s (5 s when `quick`).
+    """
+    selected = [get_workload(n) for n in names] if names else list(WORKLOADS)
+    rounds = rounds if rounds is not None else (3 if quick else 15)
+    min_round_s = 0.01 if quick else 0.25
     # Bounds a workload's timing when steps are slow (a loaded machine), so the full run stays within minutes.
-    budget_s = 5.0 if args.quick else 90.0
-    env = environment(args.quick)
+    budget_s = 5.0 if quick else 90.0
+    env = environment(quick)
     rows = []
     for workload in selected:
-        print(f"bench: {workload.name} — {workload.description}", file=sys.stderr, flush=True)
+        log(f"bench: {workload.name} — {workload.description}")
         rows += bench_workload(
-            workload, quick=args.quick, rounds=rounds, min_round_s=min_round_s, budget_s=budget_s, env=env
+            workload, quick=quick, rounds=rounds, min_round_s=min_round_s, budget_s=budget_s, env=env
         )
-    print(format_table(rows))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(format_markdown(rows))
-    return 0
-
-
-if __name__ == "__main__":
-    from jax_resnet import cli
-
-    sys.exit(cli.main(["bench", *sys.argv[1:]]))
+    return rows

@@ -15,12 +15,12 @@ it instead of repeating it (derivations/bp_vs_resnet.md has the figures):
   normalisation) at several depths on the digits data.
 - `train_compare`: loss per step of plain vs residual MLPs of one depth,
   same initial weights, same batches.
-- `run`: all of it, writing `flow.json` and `flow.png`.
+- `study`: all of it; `write` puts it in `flow.json` and `flow.png`.
 
 Command (reproduces derivations/bp_vs_resnet.md):
 
-    python -m jax_resnet.flow        # or `jax-resnet flow`, once cli.py wires it in
-    python -m jax_resnet.flow --quick --out /tmp/flow   # depth 8 only, under a minute
+    jax-resnet flow                  # or python -m jax_resnet flow
+    jax-resnet flow --quick --out /tmp/flow   # depth 8 only, under a minute
 
 Example:
     >>> import jax, jax.numpy as jnp
@@ -34,7 +34,6 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import functools
@@ -43,7 +42,6 @@ import json
 import math
 import os
 import platform
-import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -364,13 +362,12 @@ def plot(result: dict, path: str | os.PathLike) -> None:
     ‖∂L/∂W‖ per layer of the CIFAR nets; ‖∂L/∂h‖ at each CIFAR block input;
     ‖∂L/∂W‖ per layer of the deepest MLPs; the training curves."""
     import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global backend, safe in notebooks
 
     summary, cfg = result["summary"], result["config"]
-    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig = Figure(figsize=(13, 9))
+    axes = fig.subplots(2, 2)
+    colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
 
     def lines(ax, keys, field, rows):
         for i, key in enumerate(keys):
@@ -431,7 +428,6 @@ def plot(result: dict, path: str | os.PathLike) -> None:
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=72)
-    plt.close(fig)
 
 
 def _finite(obj):
@@ -467,84 +463,55 @@ def _g(v):
     return "n/a" if v is None else f"{v:.3g}"
 
 
-# ---------------------------------------------------------------------- CLI
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The `jax-resnet flow` options."""
-    parser.add_argument(
-        "--out",
-        default=os.path.join("runs", "flow"),
-        metavar="DIR",
-        help="folder for flow.json and flow.png (default runs/flow)",
-    )
-    parser.add_argument(
-        "--depths",
-        type=int,
-        nargs="+",
-        metavar="D",
-        help=f"CIFAR net depths, 6n+2 (default {' '.join(map(str, CIFAR_DEPTHS))})",
-    )
-    parser.add_argument(
-        "--mlp-depths", type=int, nargs="+", metavar="D", help=f"MLP depths (default {' '.join(map(str, MLP_DEPTHS))})"
-    )
-    parser.add_argument(
-        "--train-depth", type=int, metavar="D", help=f"MLP depth of the training comparison (default {TRAIN_DEPTH})"
-    )
-    parser.add_argument("--steps", type=int, metavar="N", help=f"training steps per model (default {TRAIN_STEPS})")
-    parser.add_argument(
-        "--optimizer",
-        choices=sorted(LEARNING_RATES),
-        default="sgd",
-        help=f"sgd (momentum {step.MOMENTUM}, lr {LEARNING_RATES['sgd']}) or adam (lr {LEARNING_RATES['adam']})",
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--grad", choices=["rules", "autodiff"], default="rules", help="hand-derived VJPs or JAX autodiff"
-    )
-    parser.add_argument(
-        "--quick", action="store_true", help="depth-8 CIFAR nets, small MLPs, 20 steps (under a minute; for tests)"
-    )
-    parser.add_argument("--json", metavar="FILE", help="also write the JSON result to FILE")
+# ---------------------------------------------------------------- the study
+def study(
+    cifar_depths: Sequence[int] | None = None,
+    mlp_depths: Sequence[int] | None = None,
+    train_depth: int | None = None,
+    steps: int | None = None,
+    *,
+    optimizer: str = "sgd",
+    seed: int = 0,
+    grad: str = "rules",
+    quick: bool = False,
+    log: Callable[[str], None] = lambda s: None,
+) -> dict:
+    """The whole study (`jax-resnet flow`): `sweep`, then `train_compare`, with settings and environment.
 
+    A setting left None takes the full study's value (`CIFAR_DEPTHS`,
+    `MLP_DEPTHS`, `TRAIN_DEPTH`, `TRAIN_STEPS`), or `QUICK`'s when `quick`.
+    The learning rate is `LEARNING_RATES[optimizer]`.
 
-def run(args: argparse.Namespace) -> int:
-    """Run the study, write flow.json and flow.png under args.out, print a table."""
-    quick = args.quick
+    Returns:
+      `sweep`'s dict plus "training" (`train_compare`'s curves), "final_loss",
+      "config", "device", "jax_version", "platform", "measured_at" and
+      "timing_s" ({"sweep", "training", "total"}): what flow.json holds
+      (`write`); the field names are a contract.
+    """
 
     def pick(given, name, default):
         return given if given is not None else (QUICK[name] if quick else default)
 
-    cifar_depths = tuple(pick(args.depths, "cifar_depths", CIFAR_DEPTHS))
-    mlp_depths = tuple(pick(args.mlp_depths, "mlp_depths", MLP_DEPTHS))
-    train_depth = pick(args.train_depth, "train_depth", TRAIN_DEPTH)
-    steps = pick(args.steps, "steps", TRAIN_STEPS)
+    cifar_depths = tuple(pick(cifar_depths, "cifar_depths", CIFAR_DEPTHS))
+    mlp_depths = tuple(pick(mlp_depths, "mlp_depths", MLP_DEPTHS))
+    train_depth = pick(train_depth, "train_depth", TRAIN_DEPTH)
+    steps = pick(steps, "steps", TRAIN_STEPS)
     cifar_batch = pick(None, "cifar_batch", CIFAR_BATCH)
-    for d in cifar_depths:
-        if d < 8 or (d - 2) % 6:
-            print(
-                f"jax-resnet flow: --depths must be 6n+2 with n ≥ 1 (8, 14, 20, 32, 56, 110, …), got {d}",
-                file=sys.stderr,
-            )
-            return 2
-    learning_rate = LEARNING_RATES[args.optimizer]
+    if optimizer not in LEARNING_RATES:
+        raise ValueError(f"study: argument `optimizer` must be one of {sorted(LEARNING_RATES)}, got {optimizer!r}")
+    learning_rate = LEARNING_RATES[optimizer]
 
     started = time.perf_counter()
-    print(f"gradient norms at init: CIFAR depths {cifar_depths}, MLP depths {mlp_depths} ({jax.default_backend()})")
-    measured = sweep(cifar_depths, mlp_depths, cifar_batch=cifar_batch, seed=args.seed, grad=args.grad, log=print)
+    log(f"gradient norms at init: CIFAR depths {cifar_depths}, MLP depths {mlp_depths} ({jax.default_backend()})")
+    measured = sweep(cifar_depths, mlp_depths, cifar_batch=cifar_batch, seed=seed, grad=grad, log=log)
     sweep_s = time.perf_counter() - started
-    print(f"training: MLP depth {train_depth}, {steps} steps, {args.optimizer}")
+    log(f"training: MLP depth {train_depth}, {steps} steps, {optimizer}")
     t = time.perf_counter()
     training = train_compare(
-        train_depth,
-        steps=steps,
-        optimizer=args.optimizer,
-        learning_rate=learning_rate,
-        seed=args.seed,
-        grad=args.grad,
-        log=print,
+        train_depth, steps=steps, optimizer=optimizer, learning_rate=learning_rate, seed=seed, grad=grad, log=log
     )
     train_s = time.perf_counter() - t
-
-    result = {
+    return {
         **measured,
         "training": training,
         "final_loss": {k: final_loss(v) for k, v in training.items()},
@@ -562,13 +529,13 @@ def run(args: argparse.Namespace) -> int:
                 "width": MLP_WIDTH,
                 "steps": steps,
                 "batch_size": TRAIN_BATCH,
-                "optimizer": args.optimizer,
+                "optimizer": optimizer,
                 "learning_rate": learning_rate,
-                "momentum": step.MOMENTUM if args.optimizer == "sgd" else None,
+                "momentum": step.MOMENTUM if optimizer == "sgd" else None,
             },
             "loss": "mean softmax cross-entropy (ops.softmax_cross_entropy), train mode",
-            "grad": args.grad,
-            "seed": args.seed,
+            "grad": grad,
+            "seed": seed,
             "dtype": "float32",
             "quick": quick,
         },
@@ -576,24 +543,20 @@ def run(args: argparse.Namespace) -> int:
         "jax_version": jax.__version__,
         "platform": platform.platform(),
         "measured_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "timing_s": {"sweep": sweep_s, "training": train_s},
+        "timing_s": {"sweep": sweep_s, "training": train_s, "total": time.perf_counter() - started},
     }
-    os.makedirs(args.out, exist_ok=True)
-    png_path = os.path.join(args.out, "flow.png")
+
+
+def to_json(result: dict) -> str:
+    """`study`'s result as JSON text; inf and NaN (an overflow, a diverged run) become null."""
+    return json.dumps(_finite(result), indent=1, allow_nan=False)
+
+
+def write(result: dict, out: str | os.PathLike) -> tuple[str, str]:
+    """Write `out`/flow.json (`to_json`) and `out`/flow.png (`plot`), creating `out`; return both paths."""
+    os.makedirs(out, exist_ok=True)
+    json_path, png_path = os.path.join(out, "flow.json"), os.path.join(out, "flow.png")
     plot(result, png_path)
-    result["timing_s"]["total"] = time.perf_counter() - started
-    text = json.dumps(_finite(result), indent=1, allow_nan=False)
-    json_path = os.path.join(args.out, "flow.json")
-    for path in [json_path] + ([args.json] if args.json else []):
-        with open(path, "w") as f:
-            f.write(text + "\n")
-    print()
-    print(format_table(result))
-    print(f"\nwrote {json_path} and {png_path} in {result['timing_s']['total']:.0f} s")
-    return 0
-
-
-if __name__ == "__main__":
-    from jax_resnet import cli
-
-    sys.exit(cli.main(["flow", *sys.argv[1:]]))
+    with open(json_path, "w") as f:
+        f.write(to_json(result) + "\n")
+    return json_path, png_path

@@ -6,9 +6,10 @@ partial applications of the builders (the flax/haiku pattern):
 
     >>> import jax, jax.numpy as jnp
     >>> from jax_resnet import models
-    >>> model = models.resnet20(num_classes=10)
+    >>> model = models.tiny(num_classes=10)  # resnet20(), resnet50(), ... the same way
     >>> params, state = model.init(jax.random.key(0))
-    >>> logits, state = model.apply(params, state, jnp.zeros((2, 32, 32, 3)), train=True)
+    >>> x = jnp.zeros((2, *model.spec.input_shape()), jnp.float32)
+    >>> logits, state = model.apply(params, state, x, train=True)
     >>> logits.shape
     (2, 10)
 
@@ -28,7 +29,7 @@ trainer, the studies and the CLI never dispatch on its type:
   weight_paths() -> (name, path into params) of each conv/dense kernel, input side first
   describe() -> lines for `jax-resnet info`
   input_shape() -> one example's usual shape
-  for_data(image_shape, num_classes) -> the same family sized for a data set
+  for_data(image_shape, num_classes=None) -> the same family sized for a data set
 
 Weight decay applies to the leaves `weight_paths` names (`kernel_mask`).
 """
@@ -134,8 +135,9 @@ class MLPSpec:
     def input_shape(self) -> tuple[int, ...]:
         return (self.in_features,)
 
-    def for_data(self, image_shape: tuple[int, ...], num_classes: int) -> MLPSpec:
-        return dataclasses.replace(self, in_features=math.prod(image_shape), out_features=num_classes)
+    def for_data(self, image_shape: tuple[int, ...], num_classes: int | None = None) -> MLPSpec:
+        out = self.out_features if num_classes is None else num_classes
+        return dataclasses.replace(self, in_features=math.prod(image_shape), out_features=out)
 
 
 # --------------------------------------------------------------------- ResNets
@@ -268,10 +270,11 @@ class ResNetSpec:
         side = 224 if self.stem == "imagenet" else 32
         return (side, side, self.in_channels)
 
-    def for_data(self, image_shape: tuple[int, ...], num_classes: int) -> ResNetSpec:
+    def for_data(self, image_shape: tuple[int, ...], num_classes: int | None = None) -> ResNetSpec:
         if len(image_shape) != 3:
             raise ValueError(f"ResNetSpec.for_data: argument `image_shape` must be (H, W, C), got {image_shape}")
-        return dataclasses.replace(self, in_channels=image_shape[-1], num_classes=num_classes)
+        k = self.num_classes if num_classes is None else num_classes
+        return dataclasses.replace(self, in_channels=image_shape[-1], num_classes=k)
 
     def describe(self) -> list[str]:
         kind = "ResNet" if self.residual else "plain net"
@@ -316,8 +319,9 @@ class Model:
         """
         return self.spec.forward(opset(grad), params, state, x, train=train, hook=hook)
 
-    def for_data(self, image_shape: tuple[int, ...], num_classes: int) -> Model:
-        """The same network with its input and head sized for a data set."""
+    def for_data(self, image_shape: tuple[int, ...], num_classes: int | None = None) -> Model:
+        """The same network with its input (one example's shape) and head
+        (None: unchanged) sized for a data set."""
         return dataclasses.replace(self, spec=self.spec.for_data(tuple(image_shape), num_classes))
 
     def kernel_mask(self, params):

@@ -28,6 +28,7 @@ import numpy as np
 import optax
 
 from jax_resnet import data, models
+from jax_resnet._x64 import enable_x64
 from jax_resnet.gradcheck import relative_error
 from jax_resnet.ops import OpSet, opset
 
@@ -320,15 +321,6 @@ def _grad_error(model: models.Model, params, state, x, y, dtype: str) -> tuple[f
     return worst, where
 
 
-def _x64():
-    """A context in which float64 is on (JAX before `jax.enable_x64` had it in jax.experimental)."""
-    if hasattr(jax, "enable_x64"):
-        return jax.enable_x64(True)
-    from jax.experimental import enable_x64
-
-    return enable_x64()
-
-
 def check_gradients(model: models.Model, params, state, x, y, *, tol: float = 1e-4) -> GradCheck:
     """Compare the hand-derived full-model gradient with `jax.grad` on one batch.
 
@@ -348,6 +340,6 @@ def check_gradients(model: models.Model, params, state, x, y, *, tol: float = 1e
     err32, where = _grad_error(model, params, state, x, y, "float32")
     if err32 <= tol or jax.default_backend() == "tpu":
         return GradCheck(err32, where, "float32", err32)
-    with _x64():
+    with enable_x64():
         err64, where = _grad_error(model, params, state, x, y, "float64")
     return GradCheck(err64, where, "float64", err32)

@@ -6,9 +6,9 @@ The main job (no flags: ResNet-8 on scikit-learn's digits, hand-derived
 gradients, checked against `jax.grad` before the first step):
 
     jax-resnet train
-    python -m jax_resnet.train --epochs 5 --out runs/try
-    python -m jax_resnet.train --out runs/try --resume      # continue after a crash
-    python -m jax_resnet.train --model resnet20 --dataset cifar10 --data-dir ~/data/cifar10 \\
+    python -m jax_resnet train --epochs 5 --out runs/try
+    python -m jax_resnet train --out runs/try --resume      # continue after a crash
+    python -m jax_resnet train --model resnet20 --dataset cifar10 --data-dir ~/data/cifar10 \\
         --optimizer momentum --lr 0.1 --schedule warmup-cosine --weight-decay 5e-4 --epochs 90
 
 From Python (a notebook):
@@ -67,7 +67,7 @@ batch axis, they are the statistics of the global batch, as on one device
 on 8 simulated CPU devices: equal to float32 rounding). The batch size must be divisible by the
 number of devices. Try it on a CPU:
 
-    XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m jax_resnet.train --devices 8
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m jax_resnet train --devices 8
 
 Several hosts (untested here; one process per host, as JAX's multi-process
 guide describes): call `jax.distributed.initialize()` before anything else
@@ -80,7 +80,6 @@ coordinates the checkpoint, and process 0 alone writes metrics and plots.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import functools
@@ -592,91 +591,3 @@ class _Run:
             f"done: test accuracy {metrics['test_accuracy']:.4f}, {metrics['wall_time_s']:.1f} s wall "
             f"({metrics['compile_time_s']:.1f} s compiling){throughput} -> {self.out}"
         )
-
-
-# ------------------------------------------------------------------------- CLI
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the `train` flags to `parser` (defaults from `TrainConfig`)."""
-    d = TrainConfig()
-    add = parser.add_argument
-    add("--model", default=d.model, help=f"model preset (default {d.model}); one of: {', '.join(models.PRESETS)}")
-    add("--dataset", default=d.dataset, help=f"one of {', '.join(data.DATASETS)} (default {d.dataset})")
-    add("--data-dir", default=d.data_dir, help="folder with the MNIST / CIFAR-10 files")
-    add("--download", action="store_true", help="download missing MNIST / CIFAR-10 files (SHA-256 checked)")
-    add("--epochs", type=int, default=d.epochs, help=f"total epochs (default {d.epochs})")
-    add(
-        "--batch-size",
-        type=int,
-        default=d.batch_size,
-        help=f"examples per step, all devices together (default {d.batch_size})",
-    )
-    add("--optimizer", default=d.optimizer, help=f"one of {', '.join(OPTIMIZERS)} (default {d.optimizer})")
-    add("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr:g})")
-    add("--schedule", default=d.schedule, help=f"one of {', '.join(SCHEDULES)} (default {d.schedule})")
-    add("--weight-decay", type=float, default=d.weight_decay, help="on kernels only; decoupled for adamw (default 0)")
-    add("--grad", default=d.grad, help="rules (hand-derived, default) or autodiff (jax.grad of the reference ops)")
-    add("--dtype", default=d.dtype, help="compute dtype: float32 (default) or bfloat16 (parameters stay float32)")
-    add("--seed", type=int, default=d.seed, help="init, data split and batch order (default 0)")
-    add("--out", default=d.out, help="output folder (default runs/<timestamp>)")
-    add(
-        "--resume",
-        action="store_true",
-        help="continue from the newest checkpoint under --out (default: newest run in runs/)",
-    )
-    add(
-        "--json",
-        nargs="?",
-        const="-",
-        default=d.json,
-        metavar="FILE",
-        help="print the final metrics as JSON, or write them to FILE",
-    )
-    add("--devices", type=int, default=d.devices, help="shard each batch over this many local devices (default: all)")
-    add(
-        "--grad-check-tol",
-        type=float,
-        default=d.grad_check_tol,
-        help=f"largest accepted relative error of the step-0 gradient check (default {d.grad_check_tol:g})",
-    )
-    add(
-        "--no-grad-check",
-        dest="skip_grad_check",
-        action="store_true",
-        help="train without the gradient check, or despite its failure",
-    )
-    add("--no-progress", dest="progress", action="store_false", help="no progress bar")
-
-
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The TrainConfig that parsed `add_arguments` flags describe."""
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
-
-
-def run(args: argparse.Namespace) -> int:
-    """Entry point of `jax-resnet train`: 0 on success, 1 when training fails
-    (gradient check, NaN), 2 for bad settings or data, 130 when interrupted.
-
-    Hook it into a CLI with `add_arguments(subparser)` and call `run(args)`.
-    """
-    try:
-        train(config_from_args(args))
-    except KeyboardInterrupt:
-        print(
-            "jax-resnet train: interrupted; every finished epoch is checkpointed (continue with --resume --out DIR)",
-            file=sys.stderr,
-        )
-        return 130
-    except TrainingError as e:
-        print(f"jax-resnet train: error: {e}", file=sys.stderr)
-        return 1
-    except (ValueError, FileNotFoundError) as e:
-        print(f"jax-resnet train: error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    from jax_resnet import cli
-
-    sys.exit(cli.main(["train", *sys.argv[1:]]))

@@ -3,13 +3,20 @@
 For each entry of `jax_resnet.rules.REGISTRY`, the jitted rule and the jitted
 reference are compared with `jax_resnet.gradcheck.gradcheck` in the chosen
 dtype (the finite-difference test always runs in float64), and the bytes the
-rule's forward saves for the backward pass are counted.
+rule's forward saves for the backward pass are counted. float64 is on inside
+`verify` only (`jax_resnet._x64.enable_x64`): the process's setting is left as
+it was.
+
+Example:
+    >>> from jax_resnet import verify
+    >>> [row] = verify.verify("float32", ["relu"])
+    >>> row["rule"], row["dtype"], row["ok"]
+    ('relu', 'float32', True)
 """
 
 from __future__ import annotations
 
 import inspect
-import json
 from collections.abc import Iterable
 
 import jax
@@ -17,11 +24,16 @@ import jax.numpy as jnp
 
 from jax_resnet import gradcheck as gc
 from jax_resnet import rules as rules_lib
+from jax_resnet._x64 import enable_x64
 
 
 def verify_rule(rule: rules_lib.Rule, dtype) -> dict:
-    """Check one rule; returns the JSON row (field names are a stable contract)."""
-    dtype = jnp.dtype(dtype)
+    """Check one rule, with float64 enabled for the call; returns the JSON row (field names are a stable contract)."""
+    with enable_x64():
+        return _verify_rule(rule, jnp.dtype(dtype))
+
+
+def _verify_rule(rule: rules_lib.Rule, dtype) -> dict:
     args = rule.make_args(jax.random.key(0), dtype)
     report = gc.gradcheck(jax.jit(rule.fn), jax.jit(rule.reference), args, rtol=rule.rtol[dtype])
     _, residuals = rule.fwd(*args)
@@ -44,9 +56,11 @@ def verify_rule(rule: rules_lib.Rule, dtype) -> dict:
 
 
 def verify(dtype="float64", names: Iterable[str] | None = None) -> list[dict]:
-    """Check the named rules (default: all) and return one row each."""
-    if jnp.dtype(dtype) == jnp.float64 or not jax.config.jax_enable_x64:
-        jax.config.update("jax_enable_x64", True)
+    """Check the named rules (default: all) and return one row each.
+
+    Each check runs with float64 enabled (the finite-difference test needs it
+    in either dtype); the process's setting is left as it was.
+    """
     selected = [rules_lib.get(n) for n in names] if names else list(rules_lib.REGISTRY.values())
     return [verify_rule(rule, dtype) for rule in selected]
 
@@ -67,8 +81,3 @@ def format_table(rows: list[dict]) -> str:
         f"{len(rows) - len(failed)} of {len(rows)} rules pass" + (f"; failed: {', '.join(failed)}" if failed else "")
     )
     return "\n".join(lines)
-
-
-def write_json(rows: list[dict], path: str) -> None:
-    with open(path, "w") as f:
-        json.dump(rows, f, indent=2)

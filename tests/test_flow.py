@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_resnet import flow, models
+from jax_resnet import cli, flow, models
 from jax_resnet.ops import opset
 
 F32 = jnp.float32
@@ -179,14 +179,18 @@ def test_plain_batchnorm_net_gradient_explodes_and_the_resnet_does_not(seed):
 
 
 def test_quick_run_writes_the_documented_json_and_a_png(tmp_path):
-    import argparse
-
-    parser = argparse.ArgumentParser()
-    flow.add_arguments(parser)
-    args = parser.parse_args(
-        ["--quick", "--out", str(tmp_path), "--mlp-depths", "4", "--steps", "5", "--json", str(tmp_path / "copy.json")]
-    )
-    assert flow.run(args) == 0
+    argv = [
+        "--quick",
+        "--out",
+        str(tmp_path),
+        "--mlp-depths",
+        "4",
+        "--steps",
+        "5",
+        "--json",
+        str(tmp_path / "copy.json"),
+    ]
+    assert cli.main(["flow", *argv]) == 0
 
     result = json.loads((tmp_path / "flow.json").read_text())
     assert json.loads((tmp_path / "copy.json").read_text()) == result

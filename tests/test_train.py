@@ -7,7 +7,6 @@ every checkpoint. Train steps are compiled once per settings and reused across
 runs (`step.compiled_train_step` is cached), which keeps this file fast.
 """
 
-import argparse
 import dataclasses
 import json
 import os
@@ -21,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_resnet import checkpoints, data, ops, step, train
+from jax_resnet import checkpoints, cli, data, ops, step, train
 
 STEPS_PER_EPOCH = 8  # 512 synthetic training images / batch 64
 BASE = train.TrainConfig(model="tiny", dataset="synthetic", epochs=2, batch_size=64, lr=1e-2, progress=False)
@@ -88,12 +87,6 @@ def test_run_writes_metrics_curves_and_checkpoints(straight):
     assert meta["epoch"] == 2 and meta["step"] == 2 * STEPS_PER_EPOCH and meta["seed"] == 0
     assert set(tree) == {"params", "state", "opt_state"}
     assert jax.tree.leaves(tree["state"]), "BatchNorm statistics are checkpointed"
-
-
-def _parse(argv):
-    parser = argparse.ArgumentParser()
-    train.add_arguments(parser)
-    return parser.parse_args(argv)
 
 
 def _interrupted_after_first_epoch(out, monkeypatch):
@@ -179,7 +172,7 @@ def test_kill_while_saving_keeps_previous_checkpoint(straight, tmp_path, monkeyp
         "--json",
         str(summary),
     ]
-    assert train.run(_parse(argv)) == 0
+    assert cli.main(["train", *argv]) == 0
     metrics = json.loads(summary.read_text())
     assert metrics == json.loads((out / "metrics.json").read_text())
     assert metrics["resumed_from_epoch"] == 1
@@ -228,8 +221,8 @@ def test_wrong_gradient_refuses_to_train(tmp_path, monkeypatch, capsys):
     # As if the library shipped this rule: "rules" now means the faulty set everywhere.
     monkeypatch.setitem(ops.GRAD_MODES, "rules", ops.RULES._replace(softmax_cross_entropy=bad_loss))
     out = tmp_path / "refused"
-    status = train.run(
-        _parse(["--model", "residual_mlp", "--dataset", "synthetic", "--out", str(out), "--no-progress"])
+    status = cli.main(
+        ["train", "--model", "residual_mlp", "--dataset", "synthetic", "--out", str(out), "--no-progress"]
     )
     err = capsys.readouterr().err
     assert status == 1
@@ -314,11 +307,6 @@ def test_unknown_names_list_the_valid_choices(field, value, listed):
 def test_bad_settings_are_clear_errors(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
         train.train(dataclasses.replace(BASE, out=str(tmp_path / "bad"), **overrides))
-
-
-def test_cli_reports_bad_input_with_status_2(tmp_path, capsys):
-    assert train.run(_parse(["--model", "nope", "--out", str(tmp_path)])) == 2
-    assert "unknown model 'nope'; choose one of: tiny" in capsys.readouterr().err
 
 
 def test_existing_run_needs_resume_and_the_same_settings(straight):

@@ -1,0 +1,42 @@
+"""`jax-resnet bench`: one training step, rules vs autodiff vs a Flax peer (`bench.benchmark`)."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from pathlib import Path
+
+from jax_resnet import bench
+from jax_resnet.commands import add_json_flag, human, out_file, positive_int, write_json
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    names = [w.name for w in bench.WORKLOADS]
+    add = parser.add_argument
+    add(
+        "--workload",
+        action="append",
+        choices=names,
+        metavar="NAME",
+        help=f"run only this workload (repeatable): {', '.join(names)}",
+    )
+    add("--quick", action="store_true", help="tiny sizes and few rounds (a smoke test; the numbers mean nothing)")
+    add(
+        "--rounds",
+        type=positive_int,
+        metavar="N",
+        help="timed rounds per workload (default 15, quick 3; fewer, but at least 5, when a workload has timed for 90 s)",
+    )
+    add_json_flag(parser, "the rows")
+    add("--markdown", type=out_file, metavar="FILE", help="also write a Markdown table with the goals, for the README")
+
+
+def run(args: argparse.Namespace) -> int:
+    log = functools.partial(print, file=sys.stderr, flush=True)
+    rows = bench.benchmark(args.workload, quick=args.quick, rounds=args.rounds, log=log)
+    print(bench.format_table(rows), file=human(args))
+    write_json(rows, args.json)
+    if args.markdown:
+        Path(args.markdown).write_text(bench.format_markdown(rows))
+    return 0

@@ -1,0 +1,110 @@
+"""`jax-resnet train`: the main job; one flag per `TrainConfig` field (its docstring says which)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from jax_resnet import data, models, train
+from jax_resnet.commands import (
+    nonnegative_float,
+    nonnegative_int,
+    out_dir,
+    out_file,
+    positive_float,
+    positive_int,
+)
+
+FAILURES = (train.TrainingError,)
+INTERRUPTED = "every finished epoch is checkpointed (continue with --resume --out DIR)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = train.TrainConfig()
+    add = parser.add_argument
+    add(
+        "--model",
+        default=d.model,
+        choices=list(models.PRESETS),
+        metavar="NAME",
+        help=f"model preset (default {d.model}); one of: {', '.join(models.PRESETS)}",
+    )
+    add("--dataset", default=d.dataset, choices=data.DATASETS, help=f"default {d.dataset}")
+    add("--data-dir", default=d.data_dir, metavar="DIR", help="folder with the MNIST / CIFAR-10 files")
+    add("--download", action="store_true", help="download missing MNIST / CIFAR-10 files (SHA-256 checked)")
+    add("--epochs", type=positive_int, default=d.epochs, metavar="N", help=f"total epochs (default {d.epochs})")
+    add(
+        "--batch-size",
+        type=positive_int,
+        default=d.batch_size,
+        metavar="N",
+        help=f"examples per step, all devices together (default {d.batch_size})",
+    )
+    add("--optimizer", default=d.optimizer, choices=train.OPTIMIZERS, help=f"default {d.optimizer}")
+    add("--lr", type=positive_float, default=d.lr, help=f"peak learning rate (default {d.lr:g})")
+    add("--schedule", default=d.schedule, choices=train.SCHEDULES, help=f"default {d.schedule}")
+    add(
+        "--weight-decay",
+        type=nonnegative_float,
+        default=d.weight_decay,
+        help="on kernels only; decoupled for adamw (default 0)",
+    )
+    add(
+        "--grad",
+        default=d.grad,
+        choices=train.GRADS,
+        help="rules (hand-derived, default) or autodiff (jax.grad of the reference ops)",
+    )
+    add(
+        "--dtype",
+        default=d.dtype,
+        choices=train.DTYPES,
+        help="compute dtype (default float32; parameters stay float32)",
+    )
+    add("--seed", type=nonnegative_int, default=d.seed, help=f"init, data split and batch order (default {d.seed})")
+    add("--out", type=out_dir, default=d.out, metavar="DIR", help="output folder (default runs/<timestamp>)")
+    add(
+        "--resume",
+        action="store_true",
+        help="continue from the newest checkpoint under --out (default: newest run in runs/)",
+    )
+    add(
+        "--json",
+        nargs="?",
+        const="-",
+        type=out_file,
+        default=d.json,
+        metavar="FILE",
+        help="print the final metrics as JSON on stdout (the log then goes to stderr), or write them to FILE",
+    )
+    add(
+        "--devices",
+        type=positive_int,
+        default=d.devices,
+        metavar="N",
+        help="shard each batch over this many local devices (default: all)",
+    )
+    add(
+        "--grad-check-tol",
+        type=nonnegative_float,
+        default=d.grad_check_tol,
+        help=f"largest accepted relative error of the step-0 gradient check (default {d.grad_check_tol:g})",
+    )
+    add(
+        "--no-grad-check",
+        dest="skip_grad_check",
+        action="store_true",
+        help="train without the gradient check, or despite its failure",
+    )
+    add("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+def config(args: argparse.Namespace) -> train.TrainConfig:
+    """The TrainConfig the parsed flags describe."""
+    names = {f.name for f in dataclasses.fields(train.TrainConfig)}
+    return train.TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def run(args: argparse.Namespace) -> int:
+    train.train(config(args))
+    return 0
