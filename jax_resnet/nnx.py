@@ -390,13 +390,21 @@ def _values(variables):
 class _PureHolder(nnx.Module):
     """A pure (params, state) pair as `nnx.Param` / `nnx.BatchStat` variables around a pure apply.
 
-    Subclasses set `grad`, `dtype`, `param_dtype`, `use_running_average`,
-    call `_hold(*init(...))` and define `_apply(params, state, x, *, train)`.
+    Subclasses pass their pure `init(key, dtype) -> (params, state)` to this
+    constructor and define `_apply(params, state, x, *, train) -> (out, new_state)`.
     """
 
-    def _hold(self, params, state) -> None:
-        # `nnx.data`: the pytrees of Variables are the module's data (flax 0.12
-        # will not take a plain container of Variables as an attribute).
+    def __init__(self, owner: str, init, *, rngs, grad, dtype, param_dtype, use_running_average):
+        self.grad = _grad_mode(owner, grad)
+        self.dtype = _float_dtype(owner, "dtype", dtype, optional=True)
+        self.param_dtype = _float_dtype(owner, "param_dtype", param_dtype)
+        if not isinstance(use_running_average, bool):
+            raise TypeError(
+                f"{owner}: argument `use_running_average` must be True or False, got {use_running_average!r}"
+            )
+        self.use_running_average = use_running_average
+        params, state = init(rngs.params(), self.param_dtype)
+        # nnx.data: flax 0.12 takes a plain pytree of Variables as a Module's data only when told.
         self.params = nnx.data(jax.tree.map(nnx.Param, params))
         self.state = nnx.data(jax.tree.map(nnx.BatchStat, state))
 
@@ -415,8 +423,11 @@ class _PureHolder(nnx.Module):
         eval_mode = self.use_running_average if use_running_average is None else use_running_average
         params, state = _values(self.params), _values(self.state)
         dtype = jnp.result_type(x, *jax.tree.leaves(params)) if self.dtype is None else self.dtype
-        cast = lambda tree: jax.tree.map(lambda a: jnp.asarray(a, dtype), tree)  # noqa: E731
-        out, new_state = self._apply(cast(params), cast(state), jnp.asarray(x, dtype), train=not eval_mode)
+
+        def cast(tree):
+            return jax.tree.map(lambda a: jnp.asarray(a, dtype), tree)
+
+        out, new_state = self._apply(cast(params), cast(state), cast(x), train=not eval_mode)
         if not eval_mode:
             jax.tree.map(
                 lambda v, s: v.set_value(jnp.asarray(s, v.get_value().dtype)),
@@ -430,16 +441,6 @@ class _PureHolder(nnx.Module):
         """Used by `nnx.view(module, use_running_average=...)`, as nnx.BatchNorm's."""
         if use_running_average is not None:
             self.use_running_average = use_running_average
-
-    def _settings(self, owner, grad, dtype, param_dtype, use_running_average) -> None:
-        self.grad = _grad_mode(owner, grad)
-        self.dtype = _float_dtype(owner, "dtype", dtype, optional=True)
-        self.param_dtype = _float_dtype(owner, "param_dtype", param_dtype)
-        if not isinstance(use_running_average, bool):
-            raise TypeError(
-                f"{owner}: argument `use_running_average` must be True or False, got {use_running_average!r}"
-            )
-        self.use_running_average = use_running_average
 
     def _pure_variables(self):
         return self.params, self.state
@@ -479,6 +480,7 @@ class Network(_PureHolder):
       grad: "rules" (hand-derived VJPs) or "autodiff".
       dtype: computation dtype: params, state and x are cast to it before
         `model.apply`; None computes in the common dtype of x and the params.
+        The new BatchNorm statistics are cast back to `param_dtype`.
       param_dtype: dtype of the variables.
       use_running_average: False (train mode, `.train()`) or True (eval mode,
         `.eval()`).
@@ -503,8 +505,8 @@ class Network(_PureHolder):
     ):
         owner = type(self).__name__
         self.model = _model(owner, "model", model)
-        self._settings(owner, grad, dtype, param_dtype, use_running_average)
-        self._hold(*self.model.init(rngs.params(), self.param_dtype))
+        settings = dict(grad=grad, dtype=dtype, param_dtype=param_dtype, use_running_average=use_running_average)
+        super().__init__(owner, self.model.init, rngs=rngs, **settings)
 
     def _apply(self, params, state, x, *, train):
         return self.model.apply(params, state, x, train=train, grad=self.grad)
@@ -521,9 +523,9 @@ class Block(_PureHolder):
     Example:
       >>> from flax import nnx
       >>> from jax_resnet import blocks
-      >>> block = Block(blocks.BlockSpec("bottleneck", 8, 4, stride=2), rngs=nnx.Rngs(0))
-      >>> block(jnp.zeros((2, 4, 4, 8))).shape
-      (2, 2, 2, 16)
+      >>> block = Block(blocks.BlockSpec("basic", 4, 4), rngs=nnx.Rngs(0))
+      >>> block(jnp.zeros((2, 6, 6, 4))).shape
+      (2, 6, 6, 4)
     """
 
     def __init__(
@@ -544,8 +546,12 @@ class Block(_PureHolder):
         for field in ("in_channels", "width", "stride"):
             _positive_int(owner, f"spec.{field}", getattr(spec, field))
         self.spec = spec
-        self._settings(owner, grad, dtype, param_dtype, use_running_average)
-        self._hold(*blocks.init_block(rngs.params(), spec, self.param_dtype))
+
+        def init(key, dtype):
+            return blocks.init_block(key, spec, dtype)
+
+        settings = dict(grad=grad, dtype=dtype, param_dtype=param_dtype, use_running_average=use_running_average)
+        super().__init__(owner, init, rngs=rngs, **settings)
 
     def _check_input(self, x) -> None:
         _check_features(type(self).__name__, x, self.spec.in_channels, nhwc=True)
