@@ -28,6 +28,7 @@ import numpy as np
 import optax
 
 from jax_resnet import data, models
+from jax_resnet._compile import run_once
 from jax_resnet._x64 import enable_x64
 from jax_resnet.gradcheck import relative_error
 from jax_resnet.ops import OpSet, opset
@@ -268,17 +269,9 @@ def host(x) -> float:
     return float(np.asarray(x.addressable_data(0)))
 
 
-def run_once(jitted, *args):
-    """Compile and run a program that runs once per run (initialisation, the
-    gradient check). On the CPU, XLA's backend optimisations of these cost
-    seconds (the threefry random bits most of all) and buy nothing."""
-    options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
-    return jitted.lower(*args).compile(compiler_options=options)(*args)
-
-
 def init_train_state(model: models.Model, optimizer: optax.GradientTransformation, seed: int = 0, mesh=None) -> dict:
     """{"params", "state", "opt_state"} from `model.init(jax.random.key(seed))`,
-    float32, replicated over `mesh` when given (one program, see `run_once`)."""
+    float32, replicated over `mesh` when given (one program, compiled cheaply: `_compile.run_once`)."""
 
     def init(key):
         params, state = model.init(key, jnp.float32)
