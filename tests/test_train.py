@@ -155,8 +155,8 @@ def test_resume_with_every_checkpoint_damaged_stops_with_a_clear_error(straight,
     ref_out, _ = straight
     out = tmp_path / "all-damaged"
     shutil.copytree(ref_out, out)
-    for step in _steps(out):
-        _damage(out / "checkpoints" / str(step), "truncated")
+    for saved in _steps(out):
+        _damage(out / "checkpoints" / str(saved), "truncated")
     with pytest.raises(ValueError, match=r"no intact checkpoint .*step 16: .*step 8: "):
         train.train(dataclasses.replace(BASE, out=str(out), resume=True, skip_grad_check=True))
 
