@@ -19,10 +19,11 @@ grad-of-grad, residuals, ...) see `jax_resnet.testing.check_rule`.
 
 Example:
     >>> import jax, jax.numpy as jnp
-    >>> jax.config.update("jax_enable_x64", True)
     >>> from jax_resnet import gradcheck, ops
-    >>> x = jax.random.normal(jax.random.key(0), (4, 5), jnp.float64)
-    >>> report = gradcheck.gradcheck(ops.tanh, jnp.tanh, (x,))
+    >>> from jax_resnet._x64 import enable_x64
+    >>> with enable_x64():  # float64 for this block only (finite differences need it)
+    ...     x = jax.random.normal(jax.random.key(0), (4, 5), jnp.float64)
+    ...     report = gradcheck.gradcheck(ops.tanh, jnp.tanh, (x,))
     >>> report.ok
     True
     >>> gradcheck.max_leaf_error({"w": jnp.ones(3), "b": jnp.array([1e-3])}, {"w": jnp.ones(3), "b": jnp.array([2e-3])})
