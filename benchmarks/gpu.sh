@@ -8,7 +8,7 @@
 # ~/.cache/jax-resnet/venv-gpu, outside the clone) with jax[cuda12] in it (the
 # pip wheels bring CUDA and cuDNN; the machine needs an NVIDIA driver for
 # CUDA 12, i.e. a working `nvidia-smi`, and Python >= 3.10). Every run
-# installs this clone into it (editable, without touching the dependencies),
+# installs this clone into it (editable; jax and its CUDA wheels stay as they are),
 # checks that JAX sees a GPU, and runs the benchmark with the same workloads,
 # sizes, rounds and report as on the CPU; further arguments go to
 # `jax-resnet bench`. The Markdown file is the table the README's "Benchmark"
@@ -32,7 +32,7 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$VENV/bin/python" -m pip install --quiet --upgrade pip
     "$VENV/bin/python" -m pip install --quiet -e . "jax[cuda12]"
 fi
-"$VENV/bin/python" -m pip install --quiet --no-deps -e .  # this clone, also when the venv served another
+"$VENV/bin/python" -m pip install --quiet -e .  # this clone (and any new dependency), also when the venv served another
 "$VENV/bin/python" - <<'PY'
 import sys
 
