@@ -429,19 +429,11 @@ def _plot_confusion(confusion: np.ndarray, path: Path, dataset: str) -> None:
     off = np.where(np.eye(k, dtype=bool), 0, confusion)
     image = ax.imshow(off, cmap="Reds", vmin=0, vmax=max(1, int(off.max())))
     fig.colorbar(image, ax=ax, label="test examples (off the diagonal: errors)")
-    if k <= 20:
-        for i in range(k):
-            for j in range(k):
-                if confusion[i, j]:
-                    ax.text(
-                        j,
-                        i,
-                        int(confusion[i, j]),
-                        ha="center",
-                        va="center",
-                        fontsize=7,
-                        color="tab:green" if i == j else "black",
-                    )
+    if k <= 20:  # counts in the cells while they stay legible
+        dark = 0.6 * max(1, int(off.max()))
+        for i, j in zip(*np.nonzero(confusion)):
+            color = "tab:green" if i == j else "white" if off[i, j] > dark else "black"
+            ax.text(j, i, int(confusion[i, j]), ha="center", va="center", fontsize=7, color=color)
     ax.set_xticks(range(k))
     ax.set_yticks(range(k), [f"{r['class']} ({r['error_rate']:.1%})" for r in per_class])
     ax.set_xlabel("predicted class")
