@@ -10,7 +10,7 @@ gradients, checked against `jax.grad` before the first step):
     python -m jax_resnet train --out runs/try --resume      # continue after a crash
     python -m jax_resnet train --dataset mnist --data-dir ../shared/data/mnist --augment --epochs 12
     python -m jax_resnet train --model resnet20 --dataset cifar10 --data-dir ~/data/cifar10 --augment \\
-        --optimizer momentum --lr 0.1 --schedule warmup-cosine --weight-decay 5e-4 --epochs 160
+        --optimizer momentum --lr 0.1 --schedule warmup-cosine --weight-decay 1e-4 --batch-size 128 --epochs 164
 
 From Python (a notebook):
 
