@@ -389,11 +389,7 @@ def _compile(step: Callable, carry, batch) -> tuple[Any, float]:
 
 def init_library(model: models.Model, key, dtype=jnp.float32):
     """The library model's (params, state), as host (numpy) arrays, so every user gets its own device copy."""
-    # XLA's CPU backend spends seconds optimising threefry's random-number code,
-    # which initialisation runs once; compiled unoptimised it costs a fraction.
-    options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
-    init = jax.jit(functools.partial(model.init, dtype=dtype)).lower(key).compile(options)
-    return jax.device_get(init(key))
+    return jax.device_get(model.init(key, dtype))
 
 
 def build_peer(workload: Workload, params, state, dtype=jnp.float32) -> nnx.Module:

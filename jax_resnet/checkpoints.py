@@ -10,6 +10,7 @@ the next run opens the folder. Only the newest `max_to_keep` are kept.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import orbax.checkpoint as ocp
@@ -38,6 +39,47 @@ def restore_meta(mngr: ocp.CheckpointManager, step: int) -> dict:
 def restore_tree(mngr: ocp.CheckpointManager, step: int, target: dict) -> dict:
     """The checkpointed arrays, in `target`'s structure, dtypes and shardings."""
     return mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
+
+
+def restore_newest_intact(mngr: ocp.CheckpointManager, target: dict, log=print) -> tuple[int, dict, dict] | None:
+    """(step, tree, meta) of the newest checkpoint that reads back whole, or None when there is none.
+
+    A checkpoint that fails to read (a truncated or garbage array file,
+    missing metadata) is named in the log and moved aside to
+    `<checkpoints>-damaged/<step>`, so that nothing is lost and the run can
+    save that step again; the next older one is tried. With checkpoints
+    present but none intact, raises ValueError listing what each one lacked.
+    """
+    damaged = []
+    for step in sorted(mngr.all_steps(), reverse=True):
+        try:
+            meta = restore_meta(mngr, step)
+            tree = restore_tree(mngr, step, target)
+        except Exception as e:  # any failure to read it back makes the checkpoint unusable
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+            damaged.append((step, reason))
+            log(f"resume: checkpoint step {step} is damaged ({reason}); trying an older one")
+            continue
+        for bad, _ in damaged:
+            _set_aside(mngr, bad, log)
+        if damaged:
+            mngr.reload()
+        return step, tree, meta
+    if damaged:
+        listing = "; ".join(f"step {s}: {r}" for s, r in damaged)
+        raise ValueError(
+            f"resume: no intact checkpoint under {mngr.directory} ({listing}); "
+            "start again with a new --out, or remove the damaged checkpoints"
+        )
+    return None
+
+
+def _set_aside(mngr: ocp.CheckpointManager, step: int, log) -> None:
+    directory = Path(mngr.directory)
+    aside = directory.with_name(directory.name + "-damaged")
+    aside.mkdir(exist_ok=True)
+    shutil.move(str(directory / str(step)), str(aside / str(step)))
+    log(f"resume: moved damaged checkpoint step {step} to {aside / str(step)}")
 
 
 def load(out: str | os.PathLike, step: int | None = None) -> tuple[dict, dict]:

@@ -3,29 +3,38 @@
 `gradcheck(fn, reference, args)` answers, per differentiable argument:
 
 1. does the VJP of `fn` (your `custom_vjp`) equal the VJP of `reference`
-   (plain `jnp`, differentiated by JAX) for one random cotangent?
+   (plain `jnp`, differentiated by JAX) for one random cotangent, leaf by leaf?
 2. does it pass the dot-product test against central finite differences in
    float64, ⟨u, vjp(v)⟩ ≈ ⟨v, (f(x + εu) − f(x − εu)) / 2ε⟩, for a random
    direction u? This uses only `fn`'s forward, so it is independent of both
    backward passes.
 
-Errors are norm-wise, `max|a − b| / max|b|`, so a tiny entry of the reference
-cannot blow the figure up the way an element-wise ratio does.
+Errors are norm-wise *per leaf*, `max|a − b| / max|b|` over one array, so a
+tiny entry of the reference cannot blow the figure up the way an element-wise
+ratio does, and a small leaf cannot hide behind a large one
+(`leaf_errors`, `max_leaf_error`).
+
+For the whole matrix of properties (float32, jit and no-jit, vmap,
+grad-of-grad, residuals, ...) see `jax_resnet.testing.check_rule`.
 
 Example:
     >>> import jax, jax.numpy as jnp
-    >>> jax.config.update("jax_enable_x64", True)
     >>> from jax_resnet import gradcheck, ops
-    >>> x = jax.random.normal(jax.random.key(0), (4, 5), jnp.float64)
-    >>> report = gradcheck.gradcheck(ops.tanh, jnp.tanh, (x,))
+    >>> from jax_resnet._x64 import enable_x64
+    >>> with enable_x64():  # float64 for this block only (finite differences need it)
+    ...     x = jax.random.normal(jax.random.key(0), (4, 5), jnp.float64)
+    ...     report = gradcheck.gradcheck(ops.tanh, jnp.tanh, (x,))
     >>> report.ok
     True
+    >>> gradcheck.max_leaf_error({"w": jnp.ones(3), "b": jnp.array([1e-3])}, {"w": jnp.ones(3), "b": jnp.array([2e-3])})
+    (0.5, "['b']")
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -36,14 +45,199 @@ DEFAULT_RTOL = {jnp.dtype("float64"): 1e-10, jnp.dtype("float32"): 1e-5}
 DEFAULT_FD_RTOL = 1e-6
 
 
+# ----------------------------------------------------------------------------- errors
+def _array_error(a, e) -> float:
+    """max|a − e| / max|e| for two arrays (the absolute error when e is all zeros); NaN stays NaN."""
+    a, e = np.asarray(a), np.asarray(e)
+    a = a.astype(np.result_type(a.dtype, np.float64))
+    e = e.astype(np.result_type(e.dtype, np.float64))
+    # np.max, not Python's max: it propagates NaN.
+    diff = float(np.max(np.abs(a - e), initial=0.0))
+    scale = float(np.max(np.abs(e), initial=0.0))
+    if scale == 0.0:
+        return diff
+    return diff / scale
+
+
+def relative_error(actual, expected) -> float:
+    """Norm-wise relative error max|a − e| / max|e| (0 if both are 0).
+
+    For two arrays this is the error of `actual` relative to the scale of
+    `expected`. For two pytrees it is the *whole-tree* figure, kept for the
+    callers that compare small trees of like-sized leaves: the largest error
+    anywhere over the largest value anywhere. A leaf much smaller than the
+    others can then be entirely wrong and pass, so to judge a gradient tree
+    use `max_leaf_error` (or `leaf_errors`), which measures each leaf against
+    its own scale.
+    """
+    a_leaves = [np.asarray(a, np.float64) for a in jax.tree.leaves(actual)]
+    e_leaves = [np.asarray(e, np.float64) for e in jax.tree.leaves(expected)]
+    if len(a_leaves) != len(e_leaves):
+        raise ValueError(f"relative_error: pytrees differ ({len(a_leaves)} vs {len(e_leaves)} leaves)")
+    diff = max((float(np.max(np.abs(a - e), initial=0.0)) for a, e in zip(a_leaves, e_leaves)), default=0.0)
+    scale = max((float(np.max(np.abs(e), initial=0.0)) for e in e_leaves), default=0.0)
+    if scale == 0.0:
+        return diff
+    return diff / scale
+
+
+def leaf_errors(actual, expected) -> dict[str, float]:
+    """Relative error of each leaf against its own scale, keyed by path.
+
+    Each value is `max|a − e| / max|e|` over that one leaf (the absolute error
+    where the expected leaf is all zeros); NaN anywhere in a leaf gives NaN.
+    Keys are `jax.tree_util.keystr` paths (`"['conv1']['w']"`, `"[0]"`; `""`
+    for a bare array), in tree order.
+
+    Args:
+      actual: a pytree of arrays.
+      expected: a pytree of the same structure and leaf shapes.
+
+    Returns:
+      `{path: error}`.
+
+    Raises:
+      ValueError: naming the first difference, when the structures or a
+        leaf's shape differ (no silent broadcasting).
+
+    Example:
+        >>> import numpy as np
+        >>> leaf_errors({"w": np.ones(3), "b": np.zeros(2)}, {"w": np.full(3, 2.0), "b": np.zeros(2)})
+        {"['b']": 0.0, "['w']": 0.5}
+    """
+    a_leaves, a_def = jax.tree_util.tree_flatten_with_path(actual)
+    e_leaves, e_def = jax.tree_util.tree_flatten_with_path(expected)
+    if a_def != e_def:
+        raise ValueError(f"leaf_errors: the trees differ: actual is {a_def}, expected is {e_def}")
+    out = {}
+    for (path, a), (_, e) in zip(a_leaves, e_leaves):
+        key = jax.tree_util.keystr(path)
+        if np.shape(a) != np.shape(e):
+            raise ValueError(f"leaf_errors: leaf {key or '(root)'} has shape {np.shape(a)}, expected {np.shape(e)}")
+        out[key] = _array_error(a, e)
+    return out
+
+
+def max_leaf_error(actual, expected) -> tuple[float, str]:
+    """The worst per-leaf relative error and its path (see `leaf_errors`).
+
+    NaN counts as the worst. An empty tree gives `(0.0, "")`; a bare array's
+    path is `""`.
+
+    Returns:
+      `(error, path)`: compare `error <= tol` (False for NaN) and name `path`
+      in the message.
+    """
+    return worst_leaf(leaf_errors(actual, expected))
+
+
+def worst_leaf(errors: Mapping[str, float]) -> tuple[float, str]:
+    """`(error, path)` of the largest entry of a `leaf_errors` dict; NaN counts as the largest."""
+    worst, where = 0.0, ""
+    for key, err in errors.items():
+        if math.isnan(err):
+            return err, key
+        if err > worst:
+            worst, where = err, key
+    return worst, where
+
+
+# ----------------------------------------------------------------------------- the core
+def _is_float(x) -> bool:
+    return jnp.issubdtype(jnp.result_type(x), jnp.floating)
+
+
+def _is_float_tree(tree) -> bool:
+    leaves = jax.tree.leaves(tree)
+    return bool(leaves) and all(_is_float(leaf) for leaf in leaves)
+
+
+def float_argnums(args: Sequence[Any]) -> tuple[int, ...]:
+    """The positions of the arguments whose leaves are all floating: the ones differentiated by default."""
+    return tuple(i for i, a in enumerate(args) if _is_float_tree(a))
+
+
+def _random_like(rng: np.random.Generator, tree):
+    # numpy draws: a jax.random call would compile a kernel for every new shape.
+    return jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(jnp.shape(x)), jnp.result_type(x)), tree)
+
+
+def _vdot(a, b) -> jax.Array:
+    return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def _restrict(f: Callable, args: Sequence[Any], argnums: Sequence[int]) -> Callable:
+    """f as a function of the arguments at `argnums` only, the others held at `args`."""
+
+    def g(*diff):
+        full = list(args)
+        for i, d in zip(argnums, diff):
+            full[i] = d
+        return f(*full)
+
+    return g
+
+
+def _vjp(f: Callable, args: Sequence[Any], argnums: Sequence[int], ct) -> tuple[Any, tuple]:
+    """(f(*args), the VJP of f w.r.t. the arguments at `argnums` for cotangent `ct`)."""
+    y, pullback = jax.vjp(_restrict(f, args, argnums), *(args[i] for i in argnums))
+    return y, pullback(ct)
+
+
+def _central_differences(f: Callable, args, argnums, ct, directions, eps) -> list:
+    """⟨ct, (f(x + ε_k u_k) − f(x − ε_k u_k)) / 2ε_k⟩ for each argument k: the right side of the dot-product test."""
+    g = _restrict(f, args, argnums)
+    primals = [args[i] for i in argnums]
+    out = []
+    for k in range(len(argnums)):
+        plus, minus = list(primals), list(primals)
+        plus[k] = jax.tree.map(lambda p, u, k=k: p + eps[k] * u, primals[k], directions[k])
+        minus[k] = jax.tree.map(lambda p, u, k=k: p - eps[k] * u, primals[k], directions[k])
+        out.append(_vdot(ct, jax.tree.map(lambda a, b, k=k: (a - b) / (2 * eps[k]), g(*plus), g(*minus))))
+    return out
+
+
+def fd_steps(args: Sequence[Any], argnums: Sequence[int], fd_eps: float) -> jax.Array:
+    """The finite-difference step per argument, fd_eps · (1 + max|x_k|)."""
+    scales = [
+        max((float(np.max(np.abs(leaf), initial=0.0)) for leaf in jax.tree.leaves(args[i])), default=0.0)
+        for i in argnums
+    ]
+    return jnp.asarray([fd_eps * (1.0 + s) for s in scales], jnp.float64)
+
+
+def dot_product_errors(directions: Sequence[Any], cts: Sequence[Any], fd: Sequence[Any]) -> list[float]:
+    """The dot-product test per argument k: |⟨u_k, ct_k⟩ − fd_k| / max(|⟨u_k, ct_k⟩|, |fd_k|).
+
+    `cts` is a VJP (rule or reference), `fd` what `_central_differences` gave
+    for the same cotangent; the sums run in numpy (no kernel to compile).
+    """
+    out = []
+    for u, ct, f in zip(directions, cts, fd):
+        lhs = sum(
+            float(np.vdot(np.asarray(a, np.float64), np.asarray(b, np.float64)))
+            for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(ct))
+        )
+        f = float(f)
+        out.append(abs(lhs - f) / max(abs(lhs), abs(f), 1e-300))
+    return out
+
+
+# ----------------------------------------------------------------------------- gradcheck
 @dataclasses.dataclass(frozen=True)
 class ArgReport:
-    """The checks for one differentiable argument."""
+    """The checks for one differentiable argument.
+
+    `max_rel_err` is the worst of `leaf_errors` (each leaf against its own
+    scale; NaN counts as worst); for an array argument the one leaf is `""`.
+    """
 
     argnum: int
-    max_rel_err: float  # rule VJP vs reference VJP, in the arguments' dtype
+    max_rel_err: float  # rule VJP vs reference VJP, in the arguments' dtype, worst leaf
     fd_rel_err: float | None  # dot-product test in float64; None when x64 is off
     ok: bool
+    leaf_errors: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    worst_leaf: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +252,8 @@ class GradcheckReport:
 
     @property
     def max_rel_err(self) -> float:
-        return max((a.max_rel_err for a in self.args), default=0.0)
+        errs = [a.max_rel_err for a in self.args]
+        return next((e for e in errs if math.isnan(e)), max(errs, default=0.0))
 
     @property
     def fd_ok(self) -> bool | None:
@@ -69,31 +264,20 @@ class GradcheckReport:
     def ok(self) -> bool:
         return self.forward_rel_err <= self.rtol and all(a.ok for a in self.args)
 
-
-def relative_error(actual, expected) -> float:
-    """Norm-wise relative error max|a − e| / max|e| over a pytree (0 if both are 0)."""
-    a_leaves = [np.asarray(a, np.float64) for a in jax.tree.leaves(actual)]
-    e_leaves = [np.asarray(e, np.float64) for e in jax.tree.leaves(expected)]
-    if len(a_leaves) != len(e_leaves):
-        raise ValueError(f"relative_error: pytrees differ ({len(a_leaves)} vs {len(e_leaves)} leaves)")
-    diff = max((float(np.max(np.abs(a - e), initial=0.0)) for a, e in zip(a_leaves, e_leaves)), default=0.0)
-    scale = max((float(np.max(np.abs(e), initial=0.0)) for e in e_leaves), default=0.0)
-    if scale == 0.0:
-        return diff
-    return diff / scale
-
-
-def _is_float(x) -> bool:
-    return jnp.issubdtype(jnp.result_type(x), jnp.floating)
-
-
-def _random_like(rng: np.random.Generator, tree):
-    # numpy draws: a jax.random call would compile a kernel for every new shape.
-    return jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(jnp.shape(x)), jnp.result_type(x)), tree)
-
-
-def _vdot(a, b) -> jax.Array:
-    return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    def __str__(self) -> str:
+        lines = [
+            f"gradcheck in {self.dtype}: {'ok' if self.ok else 'FAIL'} "
+            f"(tolerance {self.rtol:.0e}, finite differences {self.fd_rtol:.0e})",
+            f"  forward  rel err {self.forward_rel_err:.1e}" + ("" if self.forward_rel_err <= self.rtol else "  FAIL"),
+        ]
+        for a in self.args:
+            fd = "n/a (x64 off)" if a.fd_rel_err is None else f"{a.fd_rel_err:.1e}"
+            lines.append(
+                f"  argument {a.argnum}  VJP rel err {a.max_rel_err:.1e}  finite differences {fd}  {'ok' if a.ok else 'FAIL'}"
+            )
+            if len(a.leaf_errors) > 1:
+                lines += [f"    leaf {k}: {v:.1e}" for k, v in a.leaf_errors.items()]
+        return "\n".join(lines)
 
 
 def gradcheck(
@@ -112,71 +296,62 @@ def gradcheck(
     Args:
       fn: the function under test, usually a `jax.custom_vjp`; positional args.
       reference: same signature and forward values, differentiated by JAX.
-      args: the positional arguments (arrays). All floating arrays share a dtype.
+      args: the positional arguments (arrays or pytrees of arrays). All
+        floating arrays share a dtype.
       argnums: which arguments to check; default every floating argument.
-      rtol: tolerance on the norm-wise relative error; default 1e-10 for
-        float64 and 1e-5 for float32.
+      rtol: tolerance on each leaf's norm-wise relative error; default 1e-10
+        for float64 and 1e-5 for float32.
       fd_rtol: tolerance of the float64 finite-difference dot-product test.
       fd_eps: finite-difference step, scaled by (1 + max|x|) per argument.
       seed: seeds the cotangent and the finite-difference directions.
 
     Returns:
-      A `GradcheckReport`; `report.ok` is the verdict.
+      A `GradcheckReport`; `report.ok` is the verdict, `print(report)` the
+      table, `report.args[k].leaf_errors` the error of every leaf.
     """
     args = tuple(args)
     if argnums is None:
-        argnums = tuple(i for i, a in enumerate(args) if _is_float(a))
+        argnums = float_argnums(args)
     if not argnums:
         raise ValueError("gradcheck: no floating argument to differentiate; pass `argnums`")
-    dtype = jnp.result_type(*(args[i] for i in argnums))
+    dtype = jnp.result_type(*(leaf for i in argnums for leaf in jax.tree.leaves(args[i])))
     if rtol is None:
         if dtype not in DEFAULT_RTOL:
             raise ValueError(f"gradcheck: no default tolerance for dtype {dtype}; pass `rtol`")
         rtol = DEFAULT_RTOL[dtype]
 
-    def restrict(f):
-        def g(*diff):
-            full = list(args)
-            for i, d in zip(argnums, diff):
-                full[i] = d
-            return f(*full)
-
-        return g
-
-    primals = tuple(args[i] for i in argnums)
-    y, vjp_fn = jax.vjp(restrict(fn), *primals)
-    y_ref, vjp_ref = jax.vjp(restrict(reference), *primals)
     rng = np.random.default_rng(seed)
-    ct = _random_like(rng, y)
-    got = vjp_fn(ct)
-    want = vjp_ref(ct)
+    ct = _random_like(rng, jax.eval_shape(fn, *args))
+    y, got = _vjp(fn, args, argnums, ct)
+    y_ref, want = _vjp(reference, args, argnums, ct)
 
     fd_errs: list[float | None] = [None] * len(argnums)
     if jax.config.jax_enable_x64:
         to64 = lambda t: jax.tree.map(lambda a: jnp.asarray(a, jnp.float64) if _is_float(a) else a, t)
-        f64 = restrict(lambda *a: fn(*to64(a)))
-        p64, ct64 = to64(primals), to64(ct)
-        got64 = jax.vjp(f64, *p64)[1](ct64)
-        directions = _random_like(rng, p64)
-        for k in range(len(argnums)):
-            eps = fd_eps * (1.0 + float(jnp.max(jnp.abs(p64[k]), initial=0.0)))
-            plus = list(p64)
-            minus = list(p64)
-            plus[k] = p64[k] + eps * directions[k]
-            minus[k] = p64[k] - eps * directions[k]
-            fd = _vdot(ct64, jax.tree.map(lambda a, b, eps=eps: (a - b) / (2 * eps), f64(*plus), f64(*minus)))
-            lhs = _vdot(directions[k], got64[k])
-            scale = max(abs(float(lhs)), abs(float(fd)), 1e-300)
-            fd_errs[k] = abs(float(lhs) - float(fd)) / scale
+        args64, ct64 = to64(args), to64(ct)
+        got64 = got if dtype == jnp.float64 else _vjp(fn, args64, argnums, ct64)[1]
+        directions = _random_like(rng, tuple(args64[i] for i in argnums))
+        fd = _central_differences(fn, args64, argnums, ct64, directions, fd_steps(args64, argnums, fd_eps))
+        fd_errs = dot_product_errors(directions, got64, fd)
 
     rows = []
     for k, i in enumerate(argnums):
-        err = relative_error(got[k], want[k])
+        per_leaf = leaf_errors(got[k], want[k])
+        err, where = worst_leaf(per_leaf)
         fd_ok = fd_errs[k] is None or fd_errs[k] <= fd_rtol
-        rows.append(ArgReport(argnum=i, max_rel_err=err, fd_rel_err=fd_errs[k], ok=err <= rtol and fd_ok))
+        rows.append(
+            ArgReport(
+                argnum=i,
+                max_rel_err=err,
+                fd_rel_err=fd_errs[k],
+                ok=err <= rtol and fd_ok,
+                leaf_errors=per_leaf,
+                worst_leaf=where,
+            )
+        )
     return GradcheckReport(
         dtype=str(jnp.dtype(dtype)),
-        forward_rel_err=relative_error(y, y_ref),
+        forward_rel_err=max_leaf_error(y, y_ref)[0],
         args=tuple(rows),
         rtol=rtol,
         fd_rtol=fd_rtol,

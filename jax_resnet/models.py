@@ -46,6 +46,7 @@ import jax
 import jax.numpy as jnp
 
 from jax_resnet import blocks
+from jax_resnet._compile import compile_once
 from jax_resnet.ops import OpSet, opset
 
 # ImageNet stem: (convolution padding, max-pool padding).
@@ -292,9 +293,9 @@ class ResNetSpec:
 # ----------------------------------------------------------------------- Model
 @functools.lru_cache(maxsize=64)
 def _compiled_init(spec, dtype):
-    # One compilation for all the random draws: eagerly, every parameter shape
-    # would compile a kernel of its own (seconds for a deep net on a CPU).
-    return jax.jit(lambda key: spec.init(key, dtype))
+    # One compilation for all the random draws (eagerly, every parameter shape
+    # would compile a kernel of its own), without XLA's backend optimisations.
+    return compile_once(jax.jit(lambda key: spec.init(key, dtype)), jax.random.key(0))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -305,7 +306,13 @@ class Model:
     name: str = "model"
 
     def init(self, key, dtype=jnp.float32):
-        """Return (params, state): pytrees of arrays of `dtype`."""
+        """Return (params, state): pytrees of arrays of `dtype`.
+
+        Called eagerly it runs one program compiled for this spec (cached);
+        under `jit`/`eval_shape` it is traced into the caller's program.
+        """
+        if isinstance(key, jax.core.Tracer):
+            return self.spec.init(key, jnp.dtype(dtype))
         return _compiled_init(self.spec, jnp.dtype(dtype))(key)
 
     def apply(self, params, state, x, *, train: bool, grad: str | OpSet = "rules", hook=_no_hook):

@@ -1,13 +1,36 @@
-"""Flax NNX modules whose forward passes call the hand-derived rules.
+"""Flax NNX modules over the hand-derived rules: single-op layers, and thin
+holders of the pure models' weights.
 
-Each module computes with `jax_resnet.ops.opset(grad)`: `grad="rules"` (the
+Every module computes with `jax_resnet.ops.opset(grad)`: `grad="rules"` (the
 default) runs the `jax.custom_vjp` ops, so `nnx.grad` (and any optax training
 loop over it) backpropagates through the hand-derived VJPs; `grad="autodiff"`
 runs the reference ops and lets JAX differentiate them. `grad` is a plain
-attribute, so `model.set_attributes(grad="autodiff")` switches a whole model.
+attribute, so `module.set_attributes(grad="autodiff")` switches a whole module.
 
-Layers mirror flax.nnx's own, parameter for parameter, so weights move
-between them unchanged:
+Networks and blocks are not written again here. `Network(model)` holds the
+(params, state) of `model.init` as `nnx.Param` and `nnx.BatchStat` variables,
+in the pure pytrees' layout, and its call is `model.apply`: any model of
+`jax_resnet.models` (CIFAR and ImageNet ResNets, pre-activation and plain
+nets, the MLPs). `Block(spec)` does the same around `blocks.init_block` /
+`blocks.apply_block`. Train and eval modes are BatchNorm's flag
+`use_running_average`, which `module.train()` sets False (batch statistics;
+the BatchStats are updated once per call) and `module.eval()` True (the
+running statistics, left unchanged). `from_pure` and `to_pure` move weights
+between the pure pytrees and the modules:
+
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from jax_resnet import models, nnx as jrnnx
+    >>> net = jrnnx.Network(models.tiny(), rngs=nnx.Rngs(0))
+    >>> net(jnp.zeros((2, 8, 8, 1))).shape
+    (2, 10)
+    >>> params, state = jrnnx.to_pure(net)  # Model.init's layout: params["blocks"][0]["conv0"]["w"], ...
+    >>> params["blocks"][0]["conv0"]["w"].shape
+    (3, 3, 8, 8)
+    >>> again = jrnnx.from_pure(models.tiny(), params, state)
+
+The single-op layers mirror flax.nnx's own, parameter for parameter, so
+weights move between them unchanged:
 
   Linear     kernel [in, out], bias [out]                       ops.dense
   Conv       kernel [kh, kw, in / groups, out] (HWIO), NHWC;    ops.conv2d
@@ -16,29 +39,11 @@ between them unchanged:
   BatchNorm  Param scale, bias; BatchStat mean, var             ops.batch_norm_train / _eval
 
 BatchNorm follows nnx.BatchNorm's convention: `use_running_average=False`
-(train mode, also what `model.train()` sets) normalizes with the batch's mean
-and biased variance and updates the running statistics once per call,
-running = momentum·running + (1 − momentum)·batch; `model.eval()` sets
-`use_running_average=True` and normalizes with the running statistics. Unlike
+normalizes with the batch's mean and biased variance and updates the running
+statistics once per call, running = momentum·running + (1 − momentum)·batch;
+`use_running_average=True` normalizes with the running statistics. Unlike
 nnx.BatchNorm the default momentum is 0.9 (that of `jax_resnet.blocks`), and
 mean and var are stored in `param_dtype` rather than always float32.
-
-Residual blocks and networks are built from the specs of `jax_resnet.blocks`
-and `jax_resnet.models`: `Block(spec)` for any `BlockSpec`, `BasicBlock` and
-`Bottleneck` for the v1 blocks, and `ResNet(spec)` for a `ResNetSpec`, a
-`Model` or a preset name. Given the same weights their forward passes equal
-the pure `apply` functions op for op; `from_pure` and `to_pure` move weights
-between the pure (params, state) pytrees and the modules:
-
-    >>> import jax, jax.numpy as jnp
-    >>> from flax import nnx
-    >>> from jax_resnet import models, nnx as jrnnx
-    >>> model = models.tiny()
-    >>> params, state = model.init(jax.random.key(0))
-    >>> net = jrnnx.from_pure(model, params, state)
-    >>> net(jnp.zeros((2, 8, 8, 1))).shape
-    (2, 10)
-    >>> params, state = jrnnx.to_pure(net)
 
 The custom VJPs have no forward mode, so `jax.jvp`/`jax.hessian` of a module
 with `grad="rules"` raise; use `grad="autodiff"` for those.
@@ -63,10 +68,6 @@ Initializer = Callable[..., jax.Array]
 # flax.nnx.Linear's and nnx.Conv's defaults.
 default_kernel_init = initializers.lecun_normal()
 default_bias_init = initializers.zeros_init()
-# The distributions of the pure models' initializers (blocks.he_normal and
-# models._init_dense with gain 1): untruncated normals, variance gain / fan_in.
-he_normal = initializers.variance_scaling(2.0, "fan_in", "normal")
-lecun_normal_untruncated = initializers.variance_scaling(1.0, "fan_in", "normal")
 
 
 # ------------------------------------------------------------------ validation
@@ -377,30 +378,165 @@ class BatchNorm(nnx.Module):
         return {"gamma": self.scale, "beta": self.bias}, {"mean": self.mean, "var": self.var}
 
 
-# ---------------------------------------------------------------------- blocks
-def _block_input(module, x):
-    """Cast x to the dtype the block computes in, so the shortcut and the body agree."""
-    _check_features(type(module).__name__, x, module.spec.in_channels, nhwc=True)
-    dtype = jnp.result_type(x, module.param_dtype) if module.dtype is None else module.dtype
-    return jnp.asarray(x, dtype)
+# ---------------------------------------------------- holders of pure weights
+def _is_variable(x) -> bool:
+    return isinstance(x, nnx.Variable)
 
 
-class Block(nnx.Module):
-    """Any residual block of `jax_resnet.blocks` as a module; equal to `blocks.apply_block`.
+def _values(variables):
+    return jax.tree.map(lambda v: v.get_value(), variables, is_leaf=_is_variable)
 
-    Submodules carry the pure parameters' names: conv{i} (`Conv`, He-normal),
-    bn{i} (`BatchNorm`), and for option-B shortcuts proj (`Projection`) and,
-    in v1 blocks, proj_bn. With `zero_init_residual` the last BN of a v1 body
-    starts with scale 0.
+
+class _PureHolder(nnx.Module):
+    """A pure (params, state) pair as `nnx.Param` / `nnx.BatchStat` variables around a pure apply.
+
+    Subclasses pass their pure `init(key, dtype) -> (params, state)` to this
+    constructor and define `_apply(params, state, x, *, train) -> (out, new_state)`.
+    """
+
+    def __init__(self, owner: str, init, *, rngs, grad, dtype, param_dtype, use_running_average):
+        self.grad = _grad_mode(owner, grad)
+        self.dtype = _float_dtype(owner, "dtype", dtype, optional=True)
+        self.param_dtype = _float_dtype(owner, "param_dtype", param_dtype)
+        if not isinstance(use_running_average, bool):
+            raise TypeError(
+                f"{owner}: argument `use_running_average` must be True or False, got {use_running_average!r}"
+            )
+        self.use_running_average = use_running_average
+        params, state = init(rngs.params(), self.param_dtype)
+        # nnx.data: flax 0.12 takes a plain pytree of Variables as a Module's data only when told.
+        self.params = nnx.data(jax.tree.map(nnx.Param, params))
+        self.state = nnx.data(jax.tree.map(nnx.BatchStat, state))
+
+    def _check_input(self, x) -> None:
+        if not hasattr(x, "shape"):
+            raise TypeError(f"{type(self).__name__}: argument `x` must be an array, got {type(x).__name__}")
+
+    def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
+        """The pure apply on the held weights; in train mode the BatchStats take the new state.
+
+        Args:
+          x: the input the pure apply takes.
+          use_running_average: overrides the attribute for this call.
+        """
+        self._check_input(x)
+        eval_mode = self.use_running_average if use_running_average is None else use_running_average
+        params, state = _values(self.params), _values(self.state)
+        dtype = jnp.result_type(x, *jax.tree.leaves(params)) if self.dtype is None else self.dtype
+
+        def cast(tree):
+            return jax.tree.map(lambda a: jnp.asarray(a, dtype), tree)
+
+        out, new_state = self._apply(cast(params), cast(state), cast(x), train=not eval_mode)
+        if not eval_mode:
+            jax.tree.map(
+                lambda v, s: v.set_value(jnp.asarray(s, v.get_value().dtype)),
+                self.state,
+                new_state,
+                is_leaf=_is_variable,
+            )
+        return out
+
+    def set_view(self, use_running_average: bool | None = None):
+        """Used by `nnx.view(module, use_running_average=...)`, as nnx.BatchNorm's."""
+        if use_running_average is not None:
+            self.use_running_average = use_running_average
+
+    def _pure_variables(self):
+        return self.params, self.state
+
+
+def _model(owner: str, name: str, model) -> models.Model:
+    """A `models.Model` from a Model, a spec with init and forward, or a preset name."""
+    if isinstance(model, str):
+        try:
+            return models.get(model)
+        except ValueError as e:
+            raise ValueError(f"{owner}: argument `{name}`: {e}") from None
+    if isinstance(model, models.Model):
+        return model
+    if callable(getattr(model, "init", None)) and callable(getattr(model, "forward", None)):
+        return models.Model(model)
+    raise TypeError(
+        f"{owner}: argument `{name}` must be a jax_resnet.models.Model (e.g. models.resnet20()), a spec with "
+        f"init and forward (e.g. models.ResNetSpec) or a preset name such as 'tiny' (for one block use Block); "
+        f"got {type(model).__name__}"
+    )
+
+
+class Network(_PureHolder):
+    """Any model of `jax_resnet.models` as a module: its weights as variables, its call `model.apply`.
+
+    Attributes `params` and `state` hold `model.init`'s pytrees with each array
+    an `nnx.Param` / `nnx.BatchStat` (paths such as
+    ("params", "blocks", 0, "conv0", "w")); `to_pure` reads them back.
+
+    Args:
+      model: a `models.Model` (`models.resnet20(num_classes=100)`,
+        `models.residual_mlp()`), a spec it wraps, or a preset name ("tiny",
+        "resnet18", "plain_mlp", ...).
+      rngs: `nnx.Rngs` whose `params` stream gives `model.init` its key, so
+        the weights are those `model.init(rngs.params(), param_dtype)` draws.
+      grad: "rules" (hand-derived VJPs) or "autodiff".
+      dtype: computation dtype: params, state and x are cast to it before
+        `model.apply`; None computes in the common dtype of x and the params.
+        The new BatchNorm statistics are cast back to `param_dtype`.
+      param_dtype: dtype of the variables.
+      use_running_average: False (train mode, `.train()`) or True (eval mode,
+        `.eval()`).
+
+    Example:
+      >>> from flax import nnx
+      >>> from jax_resnet import models
+      >>> mlp = Network(models.residual_mlp(in_features=4, width=8), rngs=nnx.Rngs(0))
+      >>> mlp(jnp.zeros((3, 4))).shape
+      (3, 10)
+    """
+
+    def __init__(
+        self,
+        model,
+        *,
+        rngs: nnx.Rngs,
+        grad: str = "rules",
+        dtype=None,
+        param_dtype=jnp.float32,
+        use_running_average: bool = False,
+    ):
+        owner = type(self).__name__
+        self.model = _model(owner, "model", model)
+        settings = dict(grad=grad, dtype=dtype, param_dtype=param_dtype, use_running_average=use_running_average)
+        super().__init__(owner, self.model.init, rngs=rngs, **settings)
+
+    def _apply(self, params, state, x, *, train):
+        return self.model.apply(params, state, x, train=train, grad=self.grad)
+
+
+class Block(_PureHolder):
+    """One residual block of `jax_resnet.blocks` as a module: `blocks.init_block`'s weights, `apply_block`'s call.
 
     Args:
       spec: a `jax_resnet.blocks.BlockSpec` (kind basic, bottleneck,
         preact_basic or preact_bottleneck; shortcut "A" or "B").
-      rngs, grad, dtype, param_dtype: as for `Linear`.
+      rngs, grad, dtype, param_dtype, use_running_average: as for `Network`.
+
+    Example:
+      >>> from flax import nnx
+      >>> from jax_resnet import blocks
+      >>> block = Block(blocks.BlockSpec("basic", 4, 4), rngs=nnx.Rngs(0))
+      >>> block(jnp.zeros((2, 6, 6, 4))).shape
+      (2, 6, 6, 4)
     """
 
     def __init__(
-        self, spec: blocks.BlockSpec, *, rngs: nnx.Rngs, grad: str = "rules", dtype=None, param_dtype=jnp.float32
+        self,
+        spec: blocks.BlockSpec,
+        *,
+        rngs: nnx.Rngs,
+        grad: str = "rules",
+        dtype=None,
+        param_dtype=jnp.float32,
+        use_running_average: bool = False,
     ):
         owner = type(self).__name__
         if not isinstance(spec, blocks.BlockSpec):
@@ -410,254 +546,36 @@ class Block(nnx.Module):
         for field in ("in_channels", "width", "stride"):
             _positive_int(owner, f"spec.{field}", getattr(spec, field))
         self.spec = spec
-        self.grad = _grad_mode(owner, grad)
-        self.dtype = _float_dtype(owner, "dtype", dtype, optional=True)
-        self.param_dtype = _float_dtype(owner, "param_dtype", param_dtype)
-        common = dict(rngs=rngs, grad=grad, dtype=dtype, param_dtype=param_dtype)
-        convs = spec.convs()
-        for i, (k, c_in, c_out, stride) in enumerate(convs):
-            setattr(
-                self, f"conv{i}", Conv(c_in, c_out, k, strides=stride, padding="SAME", kernel_init=he_normal, **common)
-            )
-            # v1 normalizes each conv's output, v2 each conv's input.
-            last = i == len(convs) - 1 and not spec.preact
-            scale_init = initializers.zeros_init() if (last and spec.zero_init_residual) else initializers.ones_init()
-            setattr(self, f"bn{i}", BatchNorm(c_in if spec.preact else c_out, scale_init=scale_init, **common))
-        if spec.projects:
-            self.proj = Projection(
-                spec.in_channels, spec.out_channels, strides=spec.stride, kernel_init=he_normal, **common
-            )
-            if not spec.preact:
-                self.proj_bn = BatchNorm(spec.out_channels, **common)
 
-    def _body(self):
-        return [(getattr(self, f"conv{i}"), getattr(self, f"bn{i}")) for i in range(len(self.spec.convs()))]
+        def init(key, dtype):
+            return blocks.init_block(key, spec, dtype)
 
-    def _shortcut(self, ops, x):
-        spec = self.spec
-        if spec.stride == 1 and spec.in_channels == spec.out_channels:
-            return x
-        if spec.shortcut == "A":
-            return ops.shortcut_pad(x, out_channels=spec.out_channels, stride=spec.stride)
-        y = self.proj(x)
-        return y if spec.preact else self.proj_bn(y)
+        settings = dict(grad=grad, dtype=dtype, param_dtype=param_dtype, use_running_average=use_running_average)
+        super().__init__(owner, init, rngs=rngs, **settings)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        spec = self.spec
-        x = _block_input(self, x)
-        ops = opset(self.grad)
-        body = self._body()
-        h, pre = x, None
-        for i, (conv, bn) in enumerate(body):
-            if spec.preact:
-                h = ops.relu(bn(h))
-                if i == 0:
-                    pre = h
-            h = conv(h)
-            if not spec.preact:
-                h = bn(h)
-                if i < len(body) - 1:
-                    h = ops.relu(h)
-        if spec.residual:
-            # v2 projects the pre-activated input (He et al. 2016, §3); identity and option A use x.
-            source = pre if (spec.preact and spec.projects) else x
-            h = ops.add(h, self._shortcut(ops, source))
-        return h if spec.preact else ops.relu(h)
+    def _check_input(self, x) -> None:
+        _check_features(type(self).__name__, x, self.spec.in_channels, nhwc=True)
 
-    def _pure_variables(self):
-        params, state = {}, {}
-        for i, (conv, bn) in enumerate(self._body()):
-            params[f"conv{i}"] = conv._pure_variables()[0]
-            params[f"bn{i}"], state[f"bn{i}"] = bn._pure_variables()
-        if self.spec.projects:
-            params["proj"] = self.proj._pure_variables()[0]
-            if not self.spec.preact:
-                params["proj_bn"], state["proj_bn"] = self.proj_bn._pure_variables()
-        return params, state
-
-
-def _v1_block(owner, kind, in_features, features, strides, shortcut, residual, zero_init_residual):
-    in_features = _positive_int(owner, "in_features", in_features)
-    features = _positive_int(owner, "features", features)
-    strides = _positive_int(owner, "strides", strides)
-    if shortcut not in ("A", "B"):
-        raise ValueError(f"{owner}: argument `shortcut` must be 'A' or 'B', got {shortcut!r}")
-    return blocks.BlockSpec(kind, in_features, features, strides, shortcut, bool(residual), bool(zero_init_residual))
-
-
-class BasicBlock(Block):
-    """v1 basic block: y = relu(bn1(conv3x3(relu(bn0(conv3x3(x))))) + s(x)), out = features.
-
-    Args:
-      in_features: channels of x.
-      features: channels of both 3x3 convolutions and of the output.
-      strides: stride of the first convolution and of the shortcut.
-      shortcut: on a shape change, "A" (subsample, zero channels) or "B" (projection + BN).
-      residual: False drops the shortcut (the plain twin).
-      zero_init_residual: start bn1's scale at 0.
-      rngs, grad, dtype, param_dtype: as for `Linear`.
-    """
-
-    def __init__(
-        self,
-        in_features: int,
-        features: int,
-        *,
-        strides: int = 1,
-        shortcut: str = "B",
-        residual: bool = True,
-        zero_init_residual: bool = False,
-        rngs: nnx.Rngs,
-        grad: str = "rules",
-        dtype=None,
-        param_dtype=jnp.float32,
-    ):
-        spec = _v1_block("BasicBlock", "basic", in_features, features, strides, shortcut, residual, zero_init_residual)
-        super().__init__(spec, rngs=rngs, grad=grad, dtype=dtype, param_dtype=param_dtype)
-
-
-class Bottleneck(Block):
-    """v1 bottleneck block: conv1x1 → conv3x3 (strided) → conv1x1 to 4·features, each with BN.
-
-    Args: as for `BasicBlock`; the output has 4·features channels.
-    """
-
-    def __init__(
-        self,
-        in_features: int,
-        features: int,
-        *,
-        strides: int = 1,
-        shortcut: str = "B",
-        residual: bool = True,
-        zero_init_residual: bool = False,
-        rngs: nnx.Rngs,
-        grad: str = "rules",
-        dtype=None,
-        param_dtype=jnp.float32,
-    ):
-        spec = _v1_block(
-            "Bottleneck", "bottleneck", in_features, features, strides, shortcut, residual, zero_init_residual
-        )
-        super().__init__(spec, rngs=rngs, grad=grad, dtype=dtype, param_dtype=param_dtype)
-
-
-# ---------------------------------------------------------------------- ResNet
-def _resnet_spec(owner: str, name: str, spec) -> models.ResNetSpec:
-    """A ResNetSpec from a spec, a `models.Model` over one, or a preset name."""
-    if isinstance(spec, str):
-        spec = models.get(spec)
-    if isinstance(spec, models.Model):
-        spec = spec.spec
-    if not isinstance(spec, models.ResNetSpec):
-        raise TypeError(
-            f"{owner}: argument `{name}` must be a jax_resnet.models.ResNetSpec, a Model built on one "
-            f"(e.g. models.resnet20()) or a ResNet preset name such as 'tiny'; got {type(spec).__name__}"
-        )
-    return spec
-
-
-class ResNet(nnx.Module):
-    """A convolutional ResNet from a `jax_resnet.models.ResNetSpec`; equal to `Model(spec).apply`.
-
-    Submodules: stem (`Conv`), stem_bn, blocks (an `nnx.List` of `Block`),
-    final_bn (pre-activation nets) and head (`Linear`); `to_pure` names them
-    as `Model.init` does. Train and eval modes are BatchNorm's: `model.train()`
-    and `model.eval()`.
-
-    Args:
-      spec: a ResNetSpec, a `models.Model` over one (`models.resnet20(num_classes=100)`),
-        or a preset name ("tiny", "resnet20", "resnet18", ...).
-      rngs: `nnx.Rngs` with a `params` stream; convolutions are He-normal and
-        the head N(0, 1/fan_in), the distributions of `Model.init`.
-      grad, dtype, param_dtype: as for `Linear`.
-
-    Example:
-      >>> from flax import nnx
-      >>> net = ResNet("tiny", rngs=nnx.Rngs(0))
-      >>> net(jnp.zeros((2, 8, 8, 1))).shape
-      (2, 10)
-    """
-
-    def __init__(self, spec, *, rngs: nnx.Rngs, grad: str = "rules", dtype=None, param_dtype=jnp.float32):
-        owner = type(self).__name__
-        spec = _resnet_spec(owner, "spec", spec)
-        self.spec = spec
-        self.grad = _grad_mode(owner, grad)
-        self.dtype = _float_dtype(owner, "dtype", dtype, optional=True)
-        self.param_dtype = _float_dtype(owner, "param_dtype", param_dtype)
-        common = dict(rngs=rngs, grad=grad, dtype=dtype, param_dtype=param_dtype)
-        cifar = spec.stem == "cifar"
-        self.stem = Conv(
-            spec.in_channels,
-            spec.stem_width,
-            3 if cifar else 7,
-            strides=1 if cifar else 2,
-            padding="SAME" if cifar else 3,
-            kernel_init=he_normal,
-            **common,
-        )
-        self.stem_bn = None if (spec.preact and cifar) else BatchNorm(spec.stem_width, **common)
-        specs = spec.block_specs()
-        self.blocks = nnx.List([Block(s, **common) for s in specs])
-        channels = specs[-1].out_channels
-        self.final_bn = BatchNorm(channels, **common) if spec.preact else None
-        self.head = Linear(channels, spec.num_classes, kernel_init=lecun_normal_untruncated, **common)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        spec = self.spec
-        _check_features(type(self).__name__, x, spec.in_channels, nhwc=True)
-        ops = opset(self.grad)
-        h = self.stem(x)
-        if self.stem_bn is not None:
-            h = ops.relu(self.stem_bn(h))
-        if spec.stem == "imagenet":
-            h = ops.max_pool(h, window=3, stride=2, padding=1)
-        for block in self.blocks:
-            h = block(h)
-        if self.final_bn is not None:
-            h = ops.relu(self.final_bn(h))
-        return self.head(ops.global_avg_pool(h))
-
-    def _pure_variables(self):
-        params = {"stem": self.stem._pure_variables()[0]}
-        state = {}
-        if self.stem_bn is not None:
-            params["stem_bn"], state["stem_bn"] = self.stem_bn._pure_variables()
-        layouts = [block._pure_variables() for block in self.blocks]
-        params["blocks"] = [p for p, _ in layouts]
-        state["blocks"] = [s for _, s in layouts]
-        if self.final_bn is not None:
-            params["final_bn"], state["final_bn"] = self.final_bn._pure_variables()
-        params["head"] = self.head._pure_variables()[0]
-        return params, state
+    def _apply(self, params, state, x, *, train):
+        return blocks.apply_block(opset(self.grad), self.spec, params, state, x, train=train)
 
 
 # ------------------------------------------------------------------ conversion
-def _is_variable(x) -> bool:
-    return isinstance(x, nnx.Variable)
-
-
-def _layout(owner: str, module):
-    if not hasattr(module, "_pure_variables"):
-        raise TypeError(
-            f"{owner}: argument `module` must be a jax_resnet.nnx module (Linear, Conv, Projection, "
-            f"BatchNorm, Block, BasicBlock, Bottleneck or ResNet), got {type(module).__name__}"
-        )
-    return module._pure_variables()
-
-
 def to_pure(module) -> tuple[Any, Any]:
     """The (params, state) pytrees of `jax_resnet.models` / `blocks` holding the module's weights.
 
-    For a `ResNet` they have the structure of `Model(spec).init`'s, for a
-    `Block` that of `blocks.init_block`'s; kernel → "w", bias → "b",
+    For a `Network` they have the structure of `model.init`'s, for a `Block`
+    that of `blocks.init_block`'s; for the layers kernel → "w", bias → "b",
     BatchNorm scale/bias → "gamma"/"beta", running mean/var → state.
     The arrays are the module's own (immutable) arrays, not copies.
     """
-    params, state = _layout("to_pure", module)
-    value = lambda v: v.get_value()  # noqa: E731
-    return jax.tree.map(value, params, is_leaf=_is_variable), jax.tree.map(value, state, is_leaf=_is_variable)
+    if not hasattr(module, "_pure_variables"):
+        raise TypeError(
+            "to_pure: argument `module` must be a jax_resnet.nnx module (Network, Block, Linear, Conv, "
+            f"Projection or BatchNorm), got {type(module).__name__}"
+        )
+    params, state = module._pure_variables()
+    return _values(params), _values(state)
 
 
 def _load(name: str, variables, values) -> None:
@@ -669,7 +587,7 @@ def _load(name: str, variables, values) -> None:
         raise ValueError(
             f"from_pure: argument `{name}` does not have the model's layout; "
             f"missing {sorted(want - got) or 'nothing'}, unexpected {sorted(got - want) or 'nothing'} "
-            "(does the spec match the one the pytrees were built from?)"
+            "(does the model match the one the pytrees were built from?)"
         )
     for (path, variable), value in zip(flat, treedef.flatten_up_to(values)):
         want = variable.get_value()
@@ -682,19 +600,19 @@ def _load(name: str, variables, values) -> None:
 
 
 def from_pure(model, params, state, *, grad: str = "rules", dtype=None):
-    """Build the NNX module for `model` holding the pure pytrees' weights (the inverse of `to_pure`).
+    """The module for `model` holding the pure pytrees' weights (the inverse of `to_pure`).
 
     Args:
-      model: a `models.ResNetSpec`, a `models.Model` over one or a preset
-        name (gives a `ResNet`), or a `blocks.BlockSpec` (gives a `Block`).
-      params, state: pytrees as `Model.init` / `blocks.init_block` return
+      model: a `blocks.BlockSpec` (gives a `Block`), or anything `Network`
+        takes: a `models.Model`, a spec, a preset name (gives a `Network`).
+      params, state: pytrees as `model.init` / `blocks.init_block` return
         them; every array must have one floating dtype, which becomes the
         module's param_dtype.
-      grad, dtype: as for `Linear`.
+      grad, dtype: as for `Network`.
 
     Returns:
-      The module in train mode (`use_running_average=False`). Its forward
-      equals `Model(spec).apply(params, state, x, train=True)` (`.eval()`:
+      The module in train mode (`use_running_average=False`). Its call
+      equals `model.apply(params, state, x, train=True)` (`.eval()`:
       train=False) and its BatchStats after a train-mode call equal the new state.
     """
     leaves = jax.tree.leaves(params)
@@ -707,11 +625,10 @@ def from_pure(model, params, state, *, grad: str = "rules", dtype=None):
     if isinstance(model, blocks.BlockSpec):
         build = lambda: Block(model, rngs=nnx.Rngs(0), **settings)  # noqa: E731
     else:
-        spec = _resnet_spec("from_pure", "model", model)
-        build = lambda: ResNet(spec, rngs=nnx.Rngs(0), **settings)  # noqa: E731
+        model = _model("from_pure", "model", model)
+        build = lambda: Network(model, rngs=nnx.Rngs(0), **settings)  # noqa: E731
     # Only shapes: the initial weights would be overwritten anyway.
     module = nnx.eval_shape(build)
-    param_vars, state_vars = module._pure_variables()
-    _load("params", param_vars, params)
-    _load("state", state_vars, state)
+    _load("params", module.params, params)
+    _load("state", module.state, state)
     return module

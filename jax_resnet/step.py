@@ -30,8 +30,9 @@ import numpy as np
 import optax
 
 from jax_resnet import data, models
+from jax_resnet._compile import run_once
 from jax_resnet._x64 import enable_x64
-from jax_resnet.gradcheck import relative_error
+from jax_resnet.gradcheck import max_leaf_error
 from jax_resnet.ops import OpSet, opset
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
@@ -356,17 +357,9 @@ def host(x) -> float:
     return float(np.asarray(x.addressable_data(0)))
 
 
-def run_once(jitted, *args):
-    """Compile and run a program that runs once per run (initialisation, the
-    gradient check). On the CPU, XLA's backend optimisations of these cost
-    seconds (the threefry random bits most of all) and buy nothing."""
-    options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
-    return jitted.lower(*args).compile(compiler_options=options)(*args)
-
-
 def init_train_state(model: models.Model, optimizer: optax.GradientTransformation, seed: int = 0, mesh=None) -> dict:
     """{"params", "state", "opt_state"} from `model.init(jax.random.key(seed))`,
-    float32, replicated over `mesh` when given (one program, see `run_once`)."""
+    float32, replicated over `mesh` when given (one program, compiled cheaply: `_compile.run_once`)."""
 
     def init(key):
         params, state = model.init(key, jnp.float32)
@@ -400,13 +393,7 @@ def _grad_error(model: models.Model, params, state, x, y, dtype: str) -> tuple[f
         g_autodiff = jax.grad(lambda p: autodiff(p, state, x, y)[0])(params)
         return g_rules, g_autodiff
 
-    g_rules, g_autodiff = run_once(jax.jit(both), params, state, x, y)
-    worst, where = 0.0, ""
-    for (path, a), e in zip(jax.tree_util.tree_leaves_with_path(g_rules), jax.tree.leaves(g_autodiff)):
-        err = relative_error(a, e)
-        if not err <= worst:  # also catches NaN
-            worst, where = err, jax.tree_util.keystr(path)
-    return worst, where
+    return max_leaf_error(*run_once(jax.jit(both), params, state, x, y))
 
 
 def check_gradients(model: models.Model, params, state, x, y, *, tol: float = 1e-4) -> GradCheck:
@@ -415,7 +402,8 @@ def check_gradients(model: models.Model, params, state, x, y, *, tol: float = 1e
     Both are gradients of the training loss (BatchNorm with batch statistics)
     on (x, y), computed in float32. Each parameter array's error is relative
     to that array's own scale, max|g_rules − g_jax| / max|g_jax|
-    (`gradcheck.relative_error`); the check reports the largest.
+    (`gradcheck.max_leaf_error`: a small array cannot hide behind a large one,
+    and NaN counts as the worst); the check reports the largest.
 
     Above `tol` in float32 the batch is checked again in float64 (except on
     TPUs), which then decides. Why: the rules' forward pass and the

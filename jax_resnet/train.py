@@ -285,7 +285,7 @@ def _resume(config: TrainConfig, mngr, tree: dict, out: Path, log) -> tuple[dict
         raise ValueError(
             f"{out} already holds checkpoints; pass --resume to continue that run, or choose another --out"
         )
-    meta = checkpoints.restore_meta(mngr, latest)
+    step, restored, meta = checkpoints.restore_newest_intact(mngr, tree, log)
     # A setting newer than the checkpoint (absent from its config) had its default then.
     saved = {**dataclasses.asdict(TrainConfig()), **meta["config"]}
     differ = [
@@ -293,10 +293,10 @@ def _resume(config: TrainConfig, mngr, tree: dict, out: Path, log) -> tuple[dict
     ]
     if differ:
         raise ValueError(f"resume: {out} was trained with {', '.join(differ)}; pass the same settings, or a new --out")
-    log(f"resuming {out} from epoch {meta['epoch']} (step {latest})")
+    log(f"resuming {out} from epoch {meta['epoch']} (step {step})")
     if saved["epochs"] != config.epochs and config.schedule != "constant":
         log(f"note: --epochs is now {config.epochs} (was {saved['epochs']}); the {config.schedule} schedule stretches")
-    return checkpoints.restore_tree(mngr, latest, tree), meta["epoch"]
+    return restored, meta["epoch"]
 
 
 def _gradient_gate(config: TrainConfig, model, tree, x, y, log) -> step_lib.GradCheck | None:

@@ -12,10 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from jax_resnet import gradcheck as gc
 from jax_resnet.ops import conv
+from jax_resnet.testing.strategies import conv2d_cases
 
 
 def _check(x_shape, w_shape, seed=0, **settings):
@@ -33,30 +33,10 @@ def _check(x_shape, w_shape, seed=0, **settings):
     assert report.ok, report
 
 
-_pads = st.tuples(st.integers(0, 3), st.integers(0, 3))
-
-
-@st.composite
-def conv_settings(draw):
-    # Shapes come from a small pool (C = O = 4, H and W in 5..7, so even VALID
-    # fits the largest dilated window, 5) because every new shape compiles
-    # afresh; the settings, which decide the derivation's cases, vary freely.
-    groups = draw(st.sampled_from([1, 2, 4]))
-    kh, kw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
-    height, width = draw(st.integers(5, 7)), draw(st.integers(5, 7))
-    settings = dict(
-        stride=(draw(st.integers(1, 3)), draw(st.integers(1, 3))),
-        padding=draw(st.one_of(st.sampled_from(["SAME", "VALID"]), st.integers(0, 2), st.tuples(_pads, _pads))),
-        dilation=(draw(st.integers(1, 2)), draw(st.integers(1, 2))),
-        groups=groups,
-    )
-    return (2, height, width, 4), (kh, kw, 4 // groups, 4), settings, draw(st.integers(0, 2**16))
-
-
 # Each example compiles about six convolutions and a random normal per new
 # shape (~2 s on the 2-core CI); 12 keeps the file under 40 s.
 @settings(max_examples=12)
-@given(conv_settings())
+@given(conv2d_cases())
 def test_conv2d_gradcheck_hypothesis(case):
     x_shape, w_shape, settings, seed = case
     _check(x_shape, w_shape, seed, **settings)

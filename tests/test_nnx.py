@@ -1,8 +1,8 @@
-"""Flax NNX modules over the rules: equal to Flax's own layers and to the pure
-models given the same weights, the rules really run inside them, weights move
-both ways, and an nnx.Optimizer trains them."""
+"""Flax NNX modules over the rules: the single-op layers equal Flax's own, a
+`Network` equals a network built from Flax's layers and equals the pure model
+it wraps, the rules really run inside it, weights move both ways, and an
+nnx.Optimizer trains it."""
 
-import functools
 import re
 
 import jax
@@ -23,6 +23,23 @@ from jax_resnet.ops import opset
 # (In float32 the same comparisons agree to 2e-6.)
 TOL = 1e-12
 
+# An ImageNet stem (7x7/2 convolution, 3x3/2 max pool), an identity and a
+# projection block: compared with a build from Flax's layers.
+NARROW_IMAGENET = models.Model(
+    models.ResNetSpec(
+        stage_sizes=(1, 1), block="basic", widths=(4, 8), stem="imagenet", stem_width=4, shortcut="B", num_classes=3
+    ),
+    "narrow_imagenet",
+)
+# Small networks of the other families: (model, input shape).
+MODELS = {
+    "tiny": (models.tiny(), (2, 8, 8, 1)),
+    "one-block": (models.cifar_resnet(8, widths=(4,), in_channels=1, num_classes=4), (8, 6, 6, 1)),
+    "preact": (models.cifar_resnet(8, num_classes=3, widths=(4, 4, 8), block="preact_basic"), (2, 8, 8, 3)),
+    "residual_mlp": (models.residual_mlp(in_features=16, width=8, depth=2, out_features=3), (2, 4, 4, 1)),
+    "plain_mlp": (models.plain_mlp(in_features=16, width=8, depth=2, out_features=3), (2, 16)),
+}
+
 
 def _flat(tree) -> dict:
     """{path: array} of an nnx State or module."""
@@ -30,13 +47,16 @@ def _flat(tree) -> dict:
     return {path: var.get_value() for path, var in nnx.to_flat_state(state)}
 
 
-def _copy_weights(src, dst):
-    """Give `dst` every variable of `src` at the same path, reshaped (a 1x1 Conv kernel from a Projection's)."""
-    values = _flat(src)
-    dst_vars = dict(nnx.to_flat_state(nnx.state(dst)))
-    assert set(values) == set(dst_vars)
-    for path, var in dst_vars.items():
-        var.set_value(values[path].reshape(var.get_value().shape))
+def _flat_pure(tree, prefix) -> dict:
+    """{path: array} of a pure pytree, with the paths a `Network`'s variables have under `prefix`."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {(prefix, *(getattr(k, "key", getattr(k, "idx", None)) for k in path)): a for path, a in leaves}
+
+
+def _assert_equal(actual: dict, expected: dict):
+    assert set(actual) == set(expected)
+    for path in expected:
+        np.testing.assert_array_equal(actual[path], expected[path], err_msg=str(path))
 
 
 def _assert_close(actual: dict, expected: dict, tol):
@@ -47,10 +67,19 @@ def _assert_close(actual: dict, expected: dict, tol):
         assert err <= tol, (path, err)
 
 
+def _copy_weights(values: dict, dst):
+    """Give `dst` every variable of `values` ({path: array}), reshaped (a 1x1 Conv kernel from a Projection's)."""
+    dst_vars = dict(nnx.to_flat_state(nnx.state(dst)))
+    assert set(values) == set(dst_vars)
+    for path, var in dst_vars.items():
+        var.set_value(values[path].reshape(var.get_value().shape))
+
+
 def _value(name, shape, dtype, rng):
     """A random array for a variable called `name`: BN scales and variances positive, kernels ~ 1/sqrt(fan_in).
 
-    NumPy draws them: every new shape of jax.random.normal costs an XLA compilation.
+    NumPy draws them: every new shape of jax.random.normal costs an XLA
+    compilation (`Model.init` of `tiny` compiles for 20 s on this CPU).
     """
     if name in ("scale", "gamma", "var"):
         a = rng.uniform(0.5, 1.5, shape)
@@ -71,10 +100,10 @@ def _filled(build, seed=0):
     return module
 
 
-def _pure_weights(model, seed=0, dtype=jnp.float32):
-    """(params, state) of `model.init`'s layout, drawn by `_value`."""
+def _pure_weights(init, seed=0, dtype=jnp.float32):
+    """(params, state) of the layout `init(key, dtype)` returns, drawn by `_value`."""
     rng = np.random.default_rng(seed)
-    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), dtype))
+    abstract = jax.eval_shape(lambda: init(jax.random.key(0), dtype))
     return jax.tree_util.tree_map_with_path(lambda path, a: _value(path[-1].key, a.shape, a.dtype, rng), abstract)
 
 
@@ -82,103 +111,53 @@ def _normal(shape, dtype=jnp.float32, seed=0):
     return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype)
 
 
-# ----------------------------------------------------- one network, two builds
-class FlaxBasicBlock(nnx.Module):
-    """A v1 basic block with an option-B projection from Flax's own layers."""
-
-    def __init__(self, c_in, c_out, stride, *, dtype, rngs):
-        conv = functools.partial(nnx.Conv, use_bias=False, param_dtype=dtype, rngs=rngs)
-        bn = functools.partial(
-            nnx.BatchNorm, momentum=0.9, epsilon=1e-5, use_fast_variance=False, param_dtype=dtype, rngs=rngs
-        )
-        self.conv0, self.bn0 = conv(c_in, c_out, (3, 3), strides=stride), bn(c_out)
-        self.conv1, self.bn1 = conv(c_out, c_out, (3, 3)), bn(c_out)
-        self.proj, self.proj_bn = conv(c_in, c_out, (1, 1), strides=stride), bn(c_out)
-
-    def __call__(self, x):
-        h = nnx.relu(self.bn0(self.conv0(x)))
-        h = self.bn1(self.conv1(h))
-        return nnx.relu(h + self.proj_bn(self.proj(x)))
-
-
-class Net(nnx.Module):
-    """conv → BN → relu → basic block (projection) → global average → linear.
-
-    `flax=True` builds it from nnx.Conv/BatchNorm/Linear, otherwise from
-    jax_resnet.nnx with the rules; the attribute names (so the state paths) agree.
-    """
-
-    def __init__(self, *, flax: bool, dtype, rngs):
-        self.flax = flax
-        if flax:
-            self.stem = nnx.Conv(3, 4, (3, 3), use_bias=False, param_dtype=dtype, rngs=rngs)
-            self.stem_bn = nnx.BatchNorm(
-                4, momentum=0.9, epsilon=1e-5, use_fast_variance=False, param_dtype=dtype, rngs=rngs
-            )
-            self.block = FlaxBasicBlock(4, 8, 2, dtype=dtype, rngs=rngs)
-            self.head = nnx.Linear(8, 5, param_dtype=dtype, rngs=rngs)
-        else:
-            self.stem = jrnnx.Conv(3, 4, 3, param_dtype=dtype, rngs=rngs)
-            self.stem_bn = jrnnx.BatchNorm(4, param_dtype=dtype, rngs=rngs)
-            self.block = jrnnx.BasicBlock(4, 8, strides=2, shortcut="B", param_dtype=dtype, rngs=rngs)
-            self.head = jrnnx.Linear(8, 5, param_dtype=dtype, rngs=rngs)
-
-    def __call__(self, x):
-        relu, pool = (
-            (nnx.relu, lambda h: jnp.mean(h, axis=(1, 2))) if self.flax else (opset().relu, opset().global_avg_pool)
-        )
-        h = relu(self.stem_bn(self.stem(x)))
-        return self.head(pool(self.block(h)))
-
-
 def _loss(model, x, labels):
-    return optax.softmax_cross_entropy_with_integer_labels(model(x), labels).mean()
+    logits = model(x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), logits
 
 
-def test_network_equals_flax_layers_outputs_state_and_gradients():
-    dtype = jnp.float64
-    ours = _filled(lambda: Net(flax=False, dtype=dtype, rngs=nnx.Rngs(0)))
-    theirs = nnx.eval_shape(lambda: Net(flax=True, dtype=dtype, rngs=nnx.Rngs(0)))
-    _copy_weights(ours, theirs)
-    x, labels = _normal((2, 8, 8, 3), dtype), jnp.array([1, 3])
-    forward, grad = nnx.jit(lambda m, x: m(x)), nnx.jit(nnx.grad(_loss))
-
-    # Train mode: batch statistics; the running statistics are updated once per call.
-    ours.train(), theirs.train()
-    _assert_close({0: forward(ours, x)}, {0: forward(theirs, x)}, TOL)
-    _assert_close(_flat(nnx.state(ours, nnx.BatchStat)), _flat(nnx.state(theirs, nnx.BatchStat)), TOL)
-    grads = [grad(m, x, labels) for m in (ours, theirs)]
-    assert len(_flat(grads[0])) == 14  # every Param: stem 1, stem_bn 2, block 9, head 2
-    _assert_close(_flat(grads[0]), _flat(grads[1]), TOL)
-    _assert_close(_flat(nnx.state(ours, nnx.BatchStat)), _flat(nnx.state(theirs, nnx.BatchStat)), TOL)
-
-    # Eval mode: the running statistics, left unchanged.
-    ours.eval(), theirs.eval()
-    assert ours.block.bn0.use_running_average is True
-    stats = _flat(nnx.state(ours, nnx.BatchStat))
-    _assert_close({0: forward(ours, x)}, {0: forward(theirs, x)}, TOL)
-    grads = [grad(m, x, labels) for m in (ours, theirs)]
-    _assert_close(_flat(grads[0]), _flat(grads[1]), TOL)
-    _assert_close(_flat(nnx.state(ours, nnx.BatchStat)), stats, 0.0)
-
-
+# ------------------------------------------------------- single-op layers
 @pytest.mark.parametrize(
-    "kwargs",
+    "ours, theirs, shape",
     [
-        dict(kernel_size=(3, 3), strides=2),
-        dict(kernel_size=(3, 1), padding=1, kernel_dilation=2),
-        dict(kernel_size=(3, 3), padding="VALID", feature_group_count=2, use_bias=True),
+        (
+            lambda d: jrnnx.Conv(4, 6, (3, 3), strides=2, param_dtype=d, rngs=nnx.Rngs(0)),
+            lambda d: nnx.Conv(4, 6, (3, 3), strides=2, use_bias=False, param_dtype=d, rngs=nnx.Rngs(0)),
+            (2, 7, 8, 4),
+        ),
+        (
+            lambda d: jrnnx.Conv(4, 6, (3, 1), padding=1, kernel_dilation=2, param_dtype=d, rngs=nnx.Rngs(0)),
+            lambda d: nnx.Conv(
+                4, 6, (3, 1), padding=1, kernel_dilation=2, use_bias=False, param_dtype=d, rngs=nnx.Rngs(0)
+            ),
+            (2, 7, 8, 4),
+        ),
+        (
+            lambda d: jrnnx.Conv(
+                4, 6, 3, padding="VALID", feature_group_count=2, use_bias=True, param_dtype=d, rngs=nnx.Rngs(0)
+            ),
+            lambda d: nnx.Conv(4, 6, (3, 3), padding="VALID", feature_group_count=2, param_dtype=d, rngs=nnx.Rngs(0)),
+            (2, 7, 8, 4),
+        ),
+        (
+            lambda d: jrnnx.Projection(4, 6, strides=2, param_dtype=d, rngs=nnx.Rngs(0)),
+            lambda d: nnx.Conv(4, 6, (1, 1), strides=2, use_bias=False, param_dtype=d, rngs=nnx.Rngs(0)),
+            (2, 7, 8, 4),
+        ),
+        (
+            lambda d: jrnnx.Linear(4, 6, param_dtype=d, rngs=nnx.Rngs(0)),
+            lambda d: nnx.Linear(4, 6, param_dtype=d, rngs=nnx.Rngs(0)),
+            (3, 4),
+        ),
     ],
-    ids=["stride2-same", "dilated-int-padding", "grouped-valid-bias"],
+    ids=["conv-stride2-same", "conv-dilated-int-padding", "conv-grouped-valid-bias", "projection", "linear"],
 )
-def test_conv_equals_nnx_conv_and_its_vjp(kwargs):
+def test_layer_equals_the_flax_layer_and_its_vjp(ours, theirs, shape):
     dtype = jnp.float64
-    ours = _filled(lambda: jrnnx.Conv(4, 6, param_dtype=dtype, rngs=nnx.Rngs(0), **kwargs))
-    theirs = nnx.eval_shape(  # nnx.Conv has a bias by default, ours not
-        lambda: nnx.Conv(4, 6, **{"use_bias": False, **kwargs}, param_dtype=dtype, rngs=nnx.Rngs(0))
-    )
-    _copy_weights(ours, theirs)
-    x = _normal((2, 7, 8, 4), dtype)
+    ours = _filled(lambda: ours(dtype))
+    theirs = nnx.eval_shape(lambda: theirs(dtype))
+    _copy_weights(_flat(ours), theirs)
+    x = _normal(shape, dtype)
     _assert_close({0: ours(x)}, {0: theirs(x)}, TOL)
 
     ct_y = _normal(ours(x).shape, dtype, seed=1)
@@ -188,7 +167,6 @@ def test_conv_equals_nnx_conv_and_its_vjp(kwargs):
     _assert_close(_flat(ct_ours), _flat(ct_theirs), TOL)
 
 
-# ------------------------------------------------------------------- BatchNorm
 def test_batch_norm_momentum_convention_matches_nnx_and_blocks():
     """running = 0.9·running + 0.1·batch with the biased batch variance, once per train call."""
     dtype = jnp.float64
@@ -196,7 +174,7 @@ def test_batch_norm_momentum_convention_matches_nnx_and_blocks():
     ours = jrnnx.BatchNorm(5, param_dtype=dtype, rngs=nnx.Rngs(0))
     theirs = nnx.BatchNorm(5, momentum=0.9, epsilon=1e-5, use_fast_variance=False, param_dtype=dtype, rngs=nnx.Rngs(0))
     # nnx.BatchNorm keeps mean and var in float32 whatever param_dtype; ours are float64.
-    _copy_weights(ours, theirs)
+    _copy_weights(_flat(ours), theirs)
     assert ours.use_running_average is False  # nnx.BatchNorm's default: train mode
     ours(x), theirs(x)
 
@@ -224,6 +202,163 @@ def test_batch_norm_momentum_convention_matches_nnx_and_blocks():
     assert not np.array_equal(ours.mean[...], before[("mean",)])
 
 
+# ------------------------------------------- one network, two builds
+class FlaxBasicBlock(nnx.Module):
+    """A v1 basic block from Flax's own layers; an option-B projection when the shape changes."""
+
+    def __init__(self, c_in, c_out, stride, *, dtype, rngs):
+        def conv(c_in, c_out, k, stride=1):
+            return nnx.Conv(c_in, c_out, (k, k), strides=stride, use_bias=False, param_dtype=dtype, rngs=rngs)
+
+        def bn(c):
+            return nnx.BatchNorm(c, momentum=0.9, epsilon=1e-5, use_fast_variance=False, param_dtype=dtype, rngs=rngs)
+
+        self.conv0, self.bn0 = conv(c_in, c_out, 3, stride), bn(c_out)
+        self.conv1, self.bn1 = conv(c_out, c_out, 3), bn(c_out)
+        projects = stride != 1 or c_in != c_out
+        self.proj, self.proj_bn = (conv(c_in, c_out, 1, stride), bn(c_out)) if projects else (None, None)
+
+    def __call__(self, x):
+        h = nnx.relu(self.bn0(self.conv0(x)))
+        h = self.bn1(self.conv1(h))
+        return nnx.relu(h + (x if self.proj is None else self.proj_bn(self.proj(x))))
+
+
+class FlaxNarrowImageNet(nnx.Module):
+    """NARROW_IMAGENET from Flax's layers: 7x7/2 stem, BN, relu, 3x3/2 max pool, basic blocks 4 → 4 and
+    4 → 8 (stride 2), global average, dense. Attribute names follow the pure layout's."""
+
+    def __init__(self, *, dtype, rngs):
+        self.stem = nnx.Conv(3, 4, (7, 7), strides=2, padding=3, use_bias=False, param_dtype=dtype, rngs=rngs)
+        self.stem_bn = nnx.BatchNorm(
+            4, momentum=0.9, epsilon=1e-5, use_fast_variance=False, param_dtype=dtype, rngs=rngs
+        )
+        self.blocks = nnx.List(
+            [FlaxBasicBlock(4, 4, 1, dtype=dtype, rngs=rngs), FlaxBasicBlock(4, 8, 2, dtype=dtype, rngs=rngs)]
+        )
+        self.head = nnx.Linear(8, 3, param_dtype=dtype, rngs=rngs)
+
+    def __call__(self, x):
+        h = nnx.relu(self.stem_bn(self.stem(x)))
+        h = nnx.max_pool(h, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        for block in self.blocks:
+            h = block(h)
+        return self.head(jnp.mean(h, axis=(1, 2)))
+
+
+FLAX_NAMES = {"w": "kernel", "b": "bias", "gamma": "scale", "beta": "bias", "mean": "mean", "var": "var"}
+
+
+def _as_flax(flat: dict) -> dict:
+    """A `Network`'s {path: array} at the Flax peer's paths: ("params", *p, "w") → (*p, "kernel"), ..."""
+    return {(*path[1:-1], FLAX_NAMES[path[-1]]): a for path, a in flat.items()}
+
+
+def test_network_equals_flax_layers_outputs_state_and_gradients():
+    dtype = jnp.float64
+    ours = jrnnx.from_pure(NARROW_IMAGENET, *_pure_weights(NARROW_IMAGENET.init, dtype=dtype))
+    theirs = nnx.eval_shape(lambda: FlaxNarrowImageNet(dtype=dtype, rngs=nnx.Rngs(0)))
+    _copy_weights(_as_flax(_flat(ours)), theirs)
+    x, labels = _normal((2, 16, 16, 3), dtype), jnp.array([1, 2])
+
+    # Train mode: batch statistics; the running statistics are updated once per call.
+    ours.train(), theirs.train()
+    value_and_grad = nnx.jit(nnx.value_and_grad(_loss, has_aux=True))
+    ((_, logits), grads), ((_, logits_ref), grads_ref) = (value_and_grad(m, x, labels) for m in (ours, theirs))
+    _assert_close({0: logits}, {0: logits_ref}, TOL)
+    assert len(_flat(grads)) == 20  # every Param: stem 1, stem_bn 2, blocks 6 + 9, head 2
+    _assert_close(_as_flax(_flat(grads)), _flat(grads_ref), TOL)
+    _assert_close(_as_flax(_flat(nnx.state(ours, nnx.BatchStat))), _flat(nnx.state(theirs, nnx.BatchStat)), TOL)
+
+    # Eval mode: the running statistics, left unchanged.
+    ours.eval(), theirs.eval()
+    stats = _flat(nnx.state(ours, nnx.BatchStat))
+    forward = nnx.jit(lambda m, x: m(x))
+    _assert_close({0: forward(ours, x)}, {0: forward(theirs, x)}, TOL)
+    _assert_equal(_flat(nnx.state(ours, nnx.BatchStat)), stats)
+
+
+# ------------------------------------------------ Network against the pure model
+@pytest.mark.parametrize("name", list(MODELS))
+def test_network_equals_the_pure_model_after_from_pure(name):
+    model, shape = MODELS[name]
+    params, state = _pure_weights(model.init)
+    x = _normal(shape)
+    net = jrnnx.from_pure(model, params, state)
+    assert isinstance(net, jrnnx.Network) and net.use_running_average is False
+
+    # Round trip: the same tree holding the very same arrays.
+    back = jrnnx.to_pure(net)
+    assert jax.tree.structure(back) == jax.tree.structure((params, state))
+    assert all(a is b for a, b in zip(jax.tree.leaves(back), jax.tree.leaves((params, state))))
+
+    out, new_state = model.apply(params, state, x, train=True)
+    np.testing.assert_array_equal(net(x), out)
+    _assert_equal(_flat(nnx.state(net, nnx.BatchStat)), _flat_pure(new_state, "state"))
+
+    net.eval()
+    assert nnx.view(net, use_running_average=False).use_running_average is False  # via set_view
+    out, _ = model.apply(params, new_state, x, train=False)
+    np.testing.assert_array_equal(net(x), out)
+    _assert_equal(_flat(nnx.state(net, nnx.BatchStat)), _flat_pure(new_state, "state"))
+
+
+# grad="autodiff" on an MLP: the attribute only chooses the opset (test_forward_calls_the_custom_vjp_rules...).
+@pytest.mark.parametrize("name, grad", [("one-block", "rules"), ("residual_mlp", "autodiff")])
+def test_network_gradients_equal_the_pure_models(name, grad):
+    model, shape = MODELS[name]
+    params, state = _pure_weights(model.init)
+    x, labels = _normal(shape), jnp.arange(shape[0]) % 3
+    net = jrnnx.from_pure(model, params, state, grad=grad)
+
+    def pure_loss(params):
+        logits, _ = model.apply(params, state, x, train=True, grad=grad)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+    grads, _ = nnx.jit(nnx.grad(_loss, has_aux=True))(net, x, labels)
+    _assert_equal(_flat(grads), _flat_pure(jax.jit(jax.grad(pure_loss))(params), "params"))
+
+
+def test_computation_dtype_casts_the_weights_and_keeps_the_variables():
+    model = models.tiny()
+    params, state = _pure_weights(model.init, dtype=jnp.float64)
+    x = _normal((2, 8, 8, 1), jnp.float64)
+    net = jrnnx.from_pure(model, params, state, dtype=jnp.float32)
+    to32 = lambda tree: jax.tree.map(lambda a: a.astype(jnp.float32), tree)  # noqa: E731
+    out, new_state = model.apply(to32(params), to32(state), x.astype(jnp.float32), train=True)
+    y = net(x)
+    assert y.dtype == jnp.float32
+    np.testing.assert_array_equal(y, out)
+    assert {a.dtype for a in jax.tree.leaves(nnx.state(net))} == {jnp.dtype(jnp.float64)}
+    _assert_equal(_flat(nnx.state(net, nnx.BatchStat)), _flat_pure(jax.tree.map(jnp.float64, new_state), "state"))
+
+
+def test_init_is_the_pure_init_with_the_params_stream_key():
+    mlp = MODELS["residual_mlp"][0]
+    net = jrnnx.Network(mlp, rngs=nnx.Rngs(0), param_dtype=jnp.float64)
+    _assert_equal(_flat(net), _flat_pure(mlp.init(nnx.Rngs(0).params(), jnp.float64)[0], "params"))
+    assert _flat(nnx.state(net, nnx.BatchStat)) == {}  # an MLP has no batch statistics
+
+    spec = blocks.BlockSpec("basic", 2, 2, zero_init_residual=True)
+    block = jrnnx.Block(spec, rngs=nnx.Rngs(0))
+    params, state = blocks.init_block(nnx.Rngs(0).params(), spec)
+    _assert_equal(_flat(block), {**_flat_pure(params, "params"), **_flat_pure(state, "state")})
+
+
+def test_block_equals_apply_block_after_from_pure():
+    spec = blocks.BlockSpec("bottleneck", 8, 4, stride=2)
+    params, state = _pure_weights(lambda key, dtype: blocks.init_block(key, spec, dtype))
+    block = jrnnx.from_pure(spec, params, state)
+    assert isinstance(block, jrnnx.Block)
+    x = _normal((2, 4, 4, 8))
+    out, new_state = blocks.apply_block(opset(), spec, params, state, x, train=True)
+    np.testing.assert_array_equal(block(x), out)
+    _assert_equal(_flat(nnx.state(block, nnx.BatchStat)), _flat_pure(new_state, "state"))
+    block.eval()
+    out, _ = blocks.apply_block(opset(), spec, params, new_state, x, train=False)
+    np.testing.assert_array_equal(block(x), out)
+
+
 # ------------------------------------------------------ the rules run inside
 def _custom_vjp_backwards(module, x):
     """The backward functions of the custom_vjp calls in module(x)'s jaxpr, and its top-level primitives."""
@@ -233,7 +368,7 @@ def _custom_vjp_backwards(module, x):
 
 
 def test_forward_calls_the_custom_vjp_rules_and_autodiff_does_not():
-    net = nnx.eval_shape(lambda: jrnnx.ResNet("tiny", rngs=nnx.Rngs(0)))
+    net = nnx.eval_shape(lambda: jrnnx.Network("tiny", rngs=nnx.Rngs(0)))
     x = jax.ShapeDtypeStruct((2, 8, 8, 1), jnp.float32)
 
     bwds, primitives = _custom_vjp_backwards(net, x)
@@ -253,108 +388,21 @@ def test_forward_calls_the_custom_vjp_rules_and_autodiff_does_not():
     assert bwds == [] and "conv_general_dilated" in primitives
 
 
-# --------------------------------------------------- ResNet against the pure model
-SPECS = {
-    "tiny": (models.tiny(), (2, 8, 8, 1)),
-    "imagenet-bottleneck-B": (
-        models.Model(models.ResNetSpec((1, 1), "bottleneck", (2, 4), "imagenet", 4, "B", num_classes=3)),
-        (2, 16, 16, 3),
-    ),
-    "preact-B": (models.cifar_resnet(8, num_classes=3, widths=(4, 4, 8), block="preact_basic").spec, (2, 8, 8, 3)),
-}
-
-
-def _assert_trees_equal(actual, expected):
-    assert jax.tree.structure(actual) == jax.tree.structure(expected)
-    for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
-        np.testing.assert_array_equal(a, e)
-
-
-@pytest.mark.parametrize("name", list(SPECS))
-def test_resnet_equals_pure_model_after_from_pure(name):
-    spec, shape = SPECS[name]
-    model = spec if isinstance(spec, models.Model) else models.Model(spec)
-    params, state = _pure_weights(model)
-    x = _normal(shape)
-    net = jrnnx.from_pure(spec, params, state)
-    assert isinstance(net, jrnnx.ResNet)
-
-    # Round trip: the same tree holding the very same arrays.
-    back = jrnnx.to_pure(net)
-    assert jax.tree.structure(back) == jax.tree.structure((params, state))
-    assert all(a is b for a, b in zip(jax.tree.leaves(back), jax.tree.leaves((params, state))))
-
-    out, new_state = model.apply(params, state, x, train=True)
-    np.testing.assert_array_equal(net(x), out)
-    _assert_trees_equal(jrnnx.to_pure(net)[1], new_state)
-
-    net.eval()
-    out, _ = model.apply(params, new_state, x, train=False)
-    np.testing.assert_array_equal(net(x), out)
-
-
-def test_resnet_gradients_equal_the_pure_models():
-    model = models.tiny()
-    params, state = _pure_weights(model)
-    x, labels = _normal((2, 8, 8, 1)), jnp.array([0, 7])
-    net = jrnnx.from_pure(model, params, state)
-
-    def pure_loss(params):
-        logits, _ = model.apply(params, state, x, train=True)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
-    grads = nnx.jit(nnx.grad(_loss))(net, x, labels)
-    # The gradient State has the module's layout: merged into a module, to_pure reads it as pure params.
-    graphdef, _, batch_stats = nnx.split(net, nnx.Param, ...)
-    grads_pure, _ = jrnnx.to_pure(nnx.merge(graphdef, grads, batch_stats))
-    _assert_trees_equal(grads_pure, jax.jit(jax.grad(pure_loss))(params))
-
-
-def test_block_from_pure_and_back_for_a_bottleneck():
-    # The shapes of the second block of SPECS["imagenet-bottleneck-B"]: its compiled ops are reused.
-    spec = blocks.BlockSpec("bottleneck", 8, 4, stride=2)
-    params, state = jax.eval_shape(lambda: blocks.init_block(jax.random.key(0), spec))
-    rng = np.random.default_rng(0)
-    params, state = jax.tree_util.tree_map_with_path(
-        lambda p, a: _value(p[-1].key, a.shape, a.dtype, rng), (params, state)
-    )
-    block = jrnnx.from_pure(spec, params, state)
-    assert isinstance(block, jrnnx.Block)
-    x = _normal((2, 4, 4, 8))
-    out, new_state = blocks.apply_block(opset(), spec, params, state, x, train=True)
-    np.testing.assert_array_equal(block(x), out)
-    _assert_trees_equal(jrnnx.to_pure(block)[1], new_state)
-    fresh = nnx.eval_shape(lambda: jrnnx.Bottleneck(8, 4, strides=2, rngs=nnx.Rngs(0)))
-    assert fresh.spec == spec
-    assert jax.tree.structure(jrnnx.to_pure(fresh)) == jax.tree.structure((params, state))
-
-
-def test_initializers_follow_the_pure_models():
-    """He-normal kernels drawn from the Rngs, BN scale 1 (0 for the last with zero_init_residual), bias 0."""
-    block = jrnnx.BasicBlock(2, 2, zero_init_residual=True, rngs=nnx.Rngs(0))
-    again = jrnnx.BasicBlock(2, 2, zero_init_residual=True, rngs=nnx.Rngs(0))
-    np.testing.assert_array_equal(block.conv0.kernel[...], again.conv0.kernel[...])
-    assert not np.array_equal(block.conv0.kernel[...], block.conv1.kernel[...])
-    np.testing.assert_array_equal(block.bn0.scale[...], jnp.ones(2))
-    np.testing.assert_array_equal(block.bn1.scale[...], jnp.zeros(2))
-    np.testing.assert_array_equal(block.bn1.bias[...], jnp.zeros(2))
-    assert block.conv0.kernel[...].dtype == jnp.float32 and block.bn0.mean[...].dtype == jnp.float32
-
-
 # --------------------------------------------------------------------- training
 def test_three_sgd_steps_with_nnx_optimizer_decrease_the_loss():
-    model = _filled(lambda: jrnnx.ResNet(models.tiny(num_classes=4), rngs=nnx.Rngs(0)))
-    optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
-    x, labels = _normal((8, 8, 8, 1)), jnp.arange(8) % 4
+    model, shape = MODELS["one-block"]
+    net = jrnnx.from_pure(model, *_pure_weights(model.init))
+    optimizer = nnx.Optimizer(net, optax.sgd(0.1), wrt=nnx.Param)
+    x, labels = _normal(shape), jnp.arange(shape[0]) % 4
 
     @nnx.jit
-    def step(model, optimizer, x, labels):
-        loss, grads = nnx.value_and_grad(_loss)(model, x, labels)
-        optimizer.update(model, grads)
+    def step(net, optimizer, x, labels):
+        (loss, _), grads = nnx.value_and_grad(_loss, has_aux=True)(net, x, labels)
+        optimizer.update(net, grads)
         return loss
 
-    losses = [float(step(model, optimizer, x, labels)) for _ in range(3)]
-    losses.append(float(nnx.jit(_loss)(model, x, labels)))
+    losses = [float(step(net, optimizer, x, labels)) for _ in range(3)]
+    losses.append(float(nnx.jit(_loss)(net, x, labels)[0]))
     assert all(b < a for a, b in zip(losses, losses[1:])), losses
     assert int(optimizer.step[...]) == 3
 
@@ -374,9 +422,17 @@ def test_three_sgd_steps_with_nnx_optimizer_decrease_the_loss():
         ),
         (lambda r: jrnnx.Conv(3, 4, 3, param_dtype=jnp.int32, rngs=r), TypeError, r"Conv: argument `param_dtype`"),
         (lambda r: jrnnx.BatchNorm(4, momentum=1.5, rngs=r), ValueError, r"BatchNorm: argument `momentum`"),
-        (lambda r: jrnnx.BasicBlock(4, 0, rngs=r), ValueError, r"BasicBlock: argument `features`"),
-        (lambda r: jrnnx.Bottleneck(4, 2, shortcut="C", rngs=r), ValueError, r"Bottleneck: argument `shortcut`"),
-        (lambda r: jrnnx.ResNet("residual_mlp", rngs=r), TypeError, r"ResNet: argument `spec` must be"),
+        (lambda r: jrnnx.Network(blocks.BlockSpec("basic", 4, 4), rngs=r), TypeError, r"Network: argument `model`"),
+        (lambda r: jrnnx.Network("resnet9", rngs=r), ValueError, r"Network: argument `model`: unknown model"),
+        (lambda r: jrnnx.Network("tiny", grad="numeric", rngs=r), ValueError, r"Network: argument `grad`"),
+        (lambda r: jrnnx.Network("tiny", dtype="int8", rngs=r), TypeError, r"Network: argument `dtype`"),
+        (
+            lambda r: jrnnx.Network("tiny", use_running_average=None, rngs=r),
+            TypeError,
+            r"Network: argument `use_running_average`",
+        ),
+        (lambda r: jrnnx.Block(models.tiny(), rngs=r), TypeError, r"Block: argument `spec` must be"),
+        (lambda r: jrnnx.Block(blocks.BlockSpec("basic", 4, 0), rngs=r), ValueError, r"Block: argument `spec.width`"),
     ],
 )
 def test_constructors_name_the_bad_argument(build, error, match):
@@ -385,33 +441,58 @@ def test_constructors_name_the_bad_argument(build, error, match):
 
 
 @pytest.mark.parametrize(
-    "build, shape, match",
+    "build, x, error, match",
     [
-        (lambda: jrnnx.Conv(3, 4, 3, rngs=nnx.Rngs(0)), (2, 8, 8, 2), r"Conv: argument `x` must have 3 features"),
-        (lambda: jrnnx.Conv(3, 4, 3, rngs=nnx.Rngs(0)), (8, 8, 3), r"Conv: argument `x` must be NHWC"),
-        (lambda: jrnnx.Linear(3, 4, rngs=nnx.Rngs(0)), (2, 5), r"Linear: argument `x` must have 3 features"),
-        (lambda: jrnnx.BatchNorm(3, use_running_average=None, rngs=nnx.Rngs(0)), (2, 3), r"use_running_average"),
-        (lambda: jrnnx.BasicBlock(4, 4, rngs=nnx.Rngs(0)), (1, 4, 4, 3), r"BasicBlock: argument `x`"),
-        (lambda: jrnnx.ResNet("tiny", rngs=nnx.Rngs(0)), (1, 8, 8, 3), r"ResNet: argument `x` must have 1 features"),
+        (lambda: jrnnx.Conv(3, 4, 3, rngs=nnx.Rngs(0)), (2, 8, 8, 2), ValueError, r"Conv: argument `x` must have 3"),
+        (lambda: jrnnx.Conv(3, 4, 3, rngs=nnx.Rngs(0)), (8, 8, 3), ValueError, r"Conv: argument `x` must be NHWC"),
+        (lambda: jrnnx.Linear(3, 4, rngs=nnx.Rngs(0)), (2, 5), ValueError, r"Linear: argument `x` must have 3"),
+        (
+            lambda: jrnnx.BatchNorm(3, use_running_average=None, rngs=nnx.Rngs(0)),
+            (2, 3),
+            ValueError,
+            r"use_running_average",
+        ),
+        (
+            lambda: jrnnx.Block(blocks.BlockSpec("basic", 4, 4), rngs=nnx.Rngs(0)),
+            (1, 4, 4, 3),
+            ValueError,
+            r"Block: argument `x` must have 4 features",
+        ),
+        (
+            lambda: jrnnx.Network("tiny", rngs=nnx.Rngs(0)),
+            (1, 8, 8, 3),
+            ValueError,
+            r"argument `x` must be NHWC with 1 channels",
+        ),
+        (
+            lambda: jrnnx.Network(MODELS["plain_mlp"][0], rngs=nnx.Rngs(0)),
+            (2, 15),
+            ValueError,
+            r"argument `x` must have 16 features",
+        ),
+        (lambda: jrnnx.Network("tiny", rngs=nnx.Rngs(0)), None, TypeError, r"Network: argument `x` must be an array"),
     ],
 )
-def test_calls_name_the_bad_input(build, shape, match):
-    module = nnx.eval_shape(build)
-    with pytest.raises(ValueError, match=match):
-        module(jnp.ones(shape, jnp.float32))
+def test_calls_name_the_bad_input(build, x, error, match):
+    with pytest.raises(error, match=match):  # shapes only: nothing is initialised or run
+        nnx.eval_shape(lambda: build()(x if x is None else jnp.ones(x, jnp.float32)))
 
 
 def test_conversion_errors_name_the_mismatch():
     model = models.tiny()
-    params, state = _pure_weights(model)
+    params, state = _pure_weights(model.init)
     with pytest.raises(
         ValueError, match=r"argument `params` does not have the model's layout; missing .*\['blocks'\]\[3\]"
     ):
         jrnnx.from_pure(models.cifar_resnet(14, widths=(8, 16, 32), in_channels=1), params, state)
+    with pytest.raises(ValueError, match=r"argument `params` does not have the model's layout; missing .*\['in'\]"):
+        jrnnx.from_pure(models.residual_mlp(), params, state)
+    with pytest.raises(ValueError, match=r"argument `state` does not have the model's layout; missing .*stem_bn"):
+        jrnnx.from_pure(model, params, {})
     wrong = {**params, "head": {"w": jnp.zeros((32, 3), jnp.float32), "b": params["head"]["b"]}}
     with pytest.raises(ValueError, match=r"`params\['head'\]\['w'\]` must have shape \(32, 10\)"):
         jrnnx.from_pure(model, wrong, state)
     with pytest.raises(TypeError, match=r"from_pure: argument `model` must be"):
-        jrnnx.from_pure(models.residual_mlp(), params, state)
+        jrnnx.from_pure(42, params, state)
     with pytest.raises(TypeError, match=r"to_pure: argument `module`"):
         jrnnx.to_pure(nnx.eval_shape(lambda: nnx.Linear(2, 3, rngs=nnx.Rngs(0))))

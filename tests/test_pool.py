@@ -16,26 +16,7 @@ from hypothesis import strategies as st
 
 from jax_resnet.gradcheck import DEFAULT_FD_RTOL, gradcheck
 from jax_resnet.ops import pool
-
-
-@st.composite
-def pool_cases(draw, max_pad_below_window):
-    """(shape, window, stride, padding). Max pooling needs every pad < window (no all-padding window)."""
-    kh, kw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
-    window = kh if kh == kw and draw(st.booleans()) else (kh, kw)
-    stride = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
-    pad_h = st.integers(0, kh - 1) if max_pad_below_window else st.integers(0, 2)
-    pad_w = st.integers(0, kw - 1) if max_pad_below_window else st.integers(0, 2)
-    kind = draw(st.sampled_from(["SAME", "VALID", "int", "explicit"]))
-    if kind == "int":
-        padding = draw(st.integers(0, min(kh, kw) - 1) if max_pad_below_window else st.integers(0, 2))
-    elif kind == "explicit":
-        padding = ((draw(pad_h), draw(pad_h)), (draw(pad_w), draw(pad_w)))
-    else:
-        padding = kind
-    # A few input shapes (odd, even, non-square) rather than any: the checks' own small ops then compile once per shape.
-    shape = draw(st.sampled_from([(2, 6, 6, 2), (1, 5, 7, 3), (2, 7, 4, 1)]))
-    return shape, window, stride, padding
+from jax_resnet.testing.strategies import pool_cases
 
 
 # Inputs come from numpy: a jax.random draw would compile anew for every shape.

@@ -10,6 +10,7 @@ runs (`step.compiled_train_step` is cached), which keeps this file fast.
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -127,6 +128,45 @@ def test_resume_gives_identical_parameters(straight, tmp_path, monkeypatch):
     _assert_trees_identical(got, want)  # params, BatchNorm state and Adam state
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]
+
+
+def _damage(step_dir: Path, kind: str) -> None:
+    arrays = [p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
+    assert arrays, f"no array files under {step_dir}"
+    for p in arrays:
+        if kind == "truncated":
+            p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+        elif kind == "garbage":
+            p.write_bytes(np.random.default_rng(0).bytes(p.stat().st_size))
+    if kind == "no-metadata":
+        (step_dir / "state" / "_METADATA").unlink()
+
+
+@pytest.mark.parametrize("kind", ["truncated", "garbage", "no-metadata"])
+def test_resume_skips_a_damaged_newest_checkpoint(straight, tmp_path, capsys, kind):
+    """The newest checkpoint damaged: --resume names it, sets it aside (nothing
+    deleted), continues from the one before, and ends where the straight run did."""
+    ref_out, _ = straight
+    out = tmp_path / "damaged"
+    shutil.copytree(ref_out, out)
+    newest = 2 * STEPS_PER_EPOCH
+    _damage(out / "checkpoints" / str(newest), kind)
+    metrics = train.train(dataclasses.replace(BASE, out=str(out), resume=True, skip_grad_check=True))
+    log = capsys.readouterr().out
+    assert f"checkpoint step {newest} is damaged" in log
+    assert metrics["resumed_from_epoch"] == 1 and metrics["epochs"] == 2
+    assert (out / "checkpoints-damaged" / str(newest)).is_dir()
+    _assert_trees_identical(checkpoints.load(out)[0], checkpoints.load(ref_out)[0])
+
+
+def test_resume_with_every_checkpoint_damaged_stops_with_a_clear_error(straight, tmp_path):
+    ref_out, _ = straight
+    out = tmp_path / "all-damaged"
+    shutil.copytree(ref_out, out)
+    for saved in _steps(out):
+        _damage(out / "checkpoints" / str(saved), "truncated")
+    with pytest.raises(ValueError, match=r"no intact checkpoint .*step 16: .*step 8: "):
+        train.train(dataclasses.replace(BASE, out=str(out), resume=True, skip_grad_check=True))
 
 
 def test_kill_while_saving_keeps_previous_checkpoint(straight, tmp_path, monkeypatch):

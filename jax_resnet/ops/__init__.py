@@ -2,8 +2,18 @@
 backward pass beside its forward, and a plain-`jnp` `<name>_reference` twin
 with the same signature that JAX differentiates.
 
-`opset("rules")` and `opset("autodiff")` return the two sets under the same
-names, so models are written once and choose their gradients per call.
+Each family module lists its public ops in `OPS`; everything here is built
+from those lists, by the names every op has (CONTRIBUTING.md):
+
+  <name>            the rule: validates, resolves its settings, calls the core
+  <name>_reference  the twin JAX differentiates
+  _<name>_fwd       the core's forward, (*arrays[, config]) -> (y, residuals)
+  <name>_config     (ops with static settings) (*arrays, **settings) -> the
+                    hashable config the core takes as its one `nondiff_argnums`
+
+`SPECS` holds an `OpSpec` per op, and `opset("rules")` / `opset("autodiff")`
+return the two `OpSet`s under the same names, so models are written once and
+choose their gradients per call. `jax_resnet.ops.relu` etc. are the rules.
 """
 
 from __future__ import annotations
@@ -12,91 +22,71 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from jax_resnet.ops import activations, conv, linear, loss, norm, pool, shortcut
-from jax_resnet.ops.activations import gelu, leaky_relu, relu, sigmoid, silu, softplus, tanh
-from jax_resnet.ops.conv import conv2d
-from jax_resnet.ops.linear import dense
-from jax_resnet.ops.loss import mse_loss, softmax_cross_entropy
-from jax_resnet.ops.norm import batch_norm_eval, batch_norm_train, group_norm, layer_norm
-from jax_resnet.ops.pool import avg_pool, global_avg_pool, max_pool
-from jax_resnet.ops.shortcut import add, projection, shortcut_pad
 
-__all__ = [
-    "activations",
-    "conv",
-    "linear",
-    "loss",
-    "norm",
-    "pool",
-    "shortcut",
-    "OpSet",
-    "opset",
-    "RULES",
-    "AUTODIFF",
-    "GRAD_MODES",
-    "gelu",
-    "leaky_relu",
-    "relu",
-    "sigmoid",
-    "silu",
-    "softplus",
-    "tanh",
-    "conv2d",
-    "dense",
-    "mse_loss",
-    "softmax_cross_entropy",
-    "batch_norm_eval",
-    "batch_norm_train",
-    "group_norm",
-    "layer_norm",
-    "avg_pool",
-    "global_avg_pool",
-    "max_pool",
-    "add",
-    "projection",
-    "shortcut_pad",
-]
+# The families, in `OpSet` order; a new family adds its module here.
+FAMILIES = (activations, linear, conv, norm, pool, shortcut, loss)
 
 
-class OpSet(NamedTuple):
-    """Every op under one name; fields are the rule or its reference twin."""
+class OpSpec(NamedTuple):
+    """One op's public surface, read off its family module by name.
 
-    relu: Callable
-    leaky_relu: Callable
-    tanh: Callable
-    sigmoid: Callable
-    gelu: Callable
-    silu: Callable
-    softplus: Callable
-    dense: Callable
-    conv2d: Callable
-    batch_norm_train: Callable
-    batch_norm_eval: Callable
-    layer_norm: Callable
-    group_norm: Callable
-    max_pool: Callable
-    avg_pool: Callable
-    global_avg_pool: Callable
-    add: Callable
-    shortcut_pad: Callable
-    projection: Callable
-    mse_loss: Callable
-    softmax_cross_entropy: Callable
+    Attributes:
+      name: the op's name, e.g. "conv2d"; also its `OpSet` field.
+      family: its module's name, also its document: derivations/<family>.md.
+      fn: the rule, the public wrapper around the `custom_vjp` core.
+      reference: the plain-`jnp` twin, same signature and forward values.
+      config: `(*arrays, **settings) -> config`, the checks and the static
+        settings resolved for these arrays; None for an op without settings.
+      fwd: the core's forward, `(*arrays[, config]) -> (y, residuals)`.
+    """
 
+    name: str
+    family: str
+    fn: Callable
+    reference: Callable
+    config: Callable | None
+    fwd: Callable
 
-_MODULES = (activations, linear, conv, norm, pool, shortcut, loss)
+    @property
+    def doc(self) -> str:
+        """The derivation anchor, "<family>.md#<name>"."""
+        return f"{self.family}.md#{self.name}"
 
-
-def _collect(suffix: str) -> OpSet:
-    found = {}
-    for name in OpSet._fields:
-        for module in _MODULES:
-            if hasattr(module, name):
-                found[name] = getattr(module, name + suffix)
-    return OpSet(**found)
+    def saved(self, *arrays, **settings):
+        """`(y, residuals)`: the forward the rule runs under differentiation, for
+        these arrays and settings (keywords), and what it saves for the backward."""
+        if self.config is None:
+            if settings:
+                raise TypeError(f"{self.name} has no settings, got {', '.join(sorted(settings))}")
+            return self.fwd(*arrays)
+        return self.fwd(*arrays, self.config(*arrays, **settings))
 
 
-RULES = _collect("")
-AUTODIFF = _collect("_reference")
+def _spec(module, name: str) -> OpSpec:
+    family = module.__name__.rsplit(".", 1)[1]
+    missing = [a for a in (name, f"{name}_reference", f"_{name}_fwd") if not hasattr(module, a)]
+    if missing:
+        raise AttributeError(
+            f"{module.__name__}.OPS lists {name!r}, but the module has no {', '.join(missing)}; "
+            f"an op needs {name}, _{name}_fwd and {name}_reference (CONTRIBUTING.md)"
+        )
+    return OpSpec(
+        name,
+        family,
+        getattr(module, name),
+        getattr(module, f"{name}_reference"),
+        getattr(module, f"{name}_config", None),
+        getattr(module, f"_{name}_fwd"),
+    )
+
+
+SPECS: dict[str, OpSpec] = {name: _spec(module, name) for module in FAMILIES for name in module.OPS}
+
+OpSet = NamedTuple("OpSet", [(name, Callable) for name in SPECS])
+OpSet.__doc__ = "Every op under one name; fields are the rules or their reference twins, in `SPECS` order."
+
+RULES = OpSet(*(spec.fn for spec in SPECS.values()))
+AUTODIFF = OpSet(*(spec.reference for spec in SPECS.values()))
 GRAD_MODES = {"rules": RULES, "autodiff": AUTODIFF}
 
 
@@ -112,3 +102,20 @@ def opset(grad: str | OpSet = "rules") -> OpSet:
         return GRAD_MODES[grad]
     except (KeyError, TypeError):
         raise ValueError(f"argument `grad` must be 'rules', 'autodiff' or an OpSet, got {grad!r}") from None
+
+
+# The rules under their own names, flat: `jax_resnet.ops.conv2d`.
+globals().update(RULES._asdict())
+
+__all__ = [
+    *(module.__name__.rsplit(".", 1)[1] for module in FAMILIES),
+    "FAMILIES",
+    "OpSpec",
+    "SPECS",
+    "OpSet",
+    "opset",
+    "RULES",
+    "AUTODIFF",
+    "GRAD_MODES",
+    *SPECS,
+]

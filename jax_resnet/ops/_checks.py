@@ -44,6 +44,13 @@ def shape(op: str, name: str, x, expected: tuple, why: str = "") -> None:
         raise ValueError(f"{op}: argument `{name}` must have shape {tuple(expected)}{reason}, got {tuple(x.shape)}")
 
 
+def nhwc(op: str, name: str, x) -> tuple[int, int]:
+    """Raise unless `x` is a floating [N, H, W, C] array; return its static (H, W)."""
+    floating(op, name, x)
+    rank(op, name, x, 4, "NHWC")
+    return (int(x.shape[1]), int(x.shape[2]))
+
+
 def same_dtype(op: str, **arrays) -> None:
     """Raise TypeError unless all arrays share one dtype (no silent promotion inside a rule)."""
     dtypes = {name: a.dtype for name, a in arrays.items()}

@@ -17,6 +17,9 @@ import jax.numpy as jnp
 
 from jax_resnet.ops import _checks
 
+# This module's ops, in `OpSet` order (jax_resnet/ops/__init__.py builds everything else from it).
+OPS = ("relu", "leaky_relu", "tanh", "sigmoid", "gelu", "silu", "softplus")
+
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _INV_SQRT_2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
@@ -29,13 +32,15 @@ class ReluResiduals(NamedTuple):
 
 @jax.custom_vjp
 def _relu(x):
-    return jnp.maximum(x, 0)
+    return jnp.where(x <= 0, 0, x)
 
 
 # _relu_fwd :: x -> (y, ReluResiduals)
 def _relu_fwd(x):
-    # maximum, not where(x > 0, x, 0): a NaN input must stay NaN, as in jax.nn.relu.
-    return jnp.maximum(x, 0), ReluResiduals(x > 0)
+    # where(x <= 0, 0, x), not where(x > 0, x, 0): a NaN input must stay NaN, as in
+    # jax.nn.relu. Not maximum(x, 0) either: XLA then recomputed the BN+ReLU fusion in
+    # each consumer of y, one activation-sized buffer more per layer (derivations/activations.md#relu).
+    return jnp.where(x <= 0, 0, x), ReluResiduals(x > 0)
 
 
 # _relu_bwd :: (ReluResiduals, ct_y) -> (ct_x,)
@@ -69,27 +74,41 @@ def relu_reference(x):
 
 
 # ----------------------------------------------------------------------- leaky_relu
+class LeakyReluConfig(NamedTuple):
+    negative_slope: float  # α, the slope for x ≤ 0
+
+
 class LeakyReluResiduals(NamedTuple):
     mask: jax.Array  # bool, x > 0
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _leaky_relu(x, negative_slope):
-    return jnp.where(x > 0, x, negative_slope * x)
+def _leaky_relu(x, config):
+    return jnp.where(x > 0, x, config.negative_slope * x)
 
 
-# _leaky_relu_fwd :: (x, slope) -> (y, LeakyReluResiduals)
-def _leaky_relu_fwd(x, negative_slope):
+# _leaky_relu_fwd :: (x, LeakyReluConfig) -> (y, LeakyReluResiduals)
+def _leaky_relu_fwd(x, config):
     mask = x > 0
-    return jnp.where(mask, x, negative_slope * x), LeakyReluResiduals(mask)
+    return jnp.where(mask, x, config.negative_slope * x), LeakyReluResiduals(mask)
 
 
-# _leaky_relu_bwd :: (slope, LeakyReluResiduals, ct_y) -> (ct_x,)
-def _leaky_relu_bwd(negative_slope, res, ct_y):
-    return (jnp.where(res.mask, ct_y, negative_slope * ct_y),)
+# _leaky_relu_bwd :: (LeakyReluConfig, LeakyReluResiduals, ct_y) -> (ct_x,)
+def _leaky_relu_bwd(config, res, ct_y):
+    return (jnp.where(res.mask, ct_y, config.negative_slope * ct_y),)
 
 
 _leaky_relu.defvjp(_leaky_relu_fwd, _leaky_relu_bwd)
+
+
+def leaky_relu_config(x, negative_slope=0.01) -> LeakyReluConfig:
+    """Validate `leaky_relu`'s arguments and resolve its static setting."""
+    _checks.floating("leaky_relu", "x", x)
+    if isinstance(negative_slope, bool) or not isinstance(negative_slope, (int, float)):
+        raise TypeError(
+            f"leaky_relu: argument `negative_slope` must be a Python float, got {type(negative_slope).__name__}"
+        )
+    return LeakyReluConfig(float(negative_slope))
 
 
 def leaky_relu(x: jax.Array, negative_slope: float = 0.01) -> jax.Array:
@@ -107,12 +126,7 @@ def leaky_relu(x: jax.Array, negative_slope: float = 0.01) -> jax.Array:
 
     Derivation: derivations/activations.md#leaky_relu
     """
-    _checks.floating("leaky_relu", "x", x)
-    if isinstance(negative_slope, bool) or not isinstance(negative_slope, (int, float)):
-        raise TypeError(
-            f"leaky_relu: argument `negative_slope` must be a Python float, got {type(negative_slope).__name__}"
-        )
-    return _leaky_relu(x, float(negative_slope))
+    return _leaky_relu(x, leaky_relu_config(x, negative_slope))
 
 
 def leaky_relu_reference(x, negative_slope=0.01):
@@ -199,6 +213,10 @@ def sigmoid_reference(x):
 
 
 # ----------------------------------------------------------------------------- gelu
+class GeluConfig(NamedTuple):
+    approximate: bool  # the tanh approximation instead of the exact erf form
+
+
 class GeluResiduals(NamedTuple):
     x: jax.Array
 
@@ -210,19 +228,19 @@ def _gelu_value(x, approximate):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _gelu(x, approximate):
-    return _gelu_value(x, approximate)
+def _gelu(x, config):
+    return _gelu_value(x, config.approximate)
 
 
-# _gelu_fwd :: (x, approximate) -> (y, GeluResiduals)
-def _gelu_fwd(x, approximate):
-    return _gelu_value(x, approximate), GeluResiduals(x)
+# _gelu_fwd :: (x, GeluConfig) -> (y, GeluResiduals)
+def _gelu_fwd(x, config):
+    return _gelu_value(x, config.approximate), GeluResiduals(x)
 
 
-# _gelu_bwd :: (approximate, GeluResiduals, ct_y) -> (ct_x,)
-def _gelu_bwd(approximate, res, ct_y):
+# _gelu_bwd :: (GeluConfig, GeluResiduals, ct_y) -> (ct_x,)
+def _gelu_bwd(config, res, ct_y):
     x = res.x
-    if approximate:
+    if config.approximate:
         u = _SQRT_2_OVER_PI * (x + 0.044715 * x**3)
         t = jnp.tanh(u)
         du_dx = _SQRT_2_OVER_PI * (1 + 3 * 0.044715 * x**2)
@@ -235,6 +253,12 @@ def _gelu_bwd(approximate, res, ct_y):
 
 
 _gelu.defvjp(_gelu_fwd, _gelu_bwd)
+
+
+def gelu_config(x, approximate=False) -> GeluConfig:
+    """Validate `gelu`'s argument and resolve its static setting."""
+    _checks.floating("gelu", "x", x)
+    return GeluConfig(bool(approximate))
 
 
 def gelu(x: jax.Array, approximate: bool = False) -> jax.Array:
@@ -251,8 +275,7 @@ def gelu(x: jax.Array, approximate: bool = False) -> jax.Array:
 
     Derivation: derivations/activations.md#gelu
     """
-    _checks.floating("gelu", "x", x)
-    return _gelu(x, bool(approximate))
+    return _gelu(x, gelu_config(x, approximate))
 
 
 def gelu_reference(x, approximate=False):

@@ -21,6 +21,9 @@ from jax import lax
 
 from jax_resnet.ops import _checks
 
+# This module's ops, in `OpSet` order (jax_resnet/ops/__init__.py builds everything else from it).
+OPS = ("conv2d",)
+
 # x, ct_x: NHWC; w: HWIO.
 _DIMS = ("NHWC", "HWIO", "NHWC")
 # ct_w: x is read with its channels as the batch and its batch as the features,
@@ -28,8 +31,10 @@ _DIMS = ("NHWC", "HWIO", "NHWC")
 _DIMS_CT_W = ("CHWN", "IHWO", "HWNC")
 
 
+# --------------------------------------------------------------------------- conv2d
 class ConvConfig(NamedTuple):
-    """Static settings of one convolution, every field resolved to pairs."""
+    """Static settings of one convolution, every field resolved to pairs: the
+    core's `nondiff_argnums` argument, made by `conv2d_config`."""
 
     stride: tuple[int, int]
     padding: tuple[tuple[int, int], tuple[int, int]]  # ((top, bottom), (left, right))
@@ -37,39 +42,6 @@ class ConvConfig(NamedTuple):
     groups: int
 
 
-def conv2d_config(x, w, *, stride=1, padding="SAME", dilation=1, groups=1) -> ConvConfig:
-    """Validate `conv2d`'s arguments and resolve its settings to a `ConvConfig`.
-
-    Raises TypeError for non-floating or mixed dtypes and ValueError for bad
-    ranks, channel counts, strides, dilations, groups or padding; each message
-    names `conv2d`, the argument, what was expected and what came.
-    """
-    op = "conv2d"
-    _checks.floating(op, "x", x)
-    _checks.floating(op, "w", w)
-    _checks.same_dtype(op, x=x, w=w)
-    _checks.rank(op, "x", x, 4, "NHWC")
-    _checks.rank(op, "w", w, 4, "HWIO")
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
-        raise ValueError(f"{op}: argument `groups` must be a positive int, got {groups!r}")
-    _, height, width, channels = x.shape
-    kh, kw, c_in, c_out = w.shape
-    if c_in * groups != channels:
-        raise ValueError(
-            f"{op}: argument `w` must have in-channels x.shape[-1] / groups = {channels} / {groups} "
-            f"(w.shape[2] * groups == C), got w.shape {tuple(w.shape)} with x.shape {tuple(x.shape)}"
-        )
-    if c_out % groups != 0:
-        raise ValueError(
-            f"{op}: argument `w` must have out-channels w.shape[3] divisible by groups = {groups}, got w.shape {tuple(w.shape)}"
-        )
-    stride = _checks.pair(op, "stride", stride)
-    dilation = _checks.pair(op, "dilation", dilation)
-    pads = _checks.padding(op, padding, (height, width), (kh, kw), stride, dilation)
-    return ConvConfig(stride, pads, dilation, groups)
-
-
-# --------------------------------------------------------------------------- conv2d
 class Conv2dResiduals(NamedTuple):
     x: jax.Array  # NHWC input, read again by ct_w
     w: jax.Array  # HWIO kernel, read again by ct_x
@@ -143,6 +115,38 @@ def _conv2d_bwd(config, res, ct_y):
 _conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
 
 
+def conv2d_config(x, w, *, stride=1, padding="SAME", dilation=1, groups=1) -> ConvConfig:
+    """Validate `conv2d`'s arguments and resolve its settings to a `ConvConfig`.
+
+    Raises TypeError for non-floating or mixed dtypes and ValueError for bad
+    ranks, channel counts, strides, dilations, groups or padding; each message
+    names `conv2d`, the argument, what was expected and what came.
+    """
+    op = "conv2d"
+    _checks.floating(op, "x", x)
+    _checks.floating(op, "w", w)
+    _checks.same_dtype(op, x=x, w=w)
+    _checks.rank(op, "x", x, 4, "NHWC")
+    _checks.rank(op, "w", w, 4, "HWIO")
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"{op}: argument `groups` must be a positive int, got {groups!r}")
+    _, height, width, channels = x.shape
+    kh, kw, c_in, c_out = w.shape
+    if c_in * groups != channels:
+        raise ValueError(
+            f"{op}: argument `w` must have in-channels x.shape[-1] / groups = {channels} / {groups} "
+            f"(w.shape[2] * groups == C), got w.shape {tuple(w.shape)} with x.shape {tuple(x.shape)}"
+        )
+    if c_out % groups != 0:
+        raise ValueError(
+            f"{op}: argument `w` must have out-channels w.shape[3] divisible by groups = {groups}, got w.shape {tuple(w.shape)}"
+        )
+    stride = _checks.pair(op, "stride", stride)
+    dilation = _checks.pair(op, "dilation", dilation)
+    pads = _checks.padding(op, padding, (height, width), (kh, kw), stride, dilation)
+    return ConvConfig(stride, pads, dilation, groups)
+
+
 def conv2d(x: jax.Array, w: jax.Array, *, stride=1, padding="SAME", dilation=1, groups=1) -> jax.Array:
     """2-D convolution (cross-correlation), NHWC × HWIO, with a hand-derived VJP.
 
@@ -183,13 +187,11 @@ def conv2d(x: jax.Array, w: jax.Array, *, stride=1, padding="SAME", dilation=1, 
 
 def conv2d_reference(x, w, *, stride=1, padding="SAME", dilation=1, groups=1):
     # Hands "SAME"/"VALID" to lax as strings, so lax's own padding rule checks ours.
-    if isinstance(padding, int):
-        padding = ((padding, padding), (padding, padding))
     return lax.conv_general_dilated(
         x,
         w,
         window_strides=_checks.pair("conv2d", "stride", stride),
-        padding=padding,
+        padding=_checks.padding_form("conv2d", padding),
         rhs_dilation=_checks.pair("conv2d", "dilation", dilation),
         dimension_numbers=_DIMS,
         feature_group_count=groups,

@@ -12,6 +12,9 @@ import jax.numpy as jnp
 
 from jax_resnet.ops import _checks
 
+# This module's ops, in `OpSet` order (jax_resnet/ops/__init__.py builds everything else from it).
+OPS = ("dense",)
+
 
 class DenseResiduals(NamedTuple):
     x: jax.Array

@@ -14,6 +14,9 @@ import numpy as np
 
 from jax_resnet.ops import _checks
 
+# This module's ops, in `OpSet` order (jax_resnet/ops/__init__.py builds everything else from it).
+OPS = ("mse_loss", "softmax_cross_entropy")
+
 
 # ------------------------------------------------------------------------- mse_loss
 class MseResiduals(NamedTuple):
@@ -71,6 +74,10 @@ def mse_loss_reference(a, y):
 
 
 # ------------------------------------------------------------ softmax_cross_entropy
+class SoftmaxCrossEntropyConfig(NamedTuple):
+    label_smoothing: float  # ε in [0, 1)
+
+
 class SoftmaxCrossEntropyResiduals(NamedTuple):
     p: jax.Array  # softmax(logits)
     labels: jax.Array  # the targets q are rebuilt from these: m integers, not an [m, K] array
@@ -88,46 +95,33 @@ def _log_softmax(z):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _softmax_cross_entropy(logits, labels, label_smoothing):
-    q = _targets(labels, logits.shape[-1], label_smoothing, logits.dtype)
+def _softmax_cross_entropy(logits, labels, config):
+    q = _targets(labels, logits.shape[-1], config.label_smoothing, logits.dtype)
     return -jnp.sum(q * _log_softmax(logits)) / logits.shape[0]
 
 
-# _softmax_cross_entropy_fwd :: (logits, labels, ε) -> (L, SoftmaxCrossEntropyResiduals)
-def _softmax_cross_entropy_fwd(logits, labels, label_smoothing):
-    q = _targets(labels, logits.shape[-1], label_smoothing, logits.dtype)
+# _softmax_cross_entropy_fwd :: (logits, labels, SoftmaxCrossEntropyConfig) -> (L, SoftmaxCrossEntropyResiduals)
+def _softmax_cross_entropy_fwd(logits, labels, config):
+    q = _targets(labels, logits.shape[-1], config.label_smoothing, logits.dtype)
     log_p = _log_softmax(logits)
     loss = -jnp.sum(q * log_p) / logits.shape[0]
     return loss, SoftmaxCrossEntropyResiduals(jnp.exp(log_p), labels)
 
 
-# _softmax_cross_entropy_bwd :: (ε, SoftmaxCrossEntropyResiduals, ct_L) -> (ct_logits, None)
-def _softmax_cross_entropy_bwd(label_smoothing, res, ct_loss):
+# _softmax_cross_entropy_bwd :: (SoftmaxCrossEntropyConfig, SoftmaxCrossEntropyResiduals, ct_L) -> (ct_logits, None)
+def _softmax_cross_entropy_bwd(config, res, ct_loss):
     m, num_classes = res.p.shape
-    q = _targets(res.labels, num_classes, label_smoothing, res.p.dtype)
+    q = _targets(res.labels, num_classes, config.label_smoothing, res.p.dtype)
     return ct_loss * (res.p - q) / m, None
 
 
 _softmax_cross_entropy.defvjp(_softmax_cross_entropy_fwd, _softmax_cross_entropy_bwd)
 
 
-def softmax_cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
-    """Mean softmax cross-entropy with integer labels and label smoothing.
+def softmax_cross_entropy_config(logits, labels, label_smoothing=0.0) -> SoftmaxCrossEntropyConfig:
+    """Validate `softmax_cross_entropy`'s arguments and resolve its static setting.
 
-    Targets q = (1 − ε)·onehot(labels) + ε/K, p = softmax(z),
-    L = −(1/m) Σᵢ Σₖ qᵢₖ log pᵢₖ. VJP: ct_z = ct_L·(p − q)/m; labels get no
-    cotangent. log-softmax subtracts the row maximum, so logits of any size
-    are safe. Saves p and the labels (q is rebuilt from them).
-
-    Args:
-      logits: [m, K] floating array.
-      labels: [m] integers in [0, K); checked when called eagerly, assumed under jit.
-      label_smoothing: ε in [0, 1), a static Python float.
-
-    Returns:
-      L, a scalar.
-
-    Derivation: derivations/loss.md#softmax_cross_entropy
+    Labels are range-checked when concrete (eagerly), assumed valid under jit.
     """
     op = "softmax_cross_entropy"
     _checks.floating(op, "logits", logits)
@@ -148,7 +142,28 @@ def softmax_cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing:
         low, high = int(values.min(initial=0)), int(values.max(initial=0))
         if low < 0 or high >= num_classes:
             raise ValueError(f"{op}: argument `labels` must lie in [0, {num_classes}), got values in [{low}, {high}]")
-    return _softmax_cross_entropy(logits, labels, float(label_smoothing))
+    return SoftmaxCrossEntropyConfig(float(label_smoothing))
+
+
+def softmax_cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
+    """Mean softmax cross-entropy with integer labels and label smoothing.
+
+    Targets q = (1 − ε)·onehot(labels) + ε/K, p = softmax(z),
+    L = −(1/m) Σᵢ Σₖ qᵢₖ log pᵢₖ. VJP: ct_z = ct_L·(p − q)/m; labels get no
+    cotangent. log-softmax subtracts the row maximum, so logits of any size
+    are safe. Saves p and the labels (q is rebuilt from them).
+
+    Args:
+      logits: [m, K] floating array.
+      labels: [m] integers in [0, K); checked when called eagerly, assumed under jit.
+      label_smoothing: ε in [0, 1), a static Python float.
+
+    Returns:
+      L, a scalar.
+
+    Derivation: derivations/loss.md#softmax_cross_entropy
+    """
+    return _softmax_cross_entropy(logits, labels, softmax_cross_entropy_config(logits, labels, label_smoothing))
 
 
 def softmax_cross_entropy_reference(logits, labels, label_smoothing=0.0):

@@ -27,8 +27,17 @@ from jax import lax
 
 from jax_resnet.ops import _checks
 
+# This module's ops, in `OpSet` order (jax_resnet/ops/__init__.py builds everything else from it).
+OPS = ("batch_norm_train", "batch_norm_eval", "layer_norm", "group_norm")
+
 
 # --------------------------------------------------------------------- shared algebra
+class NormConfig(NamedTuple):
+    """The static setting of batch_norm_train, batch_norm_eval and layer_norm."""
+
+    eps: float  # added to var, positive
+
+
 def _standardize(x, axes, eps):
     """x_hat, mean, var, inv_std over `axes` (kept as size-1 axes); biased variance."""
     mean = jnp.mean(x, axis=axes, keepdims=True)
@@ -56,7 +65,7 @@ def _leading_axes(x):
 
 
 def _check_channel_params(op, x, eps, **params):
-    """Validate x [..., C] (rank ≥ 2) and per-channel params [C], one floating dtype; return eps."""
+    """Validate x [..., C] (rank ≥ 2) and per-channel params [C], one floating dtype; return eps as a float."""
     _checks.floating(op, "x", x)
     for name, a in params.items():
         _checks.floating(op, name, a)
@@ -76,21 +85,21 @@ class BatchNormTrainResiduals(NamedTuple):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _batch_norm_train(x, gamma, beta, eps):
-    return _batch_norm_train_fwd(x, gamma, beta, eps)[0]
+def _batch_norm_train(x, gamma, beta, config):
+    return _batch_norm_train_fwd(x, gamma, beta, config)[0]
 
 
-# _batch_norm_train_fwd :: (x, gamma, beta, eps) -> ((y, mean, var), BatchNormTrainResiduals)
-def _batch_norm_train_fwd(x, gamma, beta, eps):
+# _batch_norm_train_fwd :: (x, gamma, beta, NormConfig) -> ((y, mean, var), BatchNormTrainResiduals)
+def _batch_norm_train_fwd(x, gamma, beta, config):
     channels = x.shape[-1:]
-    x_hat, mean, var, inv_std = _standardize(x, _leading_axes(x), eps)
+    x_hat, mean, var, inv_std = _standardize(x, _leading_axes(x), config.eps)
     y = gamma * x_hat + beta
     out = (y, mean.reshape(channels), var.reshape(channels))
     return out, BatchNormTrainResiduals(x_hat, inv_std.reshape(channels), gamma)
 
 
-# _batch_norm_train_bwd :: (eps, BatchNormTrainResiduals, (ct_y, ct_mean, ct_var)) -> (ct_x, ct_gamma, ct_beta)
-def _batch_norm_train_bwd(eps, res, cts):
+# _batch_norm_train_bwd :: (NormConfig, BatchNormTrainResiduals, (ct_y, ct_mean, ct_var)) -> (ct_x, ct_gamma, ct_beta)
+def _batch_norm_train_bwd(config, res, cts):
     ct_y, ct_mean, ct_var = cts
     x_hat, inv_std = res.x_hat, res.inv_std
     axes = _leading_axes(x_hat)
@@ -108,6 +117,11 @@ def _batch_norm_train_bwd(eps, res, cts):
 
 
 _batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd)
+
+
+def batch_norm_train_config(x, gamma, beta, *, eps=1e-5) -> NormConfig:
+    """Validate `batch_norm_train`'s arguments and resolve its static setting."""
+    return NormConfig(_check_channel_params("batch_norm_train", x, eps, gamma=gamma, beta=beta))
 
 
 def batch_norm_train(x: jax.Array, gamma: jax.Array, beta: jax.Array, *, eps: float = 1e-5):
@@ -136,8 +150,7 @@ def batch_norm_train(x: jax.Array, gamma: jax.Array, beta: jax.Array, *, eps: fl
 
     Derivation: derivations/norm.md#batch_norm_train
     """
-    eps = _check_channel_params("batch_norm_train", x, eps, gamma=gamma, beta=beta)
-    return _batch_norm_train(x, gamma, beta, eps)
+    return _batch_norm_train(x, gamma, beta, batch_norm_train_config(x, gamma, beta, eps=eps))
 
 
 # The references run the rules' forward expressions (`_standardize`), so both
@@ -157,19 +170,19 @@ class BatchNormEvalResiduals(NamedTuple):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _batch_norm_eval(x, gamma, beta, mean, var, eps):
-    return _batch_norm_eval_fwd(x, gamma, beta, mean, var, eps)[0]
+def _batch_norm_eval(x, gamma, beta, mean, var, config):
+    return _batch_norm_eval_fwd(x, gamma, beta, mean, var, config)[0]
 
 
-# _batch_norm_eval_fwd :: (x, gamma, beta, mean, var, eps) -> (y, BatchNormEvalResiduals)
-def _batch_norm_eval_fwd(x, gamma, beta, mean, var, eps):
-    inv_std = lax.rsqrt(var + eps)
+# _batch_norm_eval_fwd :: (x, gamma, beta, mean, var, NormConfig) -> (y, BatchNormEvalResiduals)
+def _batch_norm_eval_fwd(x, gamma, beta, mean, var, config):
+    inv_std = lax.rsqrt(var + config.eps)
     x_hat = (x - mean) * inv_std
     return gamma * x_hat + beta, BatchNormEvalResiduals(x_hat, inv_std, gamma)
 
 
-# _batch_norm_eval_bwd :: (eps, BatchNormEvalResiduals, ct_y) -> (ct_x, ct_gamma, ct_beta, ct_mean, ct_var)
-def _batch_norm_eval_bwd(eps, res, ct_y):
+# _batch_norm_eval_bwd :: (NormConfig, BatchNormEvalResiduals, ct_y) -> (ct_x, ct_gamma, ct_beta, ct_mean, ct_var)
+def _batch_norm_eval_bwd(config, res, ct_y):
     x_hat, inv_std = res.x_hat, res.inv_std
     axes = _leading_axes(x_hat)
     ct_xhat = ct_y * res.gamma
@@ -182,6 +195,11 @@ def _batch_norm_eval_bwd(eps, res, ct_y):
 
 
 _batch_norm_eval.defvjp(_batch_norm_eval_fwd, _batch_norm_eval_bwd)
+
+
+def batch_norm_eval_config(x, gamma, beta, mean, var, *, eps=1e-5) -> NormConfig:
+    """Validate `batch_norm_eval`'s arguments and resolve its static setting."""
+    return NormConfig(_check_channel_params("batch_norm_eval", x, eps, gamma=gamma, beta=beta, mean=mean, var=var))
 
 
 def batch_norm_eval(
@@ -208,8 +226,7 @@ def batch_norm_eval(
 
     Derivation: derivations/norm.md#batch_norm_eval
     """
-    eps = _check_channel_params("batch_norm_eval", x, eps, gamma=gamma, beta=beta, mean=mean, var=var)
-    return _batch_norm_eval(x, gamma, beta, mean, var, eps)
+    return _batch_norm_eval(x, gamma, beta, mean, var, batch_norm_eval_config(x, gamma, beta, mean, var, eps=eps))
 
 
 def batch_norm_eval_reference(x, gamma, beta, mean, var, *, eps=1e-5):
@@ -224,18 +241,18 @@ class LayerNormResiduals(NamedTuple):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _layer_norm(x, gamma, beta, eps):
-    return _layer_norm_fwd(x, gamma, beta, eps)[0]
+def _layer_norm(x, gamma, beta, config):
+    return _layer_norm_fwd(x, gamma, beta, config)[0]
 
 
-# _layer_norm_fwd :: (x, gamma, beta, eps) -> (y, LayerNormResiduals)
-def _layer_norm_fwd(x, gamma, beta, eps):
-    x_hat, _, _, inv_std = _standardize(x, (x.ndim - 1,), eps)
+# _layer_norm_fwd :: (x, gamma, beta, NormConfig) -> (y, LayerNormResiduals)
+def _layer_norm_fwd(x, gamma, beta, config):
+    x_hat, _, _, inv_std = _standardize(x, (x.ndim - 1,), config.eps)
     return gamma * x_hat + beta, LayerNormResiduals(x_hat, inv_std, gamma)
 
 
-# _layer_norm_bwd :: (eps, LayerNormResiduals, ct_y) -> (ct_x, ct_gamma, ct_beta)
-def _layer_norm_bwd(eps, res, ct_y):
+# _layer_norm_bwd :: (NormConfig, LayerNormResiduals, ct_y) -> (ct_x, ct_gamma, ct_beta)
+def _layer_norm_bwd(config, res, ct_y):
     x_hat = res.x_hat
     examples = _leading_axes(x_hat)
     ct_gamma = jnp.sum(ct_y * x_hat, axis=examples)
@@ -246,6 +263,11 @@ def _layer_norm_bwd(eps, res, ct_y):
 
 
 _layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+def layer_norm_config(x, gamma, beta, *, eps=1e-5) -> NormConfig:
+    """Validate `layer_norm`'s arguments and resolve its static setting."""
+    return NormConfig(_check_channel_params("layer_norm", x, eps, gamma=gamma, beta=beta))
 
 
 def layer_norm(x: jax.Array, gamma: jax.Array, beta: jax.Array, *, eps: float = 1e-5) -> jax.Array:
@@ -270,8 +292,7 @@ def layer_norm(x: jax.Array, gamma: jax.Array, beta: jax.Array, *, eps: float = 
 
     Derivation: derivations/norm.md#layer_norm
     """
-    eps = _check_channel_params("layer_norm", x, eps, gamma=gamma, beta=beta)
-    return _layer_norm(x, gamma, beta, eps)
+    return _layer_norm(x, gamma, beta, layer_norm_config(x, gamma, beta, eps=eps))
 
 
 def layer_norm_reference(x, gamma, beta, *, eps=1e-5):
@@ -279,6 +300,11 @@ def layer_norm_reference(x, gamma, beta, *, eps=1e-5):
 
 
 # ----------------------------------------------------------------------- group_norm
+class GroupNormConfig(NamedTuple):
+    groups: int  # divides C
+    eps: float  # added to var, positive
+
+
 class GroupNormResiduals(NamedTuple):
     x_hat: jax.Array  # [N, ..., C], (x − mean)·inv_std, in x's layout
     inv_std: jax.Array  # [N, 1, ..., 1, G, 1], against x viewed as [N, ..., G, C/G]
@@ -291,23 +317,23 @@ def _grouped(shape, groups):
     return grouped, (*range(1, len(shape) - 1), len(shape))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _group_norm(x, gamma, beta, groups, eps):
-    return _group_norm_fwd(x, gamma, beta, groups, eps)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _group_norm(x, gamma, beta, config):
+    return _group_norm_fwd(x, gamma, beta, config)[0]
 
 
-# _group_norm_fwd :: (x, gamma, beta, groups, eps) -> (y, GroupNormResiduals)
-def _group_norm_fwd(x, gamma, beta, groups, eps):
-    grouped, axes = _grouped(x.shape, groups)
-    x_hat, _, _, inv_std = _standardize(x.reshape(grouped), axes, eps)
+# _group_norm_fwd :: (x, gamma, beta, GroupNormConfig) -> (y, GroupNormResiduals)
+def _group_norm_fwd(x, gamma, beta, config):
+    grouped, axes = _grouped(x.shape, config.groups)
+    x_hat, _, _, inv_std = _standardize(x.reshape(grouped), axes, config.eps)
     x_hat = x_hat.reshape(x.shape)
     return gamma * x_hat + beta, GroupNormResiduals(x_hat, inv_std, gamma)
 
 
-# _group_norm_bwd :: (groups, eps, GroupNormResiduals, ct_y) -> (ct_x, ct_gamma, ct_beta)
-def _group_norm_bwd(groups, eps, res, ct_y):
+# _group_norm_bwd :: (GroupNormConfig, GroupNormResiduals, ct_y) -> (ct_x, ct_gamma, ct_beta)
+def _group_norm_bwd(config, res, ct_y):
     x_hat = res.x_hat
-    grouped, axes = _grouped(x_hat.shape, groups)
+    grouped, axes = _grouped(x_hat.shape, config.groups)
     examples = _leading_axes(x_hat)
     ct_gamma = jnp.sum(ct_y * x_hat, axis=examples)
     ct_beta = jnp.sum(ct_y, axis=examples)
@@ -318,6 +344,19 @@ def _group_norm_bwd(groups, eps, res, ct_y):
 
 
 _group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
+
+
+def group_norm_config(x, gamma, beta, *, groups, eps=1e-5) -> GroupNormConfig:
+    """Validate `group_norm`'s arguments and resolve its static settings."""
+    eps = _check_channel_params("group_norm", x, eps, gamma=gamma, beta=beta)
+    channels = x.shape[-1]
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"group_norm: argument `groups` must be a positive Python int, got {groups!r}")
+    if channels % groups:
+        raise ValueError(
+            f"group_norm: argument `groups` must divide the {channels} channels of x (last axis), got groups={groups}"
+        )
+    return GroupNormConfig(groups, eps)
 
 
 def group_norm(x: jax.Array, gamma: jax.Array, beta: jax.Array, *, groups: int, eps: float = 1e-5) -> jax.Array:
@@ -345,15 +384,7 @@ def group_norm(x: jax.Array, gamma: jax.Array, beta: jax.Array, *, groups: int, 
 
     Derivation: derivations/norm.md#group_norm
     """
-    eps = _check_channel_params("group_norm", x, eps, gamma=gamma, beta=beta)
-    channels = x.shape[-1]
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
-        raise ValueError(f"group_norm: argument `groups` must be a positive Python int, got {groups!r}")
-    if channels % groups:
-        raise ValueError(
-            f"group_norm: argument `groups` must divide the {channels} channels of x (last axis), got groups={groups}"
-        )
-    return _group_norm(x, gamma, beta, groups, eps)
+    return _group_norm(x, gamma, beta, group_norm_config(x, gamma, beta, groups=groups, eps=eps))
 
 
 def group_norm_reference(x, gamma, beta, *, groups, eps=1e-5):

@@ -20,9 +20,13 @@ from jax import lax
 
 from jax_resnet.ops import _checks
 
+# This module's ops, in `OpSet` order (jax_resnet/ops/__init__.py builds everything else from it).
+OPS = ("max_pool", "avg_pool", "global_avg_pool")
+
 
 class PoolGeometry(NamedTuple):
-    """The static settings of a pooling rule, resolved for one input shape."""
+    """The static settings of max_pool and avg_pool, resolved for one input shape:
+    the core's `nondiff_argnums` argument, made by `max_pool_config` / `avg_pool_config`."""
 
     window: tuple[int, int]
     stride: tuple[int, int]
@@ -33,8 +37,8 @@ class PoolGeometry(NamedTuple):
 def _geometry(op: str, shape: tuple, window, stride, padding) -> PoolGeometry:
     """Validate the settings and resolve `padding` for an input of `shape` [N, H, W, C].
 
-    The public wrappers call it; so do the registry's entries, to bind the
-    same static geometry into a rule's forward."""
+    The configs call it, and so do the references, so that both read the
+    settings alike."""
     window = _checks.pair(op, "window", window)
     stride = _checks.pair(op, "stride", stride)
     in_hw = (int(shape[1]), int(shape[2]))
@@ -84,11 +88,6 @@ def _place(g, p: int, q: int, geom: PoolGeometry):
     return lax.pad(g, jnp.array(0, g.dtype), ((0, 0, 0), rows, cols, (0, 0, 0)))
 
 
-def _check_input(op: str, x) -> None:
-    _checks.floating(op, "x", x)
-    _checks.rank(op, "x", x, 4, "NHWC")
-
-
 # ------------------------------------------------------------------------- max_pool
 class MaxPoolResiduals(NamedTuple):
     argmax: jax.Array  # int8 (int32 if kh·kw > 127), y's shape: the first k with x_k == y
@@ -128,6 +127,19 @@ def _max_pool_bwd(geom, res, ct_y):
 _max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
+def max_pool_config(x, *, window=3, stride=2, padding="SAME") -> PoolGeometry:
+    """Validate `max_pool`'s arguments and resolve its static geometry for this x."""
+    _checks.nhwc("max_pool", "x", x)
+    geom = _geometry("max_pool", x.shape, window, stride, padding)
+    for (lo, hi), k, axis in zip(geom.pads, geom.window, ("height", "width")):
+        if lo >= k or hi >= k:
+            raise ValueError(
+                f"max_pool: argument `padding` must be smaller than the window on each side ({axis}: window {k}), "
+                f"got {(lo, hi)}; a window wholly in the padding would output -inf"
+            )
+    return geom
+
+
 def max_pool(x: jax.Array, *, window=3, stride=2, padding="SAME") -> jax.Array:
     """Max pooling over H and W of an NHWC array, with a hand-derived VJP.
 
@@ -149,28 +161,21 @@ def max_pool(x: jax.Array, *, window=3, stride=2, padding="SAME") -> jax.Array:
       y: [N, oh, ow, C], oh = (H + top + bottom − kh) // sh + 1, likewise ow.
 
     Example:
-      >>> x = jnp.arange(16.0).reshape(1, 4, 4, 1)
+      >>> x = jnp.arange(16.0, dtype=jnp.float32).reshape(1, 4, 4, 1)
       >>> max_pool(x, window=2, stride=2, padding="VALID")[0, :, :, 0]
       Array([[ 5.,  7.],
              [13., 15.]], dtype=float32)
 
     Derivation: derivations/pool.md#max_pool
     """
-    _check_input("max_pool", x)
-    geom = _geometry("max_pool", x.shape, window, stride, padding)
-    for (lo, hi), k, axis in zip(geom.pads, geom.window, ("height", "width")):
-        if lo >= k or hi >= k:
-            raise ValueError(
-                f"max_pool: argument `padding` must be smaller than the window on each side ({axis}: window {k}), "
-                f"got {(lo, hi)}; a window wholly in the padding would output -inf"
-            )
-    return _max_pool(x, geom)
+    return _max_pool(x, max_pool_config(x, window=window, stride=stride, padding=padding))
 
 
 def max_pool_reference(x, *, window=3, stride=2, padding="SAME"):
-    (kh, kw), (sh, sw) = _checks.pair("max_pool", "window", window), _checks.pair("max_pool", "stride", stride)
-    pads = _checks.padding("max_pool", padding, x.shape[1:3], (kh, kw), (sh, sw))
-    return lax.reduce_window(x, -jnp.inf, lax.max, (1, kh, kw, 1), (1, sh, sw, 1), ((0, 0), *pads, (0, 0)))
+    geom = _geometry("max_pool", x.shape, window, stride, padding)
+    return lax.reduce_window(
+        x, -jnp.inf, lax.max, (1, *geom.window, 1), (1, *geom.stride, 1), ((0, 0), *geom.pads, (0, 0))
+    )
 
 
 # ------------------------------------------------------------------------- avg_pool
@@ -200,6 +205,12 @@ def _avg_pool_bwd(geom, res, ct_y):
 _avg_pool.defvjp(_avg_pool_fwd, _avg_pool_bwd)
 
 
+def avg_pool_config(x, *, window, stride, padding="VALID") -> PoolGeometry:
+    """Validate `avg_pool`'s arguments and resolve its static geometry for this x."""
+    _checks.nhwc("avg_pool", "x", x)
+    return _geometry("avg_pool", x.shape, window, stride, padding)
+
+
 def avg_pool(x: jax.Array, *, window, stride, padding="VALID") -> jax.Array:
     """Average pooling over H and W of an NHWC array, with a hand-derived VJP.
 
@@ -218,40 +229,48 @@ def avg_pool(x: jax.Array, *, window, stride, padding="VALID") -> jax.Array:
 
     Derivation: derivations/pool.md#avg_pool
     """
-    _check_input("avg_pool", x)
-    return _avg_pool(x, _geometry("avg_pool", x.shape, window, stride, padding))
+    return _avg_pool(x, avg_pool_config(x, window=window, stride=stride, padding=padding))
 
 
 def avg_pool_reference(x, *, window, stride, padding="VALID"):
-    (kh, kw), (sh, sw) = _checks.pair("avg_pool", "window", window), _checks.pair("avg_pool", "stride", stride)
-    pads = _checks.padding("avg_pool", padding, x.shape[1:3], (kh, kw), (sh, sw))
-    total = lax.reduce_window(x, 0.0, lax.add, (1, kh, kw, 1), (1, sh, sw, 1), ((0, 0), *pads, (0, 0)))
+    geom = _geometry("avg_pool", x.shape, window, stride, padding)
+    kh, kw = geom.window
+    total = lax.reduce_window(x, 0.0, lax.add, (1, kh, kw, 1), (1, *geom.stride, 1), ((0, 0), *geom.pads, (0, 0)))
     return total / (kh * kw)
 
 
 # ------------------------------------------------------------------ global_avg_pool
+class GlobalAvgPoolConfig(NamedTuple):
+    in_hw: tuple[int, int]  # the input's (H, W): ct_y [N, C] does not carry them
+
+
 class GlobalAvgPoolResiduals(NamedTuple):
     """Nothing: the VJP broadcasts ct_y, and H, W are static."""
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _global_avg_pool(x, in_hw):
+def _global_avg_pool(x, config):
     return jnp.mean(x, axis=(1, 2))
 
 
-# _global_avg_pool_fwd :: (x, in_hw) -> (y, GlobalAvgPoolResiduals)
-def _global_avg_pool_fwd(x, in_hw):
+# _global_avg_pool_fwd :: (x, GlobalAvgPoolConfig) -> (y, GlobalAvgPoolResiduals)
+def _global_avg_pool_fwd(x, config):
     return jnp.mean(x, axis=(1, 2)), GlobalAvgPoolResiduals()
 
 
-# _global_avg_pool_bwd :: (in_hw, GlobalAvgPoolResiduals, ct_y) -> (ct_x,)
-def _global_avg_pool_bwd(in_hw, res, ct_y):
-    h, w = in_hw
+# _global_avg_pool_bwd :: (GlobalAvgPoolConfig, GlobalAvgPoolResiduals, ct_y) -> (ct_x,)
+def _global_avg_pool_bwd(config, res, ct_y):
+    h, w = config.in_hw
     n, c = ct_y.shape
     return (jnp.broadcast_to(ct_y[:, None, None, :] / (h * w), (n, h, w, c)),)
 
 
 _global_avg_pool.defvjp(_global_avg_pool_fwd, _global_avg_pool_bwd)
+
+
+def global_avg_pool_config(x) -> GlobalAvgPoolConfig:
+    """Validate `global_avg_pool`'s argument and record the static (H, W) of this x."""
+    return GlobalAvgPoolConfig(_checks.nhwc("global_avg_pool", "x", x))
 
 
 def global_avg_pool(x: jax.Array) -> jax.Array:
@@ -268,8 +287,7 @@ def global_avg_pool(x: jax.Array) -> jax.Array:
 
     Derivation: derivations/pool.md#global_avg_pool
     """
-    _check_input("global_avg_pool", x)
-    return _global_avg_pool(x, (int(x.shape[1]), int(x.shape[2])))
+    return _global_avg_pool(x, global_avg_pool_config(x))
 
 
 def global_avg_pool_reference(x):

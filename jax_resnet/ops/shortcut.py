@@ -20,6 +20,9 @@ from jax import lax
 
 from jax_resnet.ops import _checks
 
+# This module's ops, in `OpSet` order (jax_resnet/ops/__init__.py builds everything else from it).
+OPS = ("add", "shortcut_pad", "projection")
+
 
 def _subsample(x, stride):
     """x_s = x[:, ::sh, ::sw, :], the positions a strided 1×1 shortcut reads."""
@@ -39,11 +42,6 @@ def _unsubsample(ct_x_s, stride, in_hw):
     rows = (0, (h - 1) - (oh - 1) * sh, sh - 1)
     cols = (0, (w - 1) - (ow - 1) * sw, sw - 1)
     return lax.pad(ct_x_s, jnp.array(0, ct_x_s.dtype), ((0, 0, 0), rows, cols, (0, 0, 0)))
-
-
-def _nhwc(op: str, name: str, x) -> None:
-    _checks.floating(op, name, x)
-    _checks.rank(op, name, x, 4, "NHWC")
 
 
 # ------------------------------------------------------------------------------ add
@@ -107,6 +105,12 @@ def add_reference(a, b):
 
 
 # --------------------------------------------------------------------- shortcut_pad
+class ShortcutPadConfig(NamedTuple):
+    stride: tuple[int, int]
+    in_hw: tuple[int, int]  # the input's (H, W): several input sizes subsample to one output size
+    channel_pads: tuple[int, int]  # zero channels (before, after) the input's
+
+
 class ShortcutPadResiduals(NamedTuple):
     """Nothing: the VJP is a slice and a strided placement with static shapes."""
 
@@ -116,18 +120,19 @@ def _shortcut_pad_value(x, stride, channel_pads):
     return jnp.pad(_subsample(x, stride), ((0, 0), (0, 0), (0, 0), (before, after)))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
-def _shortcut_pad(x, stride, in_hw, channel_pads):
-    return _shortcut_pad_value(x, stride, channel_pads)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _shortcut_pad(x, config):
+    return _shortcut_pad_value(x, config.stride, config.channel_pads)
 
 
-# _shortcut_pad_fwd :: (x, stride, in_hw, channel_pads) -> (y, ShortcutPadResiduals)
-def _shortcut_pad_fwd(x, stride, in_hw, channel_pads):
-    return _shortcut_pad_value(x, stride, channel_pads), ShortcutPadResiduals()
+# _shortcut_pad_fwd :: (x, ShortcutPadConfig) -> (y, ShortcutPadResiduals)
+def _shortcut_pad_fwd(x, config):
+    return _shortcut_pad_value(x, config.stride, config.channel_pads), ShortcutPadResiduals()
 
 
-# _shortcut_pad_bwd :: (stride, in_hw, channel_pads, ShortcutPadResiduals, ct_y) -> (ct_x,)
-def _shortcut_pad_bwd(stride, in_hw, channel_pads, res, ct_y):
+# _shortcut_pad_bwd :: (ShortcutPadConfig, ShortcutPadResiduals, ct_y) -> (ct_x,)
+def _shortcut_pad_bwd(config, res, ct_y):
+    stride, in_hw, channel_pads = config
     before, after = channel_pads
     # The zero channels are constants: their cotangent is dropped.
     ct_x_s = ct_y[..., before : ct_y.shape[-1] - after]
@@ -135,6 +140,20 @@ def _shortcut_pad_bwd(stride, in_hw, channel_pads, res, ct_y):
 
 
 _shortcut_pad.defvjp(_shortcut_pad_fwd, _shortcut_pad_bwd)
+
+
+def shortcut_pad_config(x, *, out_channels, stride) -> ShortcutPadConfig:
+    """Validate `shortcut_pad`'s arguments and resolve its static settings for this x."""
+    in_hw = _checks.nhwc("shortcut_pad", "x", x)
+    stride = _checks.pair("shortcut_pad", "stride", stride)
+    c_in = x.shape[-1]
+    if isinstance(out_channels, bool) or not isinstance(out_channels, int) or out_channels < c_in:
+        raise ValueError(
+            f"shortcut_pad: argument `out_channels` must be an int ≥ the input's channels {c_in} "
+            f"(option A only adds zero channels; use projection to reduce them), got {out_channels!r}"
+        )
+    before = (out_channels - c_in) // 2
+    return ShortcutPadConfig(stride, in_hw, (before, out_channels - c_in - before))
 
 
 def shortcut_pad(x: jax.Array, *, out_channels: int, stride) -> jax.Array:
@@ -155,21 +174,7 @@ def shortcut_pad(x: jax.Array, *, out_channels: int, stride) -> jax.Array:
 
     Derivation: derivations/shortcut.md#shortcut_pad
     """
-    return _shortcut_pad(x, *_shortcut_pad_settings(x, out_channels, stride))
-
-
-def _shortcut_pad_settings(x, out_channels, stride):
-    """Validate, and resolve the static (stride, in_hw, channel_pads) of `_shortcut_pad` for this x."""
-    _nhwc("shortcut_pad", "x", x)
-    stride = _checks.pair("shortcut_pad", "stride", stride)
-    c_in = x.shape[-1]
-    if isinstance(out_channels, bool) or not isinstance(out_channels, int) or out_channels < c_in:
-        raise ValueError(
-            f"shortcut_pad: argument `out_channels` must be an int ≥ the input's channels {c_in} "
-            f"(option A only adds zero channels; use projection to reduce them), got {out_channels!r}"
-        )
-    before = (out_channels - c_in) // 2
-    return stride, (int(x.shape[1]), int(x.shape[2])), (before, out_channels - c_in - before)
+    return _shortcut_pad(x, shortcut_pad_config(x, out_channels=out_channels, stride=stride))
 
 
 def shortcut_pad_reference(x, *, out_channels, stride):
@@ -179,24 +184,30 @@ def shortcut_pad_reference(x, *, out_channels, stride):
 
 
 # ----------------------------------------------------------------------- projection
+class ProjectionConfig(NamedTuple):
+    stride: tuple[int, int]
+    in_hw: tuple[int, int]  # the input's (H, W), as for shortcut_pad
+
+
 class ProjectionResiduals(NamedTuple):
     x_s: jax.Array  # x[:, ::sh, ::sw, :], the only part of x that y reads
     w: jax.Array
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _projection(x, w, stride, in_hw):
-    return _subsample(x, stride) @ w
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _projection(x, w, config):
+    return _subsample(x, config.stride) @ w
 
 
-# _projection_fwd :: (x, w, stride, in_hw) -> (y, ProjectionResiduals)
-def _projection_fwd(x, w, stride, in_hw):
-    x_s = _subsample(x, stride)
+# _projection_fwd :: (x, w, ProjectionConfig) -> (y, ProjectionResiduals)
+def _projection_fwd(x, w, config):
+    x_s = _subsample(x, config.stride)
     return x_s @ w, ProjectionResiduals(x_s, w)
 
 
-# _projection_bwd :: (stride, in_hw, ProjectionResiduals, ct_y) -> (ct_x, ct_w)
-def _projection_bwd(stride, in_hw, res, ct_y):
+# _projection_bwd :: (ProjectionConfig, ProjectionResiduals, ct_y) -> (ct_x, ct_w)
+def _projection_bwd(config, res, ct_y):
+    stride, in_hw = config
     # w is shared by every (n, i, j): its cotangent sums over all of them.
     ct_w = jnp.einsum("nijc,nijd->cd", res.x_s, ct_y)
     ct_x = _unsubsample(ct_y @ res.w.T, stride, in_hw)
@@ -204,6 +215,16 @@ def _projection_bwd(stride, in_hw, res, ct_y):
 
 
 _projection.defvjp(_projection_fwd, _projection_bwd)
+
+
+def projection_config(x, w, *, stride) -> ProjectionConfig:
+    """Validate `projection`'s arguments and resolve its static settings for this x."""
+    in_hw = _checks.nhwc("projection", "x", x)
+    _checks.floating("projection", "w", w)
+    _checks.same_dtype("projection", x=x, w=w)
+    _checks.rank("projection", "w", w, 2, "[C_in, C_out]")
+    _checks.shape("projection", "w", w, (x.shape[-1], w.shape[1]), f"rows must equal x's channels {x.shape[-1]}")
+    return ProjectionConfig(_checks.pair("projection", "stride", stride), in_hw)
 
 
 def projection(x: jax.Array, w: jax.Array, *, stride) -> jax.Array:
@@ -223,18 +244,7 @@ def projection(x: jax.Array, w: jax.Array, *, stride) -> jax.Array:
 
     Derivation: derivations/shortcut.md#projection
     """
-    return _projection(x, w, *_projection_settings(x, w, stride))
-
-
-def _projection_settings(x, w, stride):
-    """Validate, and resolve the static (stride, in_hw) of `_projection` for these x and w."""
-    _nhwc("projection", "x", x)
-    _checks.floating("projection", "w", w)
-    _checks.same_dtype("projection", x=x, w=w)
-    _checks.rank("projection", "w", w, 2, "[C_in, C_out]")
-    _checks.shape("projection", "w", w, (x.shape[-1], w.shape[1]), f"rows must equal x's channels {x.shape[-1]}")
-    stride = _checks.pair("projection", "stride", stride)
-    return stride, (int(x.shape[1]), int(x.shape[2]))
+    return _projection(x, w, projection_config(x, w, stride=stride))
 
 
 def projection_reference(x, w, *, stride):
