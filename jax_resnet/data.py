@@ -127,8 +127,8 @@ class Augmentation:
 # Which augmentations each data set gets: a property of the data, not of the trainer.
 AUGMENTATIONS = {
     "digits": Augmentation(pad=1),  # 8x8 images: one pixel is an eighth of the width
-    # MNIST's digits are centred in a 20x20 box with 4 blank pixels on every side,
-    # so a shift of up to 2 keeps every stroke in the image.
+    # MNIST's digits fit a 20x20 box centred (by centre of mass) in 28x28, about 4 blank
+    # pixels on every side, so a shift of up to 2 keeps the strokes in the image.
     "mnist": Augmentation(pad=2),
     # He et al. (2015), section 4.2: 4 pixels of padding, a random 32x32 crop and horizontal flips.
     "cifar10": Augmentation(pad=4, flip=True),

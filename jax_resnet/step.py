@@ -142,9 +142,9 @@ def augment_batch(key: jax.Array, x: jax.Array, augmentation: data.Augmentation)
 
     Why dm-pix: it is DeepMind's maintained image library for JAX, and its
     crop and flip are pure functions of a key that `jit` and `vmap` compile,
-    so the augmentation runs on the device inside the compiled step; the
-    padding is not in dm-pix (its `pad_to_size` pads with one number for all
-    channels), and is one `.at[].set` here.
+    so the augmentation runs on the device inside the compiled step. The
+    padding is one `.at[].set` here: it needs a value per channel, and
+    `dm_pix.pad_to_size` goes through `jnp.pad`, whose constant is per axis.
 
     Args:
       key: a JAX key; the result is a function of (key, x) alone.

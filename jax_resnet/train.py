@@ -285,18 +285,37 @@ def _resume(config: TrainConfig, mngr, tree: dict, out: Path, log) -> tuple[dict
         raise ValueError(
             f"{out} already holds checkpoints; pass --resume to continue that run, or choose another --out"
         )
+    # Settings first: a checkpoint of other settings (another optimizer's state) would not
+    # read back into this run's tree, and must not be taken for a damaged one.
+    saved = _saved_config(mngr)
+    if saved is not None:
+        # A setting newer than the checkpoint (absent from its config) had its default then.
+        saved = {**dataclasses.asdict(TrainConfig()), **saved}
+        differ = [
+            f"{k}={saved[k]!r} (now {getattr(config, k)!r})"
+            for k in RESUME_MUST_MATCH
+            if saved[k] != getattr(config, k)
+        ]
+        if differ:
+            raise ValueError(
+                f"resume: {out} was trained with {', '.join(differ)}; pass the same settings, or a new --out"
+            )
     step, restored, meta = checkpoints.restore_newest_intact(mngr, tree, log)
-    # A setting newer than the checkpoint (absent from its config) had its default then.
-    saved = {**dataclasses.asdict(TrainConfig()), **meta["config"]}
-    differ = [
-        f"{k}={saved[k]!r} (now {getattr(config, k)!r})" for k in RESUME_MUST_MATCH if saved[k] != getattr(config, k)
-    ]
-    if differ:
-        raise ValueError(f"resume: {out} was trained with {', '.join(differ)}; pass the same settings, or a new --out")
     log(f"resuming {out} from epoch {meta['epoch']} (step {step})")
-    if saved["epochs"] != config.epochs and config.schedule != "constant":
-        log(f"note: --epochs is now {config.epochs} (was {saved['epochs']}); the {config.schedule} schedule stretches")
+    was = meta["config"]["epochs"]
+    if was != config.epochs and config.schedule != "constant":
+        log(f"note: --epochs is now {config.epochs} (was {was}); the {config.schedule} schedule stretches")
     return restored, meta["epoch"]
+
+
+def _saved_config(mngr) -> dict | None:
+    """The config of the newest checkpoint whose metadata reads, or None."""
+    for step in sorted(mngr.all_steps(), reverse=True):
+        try:
+            return checkpoints.restore_meta(mngr, step)["config"]
+        except Exception:  # a damaged checkpoint: restore_newest_intact names it
+            continue
+    return None
 
 
 def _gradient_gate(config: TrainConfig, model, tree, x, y, log) -> step_lib.GradCheck | None:
