@@ -6,12 +6,15 @@ and then standardised per channel with the *training* set's mean and standard
 deviation (kept as `Dataset.mean` / `Dataset.std`, so the test set is
 standardised with exactly the same numbers). Labels are int32.
 
-| name        | source                                         | image shape | train / test   |
-|-------------|------------------------------------------------|-------------|----------------|
-| `digits`    | `sklearn.datasets.load_digits()`, offline      | 8 x 8 x 1   | 1,347 / 450    |
-| `mnist`     | four IDX files in `data_dir`                   | 28 x 28 x 1 | 60,000 / 10,000|
-| `cifar10`   | python pickles in `data_dir` (dir or .tar.gz)  | 32 x 32 x 3 | 50,000 / 10,000|
-| `synthetic` | Gaussian blobs around per-class prototypes     | 8 x 8 x 1   | 512 / 128      |
+| name        | source                                         | image shape | train / test   | `--augment`      |
+|-------------|------------------------------------------------|-------------|----------------|------------------|
+| `digits`    | `sklearn.datasets.load_digits()`, offline      | 8 x 8 x 1   | 1,347 / 450    | shift ±1         |
+| `mnist`     | four IDX files in `data_dir`                   | 28 x 28 x 1 | 60,000 / 10,000| shift ±2         |
+| `cifar10`   | python pickles in `data_dir` (dir or .tar.gz)  | 32 x 32 x 3 | 50,000 / 10,000| shift ±4, flips  |
+| `synthetic` | Gaussian blobs around per-class prototypes     | 8 x 8 x 1   | 512 / 128      | shift ±1         |
+
+(`AUGMENTATIONS`: a shift is padding and a random crop, done on the device
+in the training step.)
 
 MNIST and CIFAR-10 are read from files the user downloaded, or fetched with
 `download=True`, which checks each file's SHA-256 before it is kept.
@@ -99,6 +102,40 @@ class DataError(ValueError):
     """
 
 
+@dataclasses.dataclass(frozen=True)
+class Augmentation:
+    """The random changes training with `--augment` makes to a data set's images.
+
+    Applied on the device, inside the jitted step (`jax_resnet.step.augment_batch`),
+    to every training batch; never to the test set.
+
+    Fields:
+      pad: pixels added on every side before a random crop back to H x W,
+        so an image moves by up to ±pad pixels in each direction (0: none).
+      flip: mirror left-right with probability 1/2. Only where a mirrored
+        image still shows its class: natural images yes, digits never (a
+        mirrored 2 or 7 is no digit, and a mirrored 5 is close to a 2).
+      fill: the padding's value per channel, in standardised units; empty
+        means 0. `Dataset.augmentation` sets it to black (a zero pixel).
+    """
+
+    pad: int = 0
+    flip: bool = False
+    fill: tuple[float, ...] = ()
+
+
+# Which augmentations each data set gets: a property of the data, not of the trainer.
+AUGMENTATIONS = {
+    "digits": Augmentation(pad=1),  # 8x8 images: one pixel is an eighth of the width
+    # MNIST's digits fit a 20x20 box centred (by centre of mass) in 28x28, about 4 blank
+    # pixels on every side, so a shift of up to 2 keeps the strokes in the image.
+    "mnist": Augmentation(pad=2),
+    # He et al. (2015), section 4.2: 4 pixels of padding, a random 32x32 crop and horizontal flips.
+    "cifar10": Augmentation(pad=4, flip=True),
+    "synthetic": Augmentation(pad=1),
+}
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Dataset:
     """A train/test split of standardised images.
@@ -107,7 +144,9 @@ class Dataset:
     `(x - mean) / std` per channel with the training set's statistics.
     `y_*` are int32 [N] class indices in `0..num_classes-1`. The arrays are
     read-only. `eq=False` because elementwise array comparison has no single
-    truth value; compare the fields with numpy instead.
+    truth value; compare the fields with numpy instead. `augmentation` is
+    what training with `--augment` does to this data set's images
+    (`AUGMENTATIONS`).
     """
 
     name: str
@@ -123,6 +162,12 @@ class Dataset:
     def image_shape(self) -> tuple[int, int, int]:
         """(H, W, C) of one image."""
         return tuple(self.x_train.shape[1:])
+
+    @property
+    def augmentation(self) -> Augmentation:
+        """`AUGMENTATIONS[name]`, padding with a black pixel (0 before standardisation: -mean/std per channel)."""
+        fill = tuple(float(-m / s) for m, s in zip(self.mean, self.std))
+        return dataclasses.replace(AUGMENTATIONS.get(self.name, Augmentation()), fill=fill)
 
     def __repr__(self) -> str:
         return (
@@ -302,7 +347,9 @@ def read_mnist(
     """Read the four MNIST IDX files from `data_dir`, unnormalised.
 
     Each file may be raw (`train-images-idx3-ubyte`) or gzipped
-    (`train-images-idx3-ubyte.gz`); raw wins when both are there.
+    (`train-images-idx3-ubyte.gz`), under its official name or the variant
+    `train-images.idx3-ubyte` (`mnist_file_names` lists them in the order
+    tried; the first found wins).
 
     Returns:
       (x_train, y_train, x_test, y_test): uint8 [N, 28, 28, 1] images and
@@ -317,7 +364,7 @@ def read_mnist(
             _download(MNIST_URL + gz, data_dir / gz, "sha256", MNIST_SHA256[gz])
         found = {key: _find_idx(data_dir, stem) for key, stem in MNIST_FILES.items()}
     elif missing:
-        looked_for = "; ".join(f"{stem} or {stem}.gz" for stem in missing)
+        looked_for = "; ".join(_either(mnist_file_names(stem)) for stem in missing)
         raise DataError(
             f"mnist: missing file(s) in {data_dir}: looked for {looked_for}. Fetch them with "
             f"load('mnist', {str(data_dir)!r}, download=True) (the CLI's --download), or download the .gz "
@@ -340,8 +387,31 @@ def read_mnist(
     return tuple(split)
 
 
+def mnist_file_names(stem: str) -> tuple[str, ...]:
+    """The names one MNIST file is accepted under, in the order they are tried.
+
+    The official name (`train-images-idx3-ubyte`) and the widespread variant
+    with a dot (`train-images.idx3-ubyte`, as in many mirrors and Kaggle
+    copies), each raw, then gzipped. Where an archive unpacked a file into a
+    folder of its own name (`train-images-idx3-ubyte/train-images-idx3-ubyte`),
+    the file in that folder is used.
+
+        >>> mnist_file_names("t10k-labels-idx1-ubyte")
+        ('t10k-labels-idx1-ubyte', 't10k-labels-idx1-ubyte.gz', 't10k-labels.idx1-ubyte', 't10k-labels.idx1-ubyte.gz')
+    """
+    dotted = stem.replace("-idx", ".idx", 1)
+    return (stem, stem + ".gz", dotted, dotted + ".gz")
+
+
+def _either(names: tuple[str, ...]) -> str:
+    return ", ".join(names[:-1]) + f" or {names[-1]}"
+
+
 def _find_idx(data_dir: Path, stem: str) -> Path | None:
-    for candidate in (data_dir / stem, data_dir / (stem + ".gz")):
+    for name in mnist_file_names(stem):
+        candidate = data_dir / name
+        if candidate.is_dir():
+            candidate = candidate / name
         if candidate.is_file():
             return candidate
     return None

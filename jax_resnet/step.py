@@ -1,5 +1,6 @@
-"""The training step, once: loss, optimizer factory, jitted step, evaluation,
-the device mesh, and the check of hand-derived gradients against `jax.grad`.
+"""The training step, once: loss, optimizer factory, jitted step (with the
+data set's augmentation, on the device), evaluation, the device mesh, and the
+check of hand-derived gradients against `jax.grad`.
 
 `train`, `flow` and `bench` all build their steps here, so a change to the
 loss or the update reaches every one of them.
@@ -22,6 +23,7 @@ import dataclasses
 import functools
 from collections.abc import Callable
 
+import dm_pix as pix
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -128,6 +130,69 @@ def update_fn(
     return update
 
 
+# ---------------------------------------------------------------- augmentation
+def augment_batch(key: jax.Array, x: jax.Array, augmentation: data.Augmentation) -> jax.Array:
+    """`augmentation` applied to each image of `x` [N, H, W, C], with its own randomness.
+
+    Per image: pad `augmentation.pad` pixels on every side with
+    `augmentation.fill`, crop a random H x W window (`dm_pix.random_crop`,
+    every offset in 0..2·pad equally likely: a shift by up to ±pad pixels
+    each way), then, if `augmentation.flip`, mirror left-right with
+    probability 1/2 (`dm_pix.random_flip_left_right`).
+
+    Why dm-pix: it is DeepMind's maintained image library for JAX, and its
+    crop and flip are pure functions of a key that `jit` and `vmap` compile,
+    so the augmentation runs on the device inside the compiled step. The
+    padding is one `.at[].set` here: it needs a value per channel, and
+    `dm_pix.pad_to_size` goes through `jnp.pad`, whose constant is per axis.
+
+    Args:
+      key: a JAX key; the result is a function of (key, x) alone.
+      x: images, NHWC.
+      augmentation: what to do (`data.AUGMENTATIONS`, `Dataset.augmentation`).
+
+    Returns:
+      An array of x's shape and dtype.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jax_resnet import data, step
+      >>> x = jnp.arange(2 * 4 * 4 * 1, dtype=jnp.float32).reshape(2, 4, 4, 1)
+      >>> y = step.augment_batch(jax.random.key(0), x, data.Augmentation(pad=1))
+      >>> y.shape, y.dtype
+      ((2, 4, 4, 1), dtype('float32'))
+    """
+    n, h, w, c = x.shape
+    p = augmentation.pad
+    fill = jnp.broadcast_to(jnp.asarray(augmentation.fill or 0.0, x.dtype), (c,))
+
+    def one(key, image):
+        k_crop, k_flip = jax.random.split(key)
+        if p:
+            canvas = jnp.broadcast_to(fill, (h + 2 * p, w + 2 * p, c)).at[p : p + h, p : p + w].set(image)
+            image = pix.random_crop(k_crop, canvas, (h, w, c))
+        if augmentation.flip:
+            image = pix.random_flip_left_right(k_flip, image)
+        return image
+
+    return jax.vmap(one)(jax.random.split(key, n), x)
+
+
+@functools.lru_cache(maxsize=8)
+def _fold_in(mesh):
+    fold = lambda seed, step: jax.random.fold_in(jax.random.key(seed), step)
+    return jax.jit(fold) if mesh is None else jax.jit(fold, out_shardings=shardings(mesh)[0])
+
+
+def augment_key(seed: int, step: int, mesh: jax.sharding.Mesh | None = None) -> jax.Array:
+    """The key of the augmentation at global step `step` (0-based) of a run
+    with `seed`: `fold_in(key(seed), step)`, replicated over `mesh`. It
+    depends on these two numbers alone, so a resumed run augments exactly as
+    an uninterrupted one."""
+    return _fold_in(mesh)(seed, step)
+
+
+# ----------------------------------------------------------------------- mesh
 def make_mesh(devices: int | None = None) -> jax.sharding.Mesh:
     """A 1-D mesh (axis "data") over the first `devices` local devices, or over
     all devices (every process's, under `jax.distributed`) when None."""
@@ -156,6 +221,7 @@ def make_train_step(
     *,
     dtype: str = "float32",
     mesh: jax.sharding.Mesh | None = None,
+    augment: data.Augmentation | None = None,
 ) -> Callable:
     """One jitted optimizer step.
 
@@ -165,6 +231,12 @@ def make_train_step(
     and y are split over its "data" axis and everything else is replicated;
     the result equals the single-device step (global-batch BatchNorm
     statistics, all-reduced gradients).
+
+    With `augment`, the step takes a key as well,
+    step(params, state, opt_state, x, y, key), and trains on
+    `augment_batch(key, x, augment)`: the batch is augmented on the device,
+    and the metrics are those of the augmented batch. A training loop passes
+    `augment_key(seed, global_step)`.
     """
     update = update_fn(model, optimizer, grad, dtype)
 
@@ -175,24 +247,32 @@ def make_train_step(
         finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]))
         return params, new_state, opt_state, {"loss": loss, "accuracy": accuracy, "params_finite": finite}
 
+    def augmented_step(params, state, opt_state, x, y, key):
+        return step(params, state, opt_state, augment_batch(key, x, augment), y)
+
+    fn = step if augment is None else augmented_step
     if mesh is None:
-        return jax.jit(step)
+        return jax.jit(fn)
     replicated, batch = shardings(mesh)
-    return jax.jit(step, in_shardings=(replicated,) * 3 + (batch,) * 2, out_shardings=replicated)
+    key = () if augment is None else (replicated,)
+    return jax.jit(fn, in_shardings=(replicated,) * 3 + (batch,) * 2 + key, out_shardings=replicated)
 
 
 @functools.lru_cache(maxsize=8)
-def compiled_train_step(model, optimizer, grad, dtype, mesh, x_shape):
+def compiled_train_step(model, optimizer, grad, dtype, mesh, x_shape, augment=None):
     """`make_train_step` compiled ahead for float32 inputs of `x_shape`, cached
     per settings (a notebook that trains twice compiles once)."""
     replicated, batch = shardings(mesh)
     params, state = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.float32))
     opt_state = jax.eval_shape(optimizer.init, params)
     place = lambda t, s: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), t)
-    args = (place(params, replicated), place(state, replicated), place(opt_state, replicated))
-    x = jax.ShapeDtypeStruct(x_shape, jnp.float32, sharding=batch)
-    y = jax.ShapeDtypeStruct(x_shape[:1], jnp.int32, sharding=batch)
-    return make_train_step(model, optimizer, grad, dtype=dtype, mesh=mesh).lower(*args, x, y).compile()
+    args = [place(params, replicated), place(state, replicated), place(opt_state, replicated)]
+    args.append(jax.ShapeDtypeStruct(x_shape, jnp.float32, sharding=batch))
+    args.append(jax.ShapeDtypeStruct(x_shape[:1], jnp.int32, sharding=batch))
+    if augment is not None:
+        args.append(place(jax.eval_shape(lambda: jax.random.key(0)), replicated))
+    step = make_train_step(model, optimizer, grad, dtype=dtype, mesh=mesh, augment=augment)
+    return step.lower(*args).compile()
 
 
 # ------------------------------------------------------------------ evaluation
@@ -204,8 +284,12 @@ def _eval_step(model: models.Model, dtype: str, mesh):
         logits, _ = model.apply(cast(params, compute), cast(state, compute), x.astype(compute), train=False)
         logits = logits.astype(jnp.float32)
         nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=-1)[:, 0]
-        correct = (jnp.argmax(logits, axis=-1) == y).astype(jnp.float32)
-        return jnp.sum(weight * nll), jnp.sum(weight * correct)
+        predicted = jnp.argmax(logits, axis=-1)
+        correct = (predicted == y).astype(jnp.float32)
+        k = logits.shape[-1]
+        # Counts are whole numbers far below 2**24, so float32 holds them exactly.
+        confusion = jnp.zeros((k, k), jnp.float32).at[y, predicted].add(weight)
+        return jnp.sum(weight * nll), jnp.sum(weight * correct), confusion
 
     if mesh is None:
         return jax.jit(step)
@@ -232,7 +316,9 @@ def evaluate(
     rounded up to a multiple of the device count.
 
     Returns:
-      {"loss": float, "accuracy": float}
+      {"loss": float, "accuracy": float, "confusion": int64 numpy array
+      [classes, classes]}; confusion[i, j] counts the examples of class i
+      predicted as j.
     """
     n = len(x)
     if n == 0:
@@ -241,6 +327,7 @@ def evaluate(
     size = -(-min(batch_size, n) // ndev) * ndev
     fn = _eval_step(model, dtype, mesh)
     total_loss = total_correct = 0.0
+    confusion = 0
     for xb, yb in data.batches(x, y, size, key_or_seed=None, shuffle=False, drop_last=False):
         m = len(xb)
         weight = np.zeros(size, np.float32)
@@ -249,10 +336,11 @@ def evaluate(
             xb = np.concatenate([xb, np.zeros((size - m, *xb.shape[1:]), xb.dtype)])
             yb = np.concatenate([yb, np.zeros(size - m, yb.dtype)])
         batch = (xb, yb, weight) if mesh is None else tuple(put_batch(a, shardings(mesh)[1]) for a in (xb, yb, weight))
-        loss_sum, correct = fn(params, state, *batch)
+        loss_sum, correct, counts = fn(params, state, *batch)
         total_loss += host(loss_sum)
         total_correct += host(correct)
-    return {"loss": total_loss / n, "accuracy": total_correct / n}
+        confusion = confusion + np.asarray(counts.addressable_data(0)).astype(np.int64)
+    return {"loss": total_loss / n, "accuracy": total_correct / n, "confusion": confusion}
 
 
 def put_batch(a: np.ndarray, sharding):

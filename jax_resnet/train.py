@@ -8,8 +8,9 @@ gradients, checked against `jax.grad` before the first step):
     jax-resnet train
     python -m jax_resnet train --epochs 5 --out runs/try
     python -m jax_resnet train --out runs/try --resume      # continue after a crash
-    python -m jax_resnet train --model resnet20 --dataset cifar10 --data-dir ~/data/cifar10 \\
-        --optimizer momentum --lr 0.1 --schedule warmup-cosine --weight-decay 5e-4 --epochs 90
+    python -m jax_resnet train --dataset mnist --data-dir ../shared/data/mnist --augment --epochs 12
+    python -m jax_resnet train --model resnet20 --dataset cifar10 --data-dir ~/data/cifar10 --augment \\
+        --optimizer momentum --lr 0.1 --schedule warmup-cosine --weight-decay 1e-4 --batch-size 128 --epochs 164
 
 From Python (a notebook):
 
@@ -31,17 +32,23 @@ What a run does, in order:
    (`GradCheckError`, exit status 1) unless `skip_grad_check` (`--no-grad-check`).
 3. Epochs of optax updates. The batch order of epoch e is a permutation seeded
    by (seed, e) (`data.batches`), so it depends on nothing else: a resumed run
-   sees exactly the batches an uninterrupted one would. BatchNorm running
-   statistics are `state`, updated once per step.
+   sees exactly the batches an uninterrupted one would. With `augment`, the
+   step augments its batch on the device (`step.augment_batch`, what the data
+   set allows: `data.AUGMENTATIONS`) with the key
+   `fold_in(key(seed), global_step)` (`step.augment_key`), which likewise
+   depends on nothing else. BatchNorm running statistics are `state`,
+   updated once per step.
 4. After each epoch: test loss and accuracy with the running statistics, one
    line in `metrics.jsonl`, and an orbax checkpoint. At the end:
-   `metrics.json`, and `curves.png` (also when a run stops early).
+   `metrics.json` (with the test set's confusion matrix and per-class
+   errors), `confusion.png`, and `curves.png` (also when a run stops early).
 
 Outputs under `out` (default `runs/<timestamp>`):
 
     metrics.jsonl   one JSON object per epoch
     metrics.json    the final summary (field names are a contract; see `train`)
     curves.png      loss and accuracy per epoch, train and test
+    confusion.png   the test set's confusion matrix after the last epoch, with per-class errors
     checkpoints/<step>/   params, BatchNorm state, optimizer state (orbax
                     StandardSave) and meta (epoch, step, seed, config; JSON)
 
@@ -104,7 +111,18 @@ GRADS = ("rules", "autodiff")
 DTYPES = ("float32", "bfloat16")
 # Settings a resumed run must share with its checkpoint: otherwise the result
 # is not the continuation of that run. `epochs` may grow (train longer).
-RESUME_MUST_MATCH = ("model", "dataset", "batch_size", "optimizer", "lr", "schedule", "weight_decay", "dtype", "seed")
+RESUME_MUST_MATCH = (
+    "model",
+    "dataset",
+    "batch_size",
+    "optimizer",
+    "lr",
+    "schedule",
+    "weight_decay",
+    "augment",
+    "dtype",
+    "seed",
+)
 
 
 class TrainingError(RuntimeError):
@@ -138,6 +156,10 @@ class TrainConfig:
       weight_decay: on kernels only (arrays of rank ≥ 2), not on biases or
         BatchNorm scales; decoupled for adamw, added to the gradient (L2)
         otherwise [--weight-decay].
+      augment: random shifts (padding and crop) and, where the data set
+        allows (CIFAR-10, never digits or MNIST), horizontal flips of every
+        training batch, on the device; `data.AUGMENTATIONS` says what each
+        data set gets [--augment].
       grad: "rules" (hand-derived VJPs) or "autodiff" (jax.grad of the reference ops) [--grad].
       dtype: compute dtype, "float32" or "bfloat16"; parameters stay float32 [--dtype].
       seed: parameter init, digits split, synthetic draw and batch order [--seed].
@@ -161,6 +183,7 @@ class TrainConfig:
     lr: float = 1e-2
     schedule: str = "cosine"
     weight_decay: float = 0.0
+    augment: bool = False
     grad: str = "rules"
     dtype: str = "float32"
     seed: int = 0
@@ -262,19 +285,37 @@ def _resume(config: TrainConfig, mngr, tree: dict, out: Path, log) -> tuple[dict
         raise ValueError(
             f"{out} already holds checkpoints; pass --resume to continue that run, or choose another --out"
         )
+    # Settings first: a checkpoint of other settings (another optimizer's state) would not
+    # read back into this run's tree, and must not be taken for a damaged one.
+    saved = _saved_config(mngr)
+    if saved is not None:
+        # A setting newer than the checkpoint (absent from its config) had its default then.
+        saved = {**dataclasses.asdict(TrainConfig()), **saved}
+        differ = [
+            f"{k}={saved[k]!r} (now {getattr(config, k)!r})"
+            for k in RESUME_MUST_MATCH
+            if saved[k] != getattr(config, k)
+        ]
+        if differ:
+            raise ValueError(
+                f"resume: {out} was trained with {', '.join(differ)}; pass the same settings, or a new --out"
+            )
     step, restored, meta = checkpoints.restore_newest_intact(mngr, tree, log)
-    saved = meta["config"]
-    differ = [
-        f"{k}={saved.get(k)!r} (now {getattr(config, k)!r})"
-        for k in RESUME_MUST_MATCH
-        if saved.get(k) != getattr(config, k)
-    ]
-    if differ:
-        raise ValueError(f"resume: {out} was trained with {', '.join(differ)}; pass the same settings, or a new --out")
     log(f"resuming {out} from epoch {meta['epoch']} (step {step})")
-    if saved["epochs"] != config.epochs and config.schedule != "constant":
-        log(f"note: --epochs is now {config.epochs} (was {saved['epochs']}); the {config.schedule} schedule stretches")
+    was = meta["config"]["epochs"]
+    if was != config.epochs and config.schedule != "constant":
+        log(f"note: --epochs is now {config.epochs} (was {was}); the {config.schedule} schedule stretches")
     return restored, meta["epoch"]
+
+
+def _saved_config(mngr) -> dict | None:
+    """The config of the newest checkpoint whose metadata reads, or None."""
+    for step in sorted(mngr.all_steps(), reverse=True):
+        try:
+            return checkpoints.restore_meta(mngr, step)["config"]
+        except Exception:  # a damaged checkpoint: restore_newest_intact names it
+            continue
+    return None
 
 
 def _gradient_gate(config: TrainConfig, model, tree, x, y, log) -> step_lib.GradCheck | None:
@@ -305,12 +346,14 @@ def _gradient_gate(config: TrainConfig, model, tree, x, y, log) -> step_lib.Grad
     return check
 
 
-def _train_epoch(config: TrainConfig, ds, epoch: int, step_fn, tree: dict, batch_sharding) -> tuple[dict, dict]:
+def _train_epoch(config: TrainConfig, ds, epoch: int, step_fn, tree: dict, mesh) -> tuple[dict, dict]:
     """One epoch of steps; returns (tree, row of metrics).
 
     Metrics are read one step late, so the host queues step t while step t−1
     runs; a non-finite loss or parameter stops the run and names its step.
+    With `config.augment` each step also gets its augmentation key.
     """
+    batch_sharding = step_lib.shardings(mesh)[1]
     steps_per_epoch = data.num_batches(len(ds.x_train), config.batch_size)
     bar = tqdm(
         total=steps_per_epoch,
@@ -345,11 +388,14 @@ def _train_epoch(config: TrainConfig, ds, epoch: int, step_fn, tree: dict, batch
     with bar:
         batches = data.batches(ds.x_train, ds.y_train, config.batch_size, key_or_seed=(config.seed, epoch))
         for i, (xb, yb) in enumerate(batches):
-            x, y = step_lib.put_batch(xb, batch_sharding), step_lib.put_batch(yb, batch_sharding)
-            params, state, opt_state, m = step_fn(params, state, opt_state, x, y)
+            global_step = epoch * steps_per_epoch + i
+            batch = [step_lib.put_batch(xb, batch_sharding), step_lib.put_batch(yb, batch_sharding)]
+            if config.augment:
+                batch.append(step_lib.augment_key(config.seed, global_step, mesh))
+            params, state, opt_state, m = step_fn(params, state, opt_state, *batch)
             if pending is not None:
                 read(*pending)
-            pending = (epoch * steps_per_epoch + i + 1, m)
+            pending = (global_step + 1, m)
         read(*pending)
     seconds = time.perf_counter() - t0
     row = {
@@ -364,6 +410,58 @@ def _train_epoch(config: TrainConfig, ds, epoch: int, step_fn, tree: dict, batch
 
 
 # --------------------------------------------------------------------- outputs
+def per_class_errors(confusion: np.ndarray) -> list[dict[str, Any]]:
+    """One row per class from a confusion matrix (rows: true class, columns: predicted):
+    {"class", "examples", "errors", "error_rate", "most_confused_with"} (the wrong class
+    predicted most often for it, None when there are no errors).
+
+        >>> per_class_errors(np.array([[5, 1], [0, 4]]))[0]
+        {'class': 0, 'examples': 6, 'errors': 1, 'error_rate': 0.16666666666666666, 'most_confused_with': 1}
+    """
+    rows = []
+    for k, counts in enumerate(np.asarray(confusion)):
+        examples = int(counts.sum())
+        errors = examples - int(counts[k])
+        wrong = np.where(np.arange(len(counts)) == k, -1, counts)
+        rows.append(
+            {
+                "class": k,
+                "examples": examples,
+                "errors": errors,
+                "error_rate": errors / examples if examples else 0.0,
+                "most_confused_with": int(wrong.argmax()) if errors else None,
+            }
+        )
+    return rows
+
+
+def _plot_confusion(confusion: np.ndarray, path: Path, dataset: str) -> None:
+    from matplotlib.figure import Figure
+
+    k = len(confusion)
+    per_class = per_class_errors(confusion)
+    errors = sum(r["errors"] for r in per_class)
+    total = int(confusion.sum())
+    fig = Figure(figsize=(6.5, 5.5))
+    ax = fig.subplots()
+    # The colours show the errors alone: on the diagonal's scale they would all look blank.
+    off = np.where(np.eye(k, dtype=bool), 0, confusion)
+    image = ax.imshow(off, cmap="Reds", vmin=0, vmax=max(1, int(off.max())))
+    fig.colorbar(image, ax=ax, label="test examples (off the diagonal: errors)")
+    if k <= 20:  # counts in the cells while they stay legible
+        dark = 0.6 * max(1, int(off.max()))
+        for i, j in zip(*np.nonzero(confusion)):
+            color = "tab:green" if i == j else "white" if off[i, j] > dark else "black"
+            ax.text(j, i, int(confusion[i, j]), ha="center", va="center", fontsize=7, color=color)
+    ax.set_xticks(range(k))
+    ax.set_yticks(range(k), [f"{r['class']} ({r['error_rate']:.1%})" for r in per_class])
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class (error rate)")
+    ax.set_title(f"{dataset} test set: {errors} errors of {total} ({errors / max(total, 1):.2%})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
 def _plot(history: list[dict], path: Path) -> None:
     from matplotlib.figure import Figure  # no pyplot: no global backend, safe in notebooks
 
@@ -422,7 +520,10 @@ def train(config: TrainConfig = TrainConfig()) -> dict[str, Any]:
     ahead, evaluation and checkpoints not counted), grad_check_max_rel_err
     and grad_check_dtype (None when skipped), grad_check_tol, wall_time_s, compile_time_s, model,
     dataset, device, num_devices, jax_version, num_params, out,
-    resumed_from_epoch, config.
+    resumed_from_epoch, config; and, from the test set after the last epoch,
+    test_per_class (one row per class: class, examples, errors, error_rate,
+    most_confused_with; see `per_class_errors`) and test_confusion
+    (rows: true class, columns: predicted class; counts).
 
     Raises:
       ValueError: bad settings or data (the message says which and how to fix it).
@@ -454,7 +555,7 @@ def train(config: TrainConfig = TrainConfig()) -> dict[str, Any]:
         run.write_history(history)
         try:
             for epoch in range(start_epoch, config.epochs):
-                tree, row = _train_epoch(config, ds, epoch, step_fn, tree, step_lib.shardings(mesh)[1])
+                tree, row = _train_epoch(config, ds, epoch, step_fn, tree, mesh)
                 row.update(run.test(tree, row["step"]))
                 history.append(row)
                 run.report_epoch(row)
@@ -462,8 +563,10 @@ def train(config: TrainConfig = TrainConfig()) -> dict[str, Any]:
         finally:
             if log.on and history:
                 _plot(history, out / "curves.png")
+        confusion = run.final_confusion(tree)
 
     metrics = run.summary(history, start_epoch, resumed_from, check, compile_time, time.perf_counter() - start)
+    metrics.update(run.report_classes(confusion))
     run.write_metrics(metrics)
     return metrics
 
@@ -480,6 +583,7 @@ class _Run:
     out: Path
     log: _Log
     n_params: int = 0
+    confusion: np.ndarray | None = None  # of the latest test evaluation
 
     @property
     def steps_per_epoch(self) -> int:
@@ -491,8 +595,19 @@ class _Run:
         self.log(
             f"{c.model} ({n_params:,} parameters) on {c.dataset} ({len(ds.x_train)} train / {len(ds.x_test)} test), "
             f"{_device_name(self.mesh)}, {c.optimizer} lr {c.lr:g} {c.schedule}, "
-            f"batch {c.batch_size}, {c.dtype}, grad={c.grad} -> {self.out}"
+            f"batch {c.batch_size}, {c.dtype}, grad={c.grad}{self.augmentation_note} -> {self.out}"
         )
+
+    @property
+    def augmentation(self) -> data.Augmentation | None:
+        return self.ds.augmentation if self.config.augment else None
+
+    @property
+    def augmentation_note(self) -> str:
+        a = self.augmentation
+        if a is None:
+            return ""
+        return f", augment: shift ±{a.pad}" + (" and flips" if a.flip else "")
 
     def prepare(self, tree: dict, start_epoch: int):
         """(gradient check, compiled step, compile seconds), or Nones when nothing is left to train."""
@@ -508,7 +623,9 @@ class _Run:
         # Compiled ahead of the loop, so that throughput excludes compilation.
         t = time.perf_counter()
         x_shape = (c.batch_size, *self.ds.image_shape)
-        step_fn = step_lib.compiled_train_step(self.model, self.optimizer, c.grad, c.dtype, self.mesh, x_shape)
+        step_fn = step_lib.compiled_train_step(
+            self.model, self.optimizer, c.grad, c.dtype, self.mesh, x_shape, self.augmentation
+        )
         return check, step_fn, time.perf_counter() - t
 
     def write_history(self, history: list[dict]) -> None:
@@ -520,6 +637,7 @@ class _Run:
         test = step_lib.evaluate(
             self.model, tree["params"], tree["state"], ds.x_test, ds.y_test, dtype=c.dtype, mesh=self.mesh
         )
+        self.confusion = test["confusion"]
         lr = step_lib.make_schedule(c.schedule, c.lr, self.steps_per_epoch * c.epochs)
         return {
             "test_loss": test["loss"],
@@ -543,6 +661,7 @@ class _Run:
             "step": row["step"],
             "seed": self.config.seed,
             "data_order": "epoch e: numpy permutation seeded by (seed, e); see jax_resnet.data.batches",
+            "augmentation": "step t (0-based): key fold_in(key(seed), t); see jax_resnet.step.augment_key",
             "config": dataclasses.asdict(self.config),
         }
 
@@ -576,6 +695,28 @@ class _Run:
             "resumed_from_epoch": resumed_from,
             "config": dataclasses.asdict(c),
         }
+
+    def final_confusion(self, tree: dict) -> np.ndarray:
+        """The test set's confusion matrix for `tree`: the last epoch's, or a new evaluation when none ran."""
+        if self.confusion is None:
+            c = self.config
+            test = step_lib.evaluate(
+                self.model, tree["params"], tree["state"], self.ds.x_test, self.ds.y_test, dtype=c.dtype, mesh=self.mesh
+            )
+            self.confusion = test["confusion"]
+        return self.confusion
+
+    def report_classes(self, confusion: np.ndarray) -> dict[str, Any]:
+        """Per-class test errors and the confusion matrix: logged, plotted to confusion.png, returned for metrics.json."""
+        per_class = per_class_errors(confusion)
+        if self.log.on:
+            _plot_confusion(confusion, self.out / "confusion.png", self.config.dataset)
+            worst = sorted(per_class, key=lambda r: -r["error_rate"])
+            self.log(
+                "test errors per class (worst first): "
+                + ", ".join(f"{r['class']}: {r['errors']}/{r['examples']}" for r in worst)
+            )
+        return {"test_per_class": per_class, "test_confusion": confusion.tolist()}
 
     def write_metrics(self, metrics: dict) -> None:
         if not self.log.on:

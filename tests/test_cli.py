@@ -89,6 +89,7 @@ USER_ERRORS = [
     (["bench", "--rounds", "0"], 2, "argument --rounds: expected a positive integer, got 0"),
     (["bench", "--rounds", "many"], 2, "argument --rounds: expected a positive integer, got 'many'"),
     (["bench", "--markdown", "{missing}/bench.md"], 2, "argument --markdown: cannot write {missing}/bench.md"),
+    (["bench", "--round-seconds", "0"], 2, "argument --round-seconds: expected a positive finite number, got 0"),
 ]
 
 

@@ -39,7 +39,7 @@ def write(path, payload, gz=False):
     return path
 
 
-def write_mnist(directory, gz=False, n_train=5, n_test=3, size=28):
+def write_mnist(directory, gz=False, n_train=5, n_test=3, size=28, name=lambda stem: stem):
     rng = np.random.default_rng(0)
     arrays = {
         "train-images-idx3-ubyte": rng.integers(0, 256, (n_train, size, size), dtype=np.uint8),
@@ -49,7 +49,7 @@ def write_mnist(directory, gz=False, n_train=5, n_test=3, size=28):
     }
     for i, (stem, array) in enumerate(arrays.items()):
         use_gz = gz if isinstance(gz, bool) else i % 2 == 1  # "mixed": every other file gzipped
-        write(directory / (stem + ".gz" if use_gz else stem), idx_bytes(array), use_gz)
+        write(directory / (name(stem) + ".gz" if use_gz else name(stem)), idx_bytes(array), use_gz)
     return arrays
 
 
@@ -175,6 +175,18 @@ def test_options_are_only_for_synthetic():
         data.load("digits", n_train=3)
 
 
+def test_augmentations_are_a_property_of_the_data_set():
+    """Every data set has its row; only CIFAR-10 flips; padding is a black pixel, standardised."""
+    assert set(data.AUGMENTATIONS) == set(data.DATASETS)
+    assert {name for name, a in data.AUGMENTATIONS.items() if a.flip} == {"cifar10"}
+    assert all(a.pad > 0 for a in data.AUGMENTATIONS.values())
+    ds = data.load("synthetic", image_shape=(4, 4, 3))
+    augmentation = ds.augmentation
+    assert augmentation.pad == data.AUGMENTATIONS["synthetic"].pad
+    np.testing.assert_allclose(augmentation.fill, -ds.mean / ds.std, rtol=1e-6)
+    hash(augmentation)  # a static argument of the compiled step
+
+
 # --- synthetic ---------------------------------------------------------------
 
 
@@ -213,6 +225,32 @@ def test_mnist_round_trip(tmp_path, gz):
     assert ds.x_train.shape == (5, 28, 28, 1) and ds.x_test.shape == (3, 28, 28, 1)
     np.testing.assert_allclose(ds.x_train * ds.std + ds.mean, x_train / 255.0, atol=1e-5)
     np.testing.assert_array_equal(ds.y_test, arrays["t10k-labels-idx1-ubyte"])
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["raw", "gz"])
+def test_mnist_dotted_file_names_are_read(tmp_path, gz):
+    """The widespread variant `train-images.idx3-ubyte` (a dot before idx), raw or gzipped."""
+    arrays = write_mnist(tmp_path, gz=gz, name=lambda stem: stem.replace("-idx", ".idx"))
+    assert (tmp_path / ("train-images.idx3-ubyte" + (".gz" if gz else ""))).is_file()
+    x_train, y_train, x_test, y_test = data.read_mnist(tmp_path)
+    np.testing.assert_array_equal(x_train[..., 0], arrays["train-images-idx3-ubyte"])
+    np.testing.assert_array_equal(y_test, arrays["t10k-labels-idx1-ubyte"])
+
+
+def test_mnist_file_in_a_folder_of_its_own_name_is_read(tmp_path):
+    """As some archives unpack: train-images-idx3-ubyte/train-images-idx3-ubyte."""
+    arrays = write_mnist(tmp_path)
+    stem = "train-images-idx3-ubyte"
+    (tmp_path / stem).rename(tmp_path / "moved")
+    (tmp_path / stem).mkdir()
+    (tmp_path / "moved").rename(tmp_path / stem / stem)
+    np.testing.assert_array_equal(data.read_mnist(tmp_path)[0][..., 0], arrays[stem])
+
+
+def test_mnist_official_name_wins_over_the_variant(tmp_path):
+    arrays = write_mnist(tmp_path)
+    write(tmp_path / "train-images.idx3-ubyte", idx_bytes(np.zeros((7, 28, 28))))
+    np.testing.assert_array_equal(data.read_mnist(tmp_path)[0][..., 0], arrays["train-images-idx3-ubyte"])
 
 
 def test_mnist_default_dir_comes_from_the_environment(tmp_path, monkeypatch):
@@ -288,8 +326,11 @@ def test_mnist_missing_files_are_named_with_how_to_get_them(tmp_path):
     with pytest.raises(DataError) as err:
         data.load("mnist", tmp_path)
     message = str(err.value)
-    assert "train-labels-idx1-ubyte or train-labels-idx1-ubyte.gz" in message
-    assert "t10k-images-idx3-ubyte or t10k-images-idx3-ubyte.gz" in message
+    assert (
+        "train-labels-idx1-ubyte, train-labels-idx1-ubyte.gz, train-labels.idx1-ubyte or train-labels.idx1-ubyte.gz"
+        in message
+    )
+    assert "t10k-images-idx3-ubyte, t10k-images-idx3-ubyte.gz, t10k-images.idx3-ubyte or" in message
     assert "train-images" not in message and "download=True" in message and data.MNIST_URL in message
 
 

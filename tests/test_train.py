@@ -83,6 +83,14 @@ def test_run_writes_metrics_curves_and_checkpoints(straight):
     assert rows[1]["train_loss"] < rows[0]["train_loss"]
 
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    confusion = np.array(summary["test_confusion"])
+    assert confusion.shape == (10, 10) and confusion.sum() == 128  # the synthetic test set
+    assert np.trace(confusion) / 128 == pytest.approx(summary["test_accuracy"])
+    per_class = summary["test_per_class"]
+    assert [r["class"] for r in per_class] == list(range(10))
+    assert [r["examples"] for r in per_class] == np.bincount(data.load("synthetic").y_test, minlength=10).tolist()
+    assert sum(r["errors"] for r in per_class) == 128 - np.trace(confusion)
     assert _steps(out) == [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]
     tree, meta = checkpoints.load(out)
     assert meta["epoch"] == 2 and meta["step"] == 2 * STEPS_PER_EPOCH and meta["seed"] == 0
@@ -415,3 +423,101 @@ def test_sharded_step_equals_single_device_step(tmp_path):
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip().endswith("OK"), result.stdout
+
+
+# --- augmentation --------------------------------------------------------------
+# The seed's MLP (on flattened images) compiles in a fraction of the ResNet's time.
+AUG_BASE = dataclasses.replace(BASE, model="residual_mlp", augment=True, skip_grad_check=True)
+
+
+def _placements(image, original, augmentation):
+    """The (dy, dx, mirrored) under which `image` is `original` moved by (dy, dx), maybe mirrored first, with
+    `augmentation.fill` where it moved in from outside."""
+    h, w, c = original.shape
+    p = augmentation.pad
+    fill = np.broadcast_to(np.asarray(augmentation.fill or 0.0, original.dtype), (c,))
+    found = []
+    for mirrored in (False, True):
+        source = original[:, ::-1] if mirrored else original
+        canvas = np.empty((h + 2 * p, w + 2 * p, c), original.dtype)
+        canvas[...] = fill
+        canvas[p : p + h, p : p + w] = source
+        for dy in range(2 * p + 1):
+            for dx in range(2 * p + 1):
+                if np.array_equal(canvas[dy : dy + h, dx : dx + w], image):
+                    found.append((dy - p, dx - p, mirrored))
+    return found
+
+
+@pytest.mark.parametrize("name", ["mnist", "cifar10"])
+def test_augmentation_shifts_and_flips_only_where_allowed(name):
+    """Every augmented image is its original shifted by at most ±pad, padded with the fill; mirrored ones
+    appear only for a data set whose augmentation flips (CIFAR-10), never for MNIST."""
+    augmentation = dataclasses.replace(data.AUGMENTATIONS[name], fill=(-0.5, 0.25, 2.0))
+    assert augmentation.flip == (name == "cifar10")
+    x = np.random.default_rng(0).standard_normal((48, 6, 5, 3)).astype(np.float32)
+    out = jax.jit(step.augment_batch, static_argnums=2)(jax.random.key(1), x, augmentation)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    placements = [_placements(np.asarray(o), xi, augmentation) for o, xi in zip(out, x)]
+    assert all(placements), "an output that is no shift (or mirrored shift) of its input"
+    shifts = {pl[0][:2] for pl in placements}
+    assert len(shifts) > 5 and (0, 0) in shifts or len(shifts) > 10  # many offsets drawn, per image
+    mirrored = sum(all(m for *_, m in pl) for pl in placements)
+    if augmentation.flip:
+        assert 10 <= mirrored <= 38  # about half of 48
+    else:
+        assert mirrored == 0
+    assert not np.array_equal(np.asarray(out), x)
+
+
+def test_augmentation_is_a_function_of_the_key():
+    x = np.random.default_rng(0).standard_normal((8, 8, 8, 1)).astype(np.float32)
+    augmentation = data.load("synthetic").augmentation
+    augment = jax.jit(step.augment_batch, static_argnums=2)
+    a, b = (augment(step.augment_key(0, 5), x, augmentation) for _ in range(2))
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, augment(step.augment_key(0, 6), x, augmentation))
+    assert not np.array_equal(a, augment(step.augment_key(1, 5), x, augmentation))
+
+
+def test_augmented_steps_are_deterministic_in_the_seed():
+    """The same seed gives bitwise-equal parameters after N augmented steps; another augmentation seed, others."""
+    from jax_resnet import models
+
+    ds = data.load("synthetic")
+    model = models.get(AUG_BASE.model).for_data(ds.image_shape, ds.num_classes)
+    opt = step.make_optimizer("adam", 1e-2)
+    train_step = step.make_train_step(model, opt, augment=ds.augmentation)
+
+    def run(seed):
+        tree = step.init_train_state(model, opt)
+        params, state, opt_state = tree["params"], tree["state"], tree["opt_state"]
+        for t, (x, y) in zip(range(3), data.batches(ds.x_train, ds.y_train, 64, key_or_seed=(0, 0))):
+            params, state, opt_state, _ = train_step(params, state, opt_state, x, y, step.augment_key(seed, t))
+        return params
+
+    first, again, other = run(0), run(0), run(1)
+    _assert_trees_identical(first, again)
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(other)))
+
+
+def test_resume_with_augmentation_is_bit_identical(tmp_path, monkeypatch):
+    straight_out, resumed_out = tmp_path / "straight", tmp_path / "resumed"
+    want = train.train(dataclasses.replace(AUG_BASE, out=str(straight_out)))
+
+    real_save = checkpoints.save
+
+    def save_then_die(manager, step, tree, meta):
+        real_save(manager, step, tree, meta)
+        raise Killed
+
+    monkeypatch.setattr(checkpoints, "save", save_then_die)
+    with pytest.raises(Killed):
+        train.train(dataclasses.replace(AUG_BASE, out=str(resumed_out)))
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match=r"trained with augment=True \(now False\)"):
+        train.train(dataclasses.replace(AUG_BASE, out=str(resumed_out), resume=True, augment=False))
+    got = train.train(dataclasses.replace(AUG_BASE, out=str(resumed_out), resume=True))
+    assert got["resumed_from_epoch"] == 1
+    assert got["test_accuracy"] == want["test_accuracy"] and got["test_confusion"] == want["test_confusion"]
+    _assert_trees_identical(checkpoints.load(resumed_out)[0], checkpoints.load(straight_out)[0])

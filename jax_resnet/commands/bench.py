@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from jax_resnet import bench
-from jax_resnet.commands import add_json_flag, human, out_file, positive_int, write_json
+from jax_resnet.commands import add_json_flag, human, out_file, positive_float, positive_int, write_json
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,7 +26,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--rounds",
         type=positive_int,
         metavar="N",
-        help="timed rounds per workload (default 15, quick 3; fewer, but at least 5, when a workload has timed for 90 s)",
+        help=f"timed rounds per workload (default {bench.ROUNDS}, quick 3; fewer, but at least 5, "
+        "when a workload has timed for 150 s)",
+    )
+    add(
+        "--round-seconds",
+        type=positive_float,
+        metavar="S",
+        help=f"the least time each method runs per round (default {bench.ROUND_SECONDS:g}, quick 0.01); "
+        "longer rounds narrow the spread of the ratios",
     )
     add_json_flag(parser, "the rows")
     add("--markdown", type=out_file, metavar="FILE", help="also write a Markdown table with the goals, for the README")
@@ -34,7 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     log = functools.partial(print, file=sys.stderr, flush=True)
-    rows = bench.benchmark(args.workload, quick=args.quick, rounds=args.rounds, log=log)
+    rows = bench.benchmark(
+        args.workload, quick=args.quick, rounds=args.rounds, round_seconds=args.round_seconds, log=log
+    )
     print(bench.format_table(rows), file=human(args))
     write_json(rows, args.json)
     if args.markdown:

@@ -50,6 +50,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="on kernels only; decoupled for adamw (default 0)",
     )
     add(
+        "--augment",
+        action="store_true",
+        help="random shifts of every training batch, and flips where the data set allows them (CIFAR-10; "
+        "never digits or MNIST), on the device",
+    )
+    add(
         "--grad",
         default=d.grad,
         choices=train.GRADS,
