@@ -69,9 +69,9 @@ USER_ERRORS = [
     (
         ["info", "resnet20", "--input-size", "32", "32"],
         2,
-        "--input-size 32 32 does not fit resnet20: ResNet apply: argument `x` must be NHWC",
+        "--input-size 32 32 does not fit resnet20: ResNetSpec.for_data: argument `image_shape` must be (H, W, C)",
     ),
-    (["info", "resnet20", "--input-size", "32", "32", "4"], 2, "--input-size 32 32 4 does not fit resnet20"),
+    (["info", "resnet20", "--input-size", "4", "4", "3", "3"], 2, "--input-size 4 4 3 3 does not fit resnet20"),
     (
         ["info", "resnet20", "--input-size", "0", "32", "3"],
         2,
