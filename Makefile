@@ -40,7 +40,7 @@ format: $(BIN)/.installed
 	$(BIN)/ruff check --fix .
 
 bench: $(BIN)/.installed
-	$(BIN)/jax-resnet bench
+	$(BIN)/jax-resnet bench --json benchmarks/results.json --markdown benchmarks/results.md
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis
