@@ -142,12 +142,6 @@ def _damage(step_dir: Path, kind: str) -> None:
         (step_dir / "state" / "_METADATA").unlink()
 
 
-# A failed read leaves orbax's asyncio tasks failing in background threads after
-# their event loop closed ("Exception ignored"): orbax's clean-up, not this library's.
-ORBAX_READ_FAILURE_NOISE = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-
-
-@ORBAX_READ_FAILURE_NOISE
 @pytest.mark.parametrize("kind", ["truncated", "garbage", "no-metadata"])
 def test_resume_skips_a_damaged_newest_checkpoint(straight, tmp_path, capsys, kind):
     """The newest checkpoint damaged: --resume names it, sets it aside (nothing
@@ -165,7 +159,6 @@ def test_resume_skips_a_damaged_newest_checkpoint(straight, tmp_path, capsys, ki
     _assert_trees_identical(checkpoints.load(out)[0], checkpoints.load(ref_out)[0])
 
 
-@ORBAX_READ_FAILURE_NOISE
 def test_resume_with_every_checkpoint_damaged_stops_with_a_clear_error(straight, tmp_path):
     ref_out, _ = straight
     out = tmp_path / "all-damaged"
