@@ -98,7 +98,7 @@ def test_run_writes_metrics_curves_and_checkpoints(straight):
     assert jax.tree.leaves(tree["state"]), "BatchNorm statistics are checkpointed"
 
 
-def _interrupted_after_first_epoch(out, monkeypatch):
+def _interrupted_after_first_epoch(out, monkeypatch, base=BASE):
     real_save = checkpoints.save
 
     def save_then_die(manager, step, tree, meta):
@@ -107,7 +107,7 @@ def _interrupted_after_first_epoch(out, monkeypatch):
 
     monkeypatch.setattr(checkpoints, "save", save_then_die)
     with pytest.raises(Killed):
-        train.train(dataclasses.replace(BASE, out=str(out), skip_grad_check=True))
+        train.train(dataclasses.replace(base, out=str(out), skip_grad_check=True))
     monkeypatch.undo()
     assert _steps(out) == [STEPS_PER_EPOCH]
 
@@ -505,16 +505,7 @@ def test_resume_with_augmentation_is_bit_identical(tmp_path, monkeypatch):
     straight_out, resumed_out = tmp_path / "straight", tmp_path / "resumed"
     want = train.train(dataclasses.replace(AUG_BASE, out=str(straight_out)))
 
-    real_save = checkpoints.save
-
-    def save_then_die(manager, step, tree, meta):
-        real_save(manager, step, tree, meta)
-        raise Killed
-
-    monkeypatch.setattr(checkpoints, "save", save_then_die)
-    with pytest.raises(Killed):
-        train.train(dataclasses.replace(AUG_BASE, out=str(resumed_out)))
-    monkeypatch.undo()
+    _interrupted_after_first_epoch(resumed_out, monkeypatch, AUG_BASE)
     with pytest.raises(ValueError, match=r"trained with augment=True \(now False\)"):
         train.train(dataclasses.replace(AUG_BASE, out=str(resumed_out), resume=True, augment=False))
     got = train.train(dataclasses.replace(AUG_BASE, out=str(resumed_out), resume=True))
