@@ -1,7 +1,10 @@
 """Reads derivations/*.md: sections by heading, and what each says a rule saves."""
 
+import ast
 import pathlib
 import re
+
+import numpy as np
 
 DERIVATIONS = pathlib.Path(__file__).resolve().parent.parent / "derivations"
 
@@ -44,3 +47,18 @@ def residuals_documented(rule) -> set[str]:
     if m is None:
         raise AssertionError(f"{rule.name}: section #{rule.section} has no '**Saves:**' line")
     return set(re.findall(r"`([A-Za-z_][A-Za-z0-9_]*)`", m.group(1)))
+
+
+_TEXT_FENCE = re.compile(r"^```text\n(.*?)^```", re.M | re.S)
+_ASSIGNMENT = re.compile(r"^(\w+) = (.+)$", re.M)
+
+
+def worked_example_values(document: str) -> dict[str, np.ndarray]:
+    """Every `name = literal` line of the ```text blocks of derivations/<document>,
+    as float64 arrays: the printed numbers of a worked example, for a test to recompute."""
+    values = {}
+    for block in _TEXT_FENCE.findall((DERIVATIONS / document).read_text()):
+        for name, literal in _ASSIGNMENT.findall(block):
+            assert name not in values, f"{document} defines {name} twice"
+            values[name] = np.asarray(ast.literal_eval(literal), dtype=np.float64)
+    return values

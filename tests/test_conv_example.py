@@ -7,31 +7,20 @@ its definition as a sum over the outputs that read an entry, and the results
 are compared with the library's rule and with `jax.grad` of the reference.
 """
 
-import ast
-import pathlib
-import re
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from derivation_docs import worked_example_values
 
 from jax_resnet.ops import conv2d
 from jax_resnet.ops.conv import conv2d_reference
 
-DOC = pathlib.Path(__file__).resolve().parent.parent / "derivations" / "conv.md"
-_TEXT_FENCE = re.compile(r"^```text\n(.*?)^```", re.M | re.S)
-_ASSIGNMENT = re.compile(r"^(\w+) = (.+)$", re.M)
 CASES = {"padding (1, 1)": "", "padding (1, 0), remainder 1": "R_"}
 
 
 def _document_values() -> dict[str, np.ndarray]:
-    values = {}
-    for block in _TEXT_FENCE.findall(DOC.read_text()):
-        for name, literal in _ASSIGNMENT.findall(block):
-            assert name not in values, f"conv.md defines {name} twice"
-            values[name] = np.asarray(ast.literal_eval(literal), dtype=np.float64)
-    return values
+    return worked_example_values("conv.md")
 
 
 def _case(prefix):

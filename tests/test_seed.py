@@ -7,21 +7,14 @@ formulas written out by hand (independent of the library), `jax.grad` through
 the library's hand-derived rules, and `jax.grad` of plain `jnp`.
 """
 
-import ast
-import pathlib
-import re
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from derivation_docs import worked_example_values
 
 from jax_resnet import blocks, models, ops
 from jax_resnet.ops.conv import conv2d_reference
-
-DOC = pathlib.Path(__file__).resolve().parent.parent / "derivations" / "residual_mlp.md"
-_TEXT_FENCE = re.compile(r"^```text\n(.*?)^```", re.M | re.S)
-_ASSIGNMENT = re.compile(r"^(\w+) = (.+)$", re.M)
 
 INPUTS = ("X", "Y", "W1", "b1", "W2", "b2")
 RULES = ops.opset("rules")
@@ -29,13 +22,7 @@ TIGHT = 1e-12
 
 
 def _document_values() -> dict[str, np.ndarray]:
-    """Every `name = literal` line of the ```text blocks in residual_mlp.md."""
-    values = {}
-    for block in _TEXT_FENCE.findall(DOC.read_text()):
-        for name, literal in _ASSIGNMENT.findall(block):
-            assert name not in values, f"residual_mlp.md defines {name} twice"
-            values[name] = np.asarray(ast.literal_eval(literal), dtype=np.float64)
-    return values
+    return worked_example_values("residual_mlp.md")
 
 
 def _inputs():
