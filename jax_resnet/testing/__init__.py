@@ -75,7 +75,6 @@ Example: a rule of one's own, checked end to end.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import inspect
@@ -88,6 +87,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_resnet import gradcheck as gc
+from jax_resnet._x64 import enable_x64
 
 PROPERTIES: tuple[str, ...] = (
     "forward",
@@ -332,20 +332,9 @@ def check_rule(
         seed=seed,
         key_impl=key_impl,
     )
-    with _x64():
+    with enable_x64():
         results = tuple(checker.run(p) for p in PROPERTIES if p in properties)
     return RuleReport(name=name, results=results)
-
-
-def _x64():
-    """float64 on for the duration of a check (JAX before `jax.enable_x64` had it in jax.experimental)."""
-    if jax.config.jax_enable_x64:
-        return contextlib.nullcontext()
-    if hasattr(jax, "enable_x64"):
-        return jax.enable_x64(True)
-    from jax.experimental import enable_x64
-
-    return enable_x64()
 
 
 def _exception_text(err: BaseException) -> str:
