@@ -37,6 +37,7 @@ Weight decay applies to the leaves `weight_paths` names (`kernel_mask`).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import functools
 import math
 from collections.abc import Callable
@@ -65,6 +66,32 @@ def _no_hook(i, h):
 def _init_dense(key, n_in, n_out, dtype, gain=2.0):
     w = jnp.sqrt(gain / n_in) * jax.random.normal(key, (n_in, n_out), dtype)
     return {"w": w, "b": jnp.zeros((n_out,), dtype)}
+
+
+def _init_runs(init, keys, specs, dtype) -> tuple[list, list]:
+    """`init(key, spec, dtype) -> (params, state)` for each key and spec, as two lists.
+
+    Each run of equal consecutive specs is drawn by one `jax.vmap`-ed call:
+    the same values as one call per layer (JAX's random functions give the
+    same numbers under `vmap` over keys), but one compiled draw per run
+    instead of per layer. A 56-layer net's initialisation compiles several
+    times faster.
+    """
+    params, states = [], []
+    start = 0
+    for spec, run in itertools.groupby(specs):
+        n = len(list(run))
+        run_keys = keys[start : start + n]
+        start += n
+        if n == 1:
+            p, s = init(run_keys[0], spec, dtype)
+            params.append(p)
+            states.append(s)
+            continue
+        p, s = jax.vmap(lambda k, spec=spec: init(k, spec, dtype))(run_keys)
+        params += [jax.tree.map(lambda a, j=j: a[j], p) for j in range(n)]
+        states += [jax.tree.map(lambda a, j=j: a[j], s) for j in range(n)]
+    return params, states
 
 
 # ------------------------------------------------------------------------ MLPs
@@ -101,7 +128,9 @@ class MLPSpec:
         keys = jax.random.split(key, self.depth + 2)
         params = {
             "in": _init_dense(keys[0], self.in_features, self.width, dtype),
-            "hidden": [_init_dense(k, self.width, self.width, dtype) for k in keys[1:-1]],
+            "hidden": _init_runs(
+                lambda k, _, dt: (_init_dense(k, self.width, self.width, dt), {}), keys[1:-1], [None] * self.depth, dtype
+            )[0],
             "out": _init_dense(keys[-1], self.width, self.out_features, dtype, gain=1.0),
         }
         return params, {}
@@ -218,11 +247,7 @@ class ResNetSpec:
         state = {}
         if not self.preact:
             params["stem_bn"], state["stem_bn"] = blocks.init_bn(self.stem_width, dtype)
-        params["blocks"], state["blocks"] = [], []
-        for kb, spec in zip(keys[1:-1], specs):
-            p, s = blocks.init_block(kb, spec, dtype)
-            params["blocks"].append(p)
-            state["blocks"].append(s)
+        params["blocks"], state["blocks"] = _init_runs(blocks.init_block, keys[1:-1], specs, dtype)
         c = specs[-1].out_channels
         if self.preact:
             params["final_bn"], state["final_bn"] = blocks.init_bn(c, dtype)
@@ -437,7 +462,8 @@ def imagenet_resnet(
     zero_init_residual=False,
     stem_padding="torchvision",
 ) -> Model:
-    """ImageNet ResNet: 7x7 stem, max pool, four stages, option-B projections.
+    """ImageNet ResNet: 7x7 stem, max pool, one stage per entry of `stage_sizes`
+    (four in the presets; widths `width`, 2·`width`, ...), option-B projections.
 
     `stem_padding`: "torchvision" (default) or "same" (Haiku, Keras); see `ResNetSpec`.
 
@@ -447,7 +473,7 @@ def imagenet_resnet(
     spec = ResNetSpec(
         stage_sizes=tuple(stage_sizes),
         block=block,
-        widths=tuple(width * 2**i for i in range(4)),
+        widths=tuple(width * 2**i for i in range(len(stage_sizes))),
         stem="imagenet",
         stem_width=width,
         shortcut="B",

@@ -92,7 +92,7 @@ def test_plain_twin_has_the_same_parameters_as_the_resnet():
 # kinds, identity/A/B shortcuts, stage changes); the counts above cover the
 # full-size builds.
 def _imagenet_small(block, width):
-    return models.imagenet_resnet((1, 1, 1, 1), block, num_classes=5, width=width)
+    return models.imagenet_resnet((1, 1), block, num_classes=5, width=width)
 
 
 SMALL = {
@@ -122,8 +122,23 @@ SMALL_F32 = {
 
 
 def relative_error(actual, expected):
-    """Worst per-leaf error, each leaf against its own scale."""
-    return max_leaf_error(actual, expected)[0]
+    """Worst per-leaf error, each leaf against its own scale.
+
+    A leaf whose gradient vanishes (at most 1e-12 of the largest value in the
+    tree, so both sides are rounding noise) is measured against the tree's
+    scale instead. Such leaves exist: in the bottleneck nets below, the stem
+    BatchNorm's shift passes ReLU (all positive where the max pool picks) and
+    the max pool as a constant per channel, which the next 1x1 convolutions and
+    their BatchNorms remove, so its exact gradient is 0.
+    """
+    scale = max(float(np.max(np.abs(np.asarray(e)), initial=0.0)) for e in jax.tree.leaves(expected))
+    vanishing = jax.tree.map(lambda e: float(np.max(np.abs(np.asarray(e)), initial=0.0)) <= 1e-12 * scale, expected)
+    own = max_leaf_error(*(jax.tree.map(lambda t, v: None if v else t, tree, vanishing) for tree in (actual, expected)))
+    diffs = jax.tree.map(
+        lambda a, e, v: np.abs(np.asarray(a) - np.asarray(e)).max() if v else 0.0, actual, expected, vanishing
+    )
+    rest = float(np.max(jax.tree.leaves(diffs), initial=0.0)) / (scale or 1.0)
+    return float(np.max([own[0], rest]))  # np.max, not max: NaN on either side is the answer
 
 
 def _loss(model, grad, train, params, state, x, labels):
@@ -197,7 +212,7 @@ def test_per_example_gradients_under_vmap():
     rules, autodiff = per_example("rules"), per_example("autodiff")
     assert relative_error(rules, autodiff) <= 1e-10
     # Row i of the vmapped result is the gradient of example i alone.
-    single = jax.grad(lambda p: _loss(model, "rules", False, p, state, x[1:2], labels[1:2])[0])(params)
+    single = jax.jit(jax.grad(lambda p: _loss(model, "rules", False, p, state, x[1:2], labels[1:2])[0]))(params)
     assert relative_error(jax.tree.map(lambda g: g[1], rules), single) <= 1e-12
 
 

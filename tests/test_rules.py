@@ -18,7 +18,9 @@ from derivation_docs import residuals_documented
 from jax_resnet import rules, testing
 
 RULES = list(rules.REGISTRY.values())
-IDS = [r.name for r in RULES]
+# One rule's report is computed once per process and shared by its tests, so
+# all of one rule's tests go to the same pytest-xdist worker (`--dist loadgroup`).
+BY_RULE = [pytest.param(r, id=r.name, marks=pytest.mark.xdist_group(r.name)) for r in RULES]
 
 # The library's own forwards equal their references more tightly than the
 # kit's default (the VJP tolerance): they are the same formulas.
@@ -51,39 +53,39 @@ def test_the_tests_cover_the_whole_matrix():
     assert sorted(checked) == sorted(testing.PROPERTIES)
 
 
-@pytest.mark.parametrize("rule", RULES, ids=IDS)
+@pytest.mark.parametrize("rule", BY_RULE)
 def test_vjp_matches_autodiff_float64(rule):
     """Forward values, the VJP jitted and op by op (≤ rtol, 1e-10), the dot-product test (≤ 1e-6)."""
     _assert(rule, "test_vjp_matches_autodiff_float64")
 
 
-@pytest.mark.parametrize("rule", RULES, ids=IDS)
+@pytest.mark.parametrize("rule", BY_RULE)
 def test_vjp_matches_autodiff_float32(rule):
     _assert(rule, "test_vjp_matches_autodiff_float32")
 
 
-@pytest.mark.parametrize("rule", RULES, ids=IDS)
+@pytest.mark.parametrize("rule", BY_RULE)
 def test_vmap_over_leading_axis(rule):
     _assert(rule, "test_vmap_over_leading_axis")
 
 
-@pytest.mark.parametrize("rule", RULES, ids=IDS)
+@pytest.mark.parametrize("rule", BY_RULE)
 def test_grad_of_grad(rule):
     """Reverse-over-reverse: differentiate the hand-written backward pass itself."""
     _assert(rule, "test_grad_of_grad")
 
 
-@pytest.mark.parametrize("rule", RULES, ids=IDS)
+@pytest.mark.parametrize("rule", BY_RULE)
 def test_custom_rule_is_what_runs(rule):
     _assert(rule, "test_custom_rule_is_what_runs")
 
 
-@pytest.mark.parametrize("rule", RULES, ids=IDS)
+@pytest.mark.parametrize("rule", BY_RULE)
 def test_saved_residuals_are_the_documented_ones(rule):
     _assert(rule, "test_saved_residuals_are_the_documented_ones")
 
 
-@pytest.mark.parametrize("rule", RULES, ids=IDS)
+@pytest.mark.parametrize("rule", BY_RULE)
 def test_forward_mode_is_refused_with_a_clear_error(rule):
     _assert(rule, "test_forward_mode_is_refused_with_a_clear_error")
 
