@@ -37,8 +37,8 @@ Weight decay applies to the leaves `weight_paths` names (`kernel_mask`).
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import functools
+import itertools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -129,7 +129,10 @@ class MLPSpec:
         params = {
             "in": _init_dense(keys[0], self.in_features, self.width, dtype),
             "hidden": _init_runs(
-                lambda k, _, dt: (_init_dense(k, self.width, self.width, dt), {}), keys[1:-1], [None] * self.depth, dtype
+                lambda k, _, dt: (_init_dense(k, self.width, self.width, dt), {}),
+                keys[1:-1],
+                [None] * self.depth,
+                dtype,
             )[0],
             "out": _init_dense(keys[-1], self.width, self.out_features, dtype, gain=1.0),
         }
