@@ -20,7 +20,8 @@ grad_of_grad        reverse over reverse: the gradient of ⟨w, vjp(v)⟩, rule 
 custom_vjp_runs     `custom_vjp_call` is in the rule's jaxpr and not in the reference's
 residuals           `fwd` saves a NamedTuple with exactly the names listed in `residuals`
 forward_mode        jax.jvp of the rule fails with JAX's clear TypeError (custom_vjp has no
-                    forward mode), instead of quietly differentiating something else
+                    forward mode), instead of quietly differentiating something else; second
+                    derivatives need no forward mode: `jax_resnet.hvp` is reverse over reverse
 ==================  ==========================================================================
 
 Everything float64 runs with x64 switched on for the call (no global
@@ -112,7 +113,7 @@ DESCRIPTIONS: dict[str, str] = {
     "grad_of_grad": "the backward is differentiable: grad of <w, vjp(v)> equals the reference's",
     "custom_vjp_runs": "custom_vjp_call is in the rule's jaxpr and not in the reference's",
     "residuals": "fwd saves a NamedTuple with exactly the listed residuals",
-    "forward_mode": "jax.jvp of the rule raises JAX's forward-mode TypeError",
+    "forward_mode": "jax.jvp of the rule raises JAX's forward-mode TypeError (for second derivatives: jax_resnet.hvp)",
 }
 
 # The batched rule against the same rule slice by slice: the same code, so only
