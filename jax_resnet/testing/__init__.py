@@ -17,6 +17,18 @@ finite_differences  dot-product test ⟨u, vjp(v)⟩ ≈ ⟨v, (f(x+εu) − f(x
                     for the rule and for the reference: tells which of the two is wrong
 vmap                jax.vmap of the rule's VJP equals the reference's, and the rule slice by slice
 grad_of_grad        reverse over reverse: the gradient of ⟨w, vjp(v)⟩, rule vs reference
+composition         the VJP under jax.checkpoint (default policy and nothing_saveable) and
+                    inside lax.scan equals the plain VJP (float64); under remat the forward
+                    runs at most once more (counted per primitive in the jaxpr)
+sharded             with the arguments of 1 slice per device sharded over all local devices,
+                    jit of vmap and shard_map give the VJP of each slice (skipped on one device)
+extremes            float32 arguments at the edges (first argument ×1e4, ×25, 1 + 1e-4·x,
+                    constant, zeros, denormals; a batch of one): the rule's forward and VJP
+                    are finite wherever the reference's are, agree with the reference in
+                    float64, and are as accurate as float32 allows
+low_precision       bfloat16 and float16 forward and VJP within LOW_PRECISION_RTOL of float32;
+                    outputs and cotangents keep the arguments' dtype (float32 stays float32
+                    with x64 on)
 custom_vjp_runs     `custom_vjp_call` is in the rule's jaxpr and not in the reference's
 residuals           `fwd` saves a NamedTuple with exactly the names listed in `residuals`
 forward_mode        jax.jvp of the rule fails with JAX's clear TypeError (custom_vjp has no
@@ -76,6 +88,7 @@ Example: a rule of one's own, checked end to end.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import inspect
@@ -98,6 +111,10 @@ PROPERTIES: tuple[str, ...] = (
     "finite_differences",
     "vmap",
     "grad_of_grad",
+    "composition",
+    "sharded",
+    "extremes",
+    "low_precision",
     "custom_vjp_runs",
     "residuals",
     "forward_mode",
@@ -111,6 +128,10 @@ DESCRIPTIONS: dict[str, str] = {
     "finite_differences": "dot-product test against central finite differences (float64)",
     "vmap": "jax.vmap of the rule's VJP equals the reference's and the rule slice by slice",
     "grad_of_grad": "the backward is differentiable: grad of <w, vjp(v)> equals the reference's",
+    "composition": "under jax.checkpoint and lax.scan the VJP equals the plain one; remat reruns the forward once",
+    "sharded": "jit of vmap and shard_map over all local devices give each slice's VJP",
+    "extremes": "at extreme float32 arguments the rule is finite where the reference is, and accurate",
+    "low_precision": "bfloat16 and float16 within LOW_PRECISION_RTOL of float32; dtypes kept",
     "custom_vjp_runs": "custom_vjp_call is in the rule's jaxpr and not in the reference's",
     "residuals": "fwd saves a NamedTuple with exactly the listed residuals",
     "forward_mode": "jax.jvp of the rule raises JAX's forward-mode TypeError (for second derivatives: jax_resnet.hvp)",
@@ -121,6 +142,23 @@ DESCRIPTIONS: dict[str, str] = {
 SAME_CODE_RTOL = 1e-12
 # Grad-of-grad compares second derivatives, one more rounding step deep.
 GRAD_OF_GRAD_FACTOR = 10.0
+# `extremes`: what each case does to the first argument (float32, numpy: exact denormals); plus a batch of one.
+EXTREMES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "typical": lambda a: a,
+    "large": lambda a: 1e4 * a,  # logits of ±1e4, activations deep in saturation
+    "saturating": lambda a: 25 * a,  # about ±50 for the registry's activations
+    "near_constant": lambda a: 1 + 1e-4 * a,  # variance ~1e-8, far below a norm's eps
+    "constant": lambda a: np.full_like(a, 0.5),  # exactly constant channels; ties everywhere
+    "zeros": np.zeros_like,
+    "denormal": lambda a: a * np.float32(1e-39),  # below float32's smallest normal, 1.2e-38
+}
+# The rule in float32 against the float64 reference, each leaf against its own scale; or, where the data
+# leave float32 no better (1 + 1e-4·x into a norm cancels in the mean), at most EXTREMES_REF_FACTOR times
+# the reference's own float32 error.
+EXTREMES_RTOL = 1e-5
+EXTREMES_REF_FACTOR = 4.0
+# Worst leaf of bfloat16 / float16 against float32 (arguments rounded to the low dtype; measured, see README).
+LOW_PRECISION_RTOL = {jnp.dtype("bfloat16"): 5e-2, jnp.dtype("float16"): 1e-2}
 _F64, _F32 = jnp.dtype("float64"), jnp.dtype("float32")
 
 
@@ -405,6 +443,11 @@ class _Checker:
         return tuple(self.make_args(self.key(0), jnp.float64))
 
     @functools.cached_property
+    def slices64(self) -> list[tuple]:
+        """Two more draws of float64 arguments, for the properties that batch or scan over slices."""
+        return [tuple(self.make_args(self.key(s), jnp.float64)) for s in (1, 2)]
+
+    @functools.cached_property
     def argnums(self) -> tuple[int, ...]:
         nums = gc.float_argnums(self.args64)
         if not nums:
@@ -604,7 +647,7 @@ class _Checker:
 
     def _vmap(self) -> PropertyResult:
         fn, reference, argnums, tol = self.fn, self.reference, self.argnums, self._tol(self.rtol, _F64)
-        slices = [tuple(self.make_args(self.key(s), jnp.float64)) for s in (1, 2)]
+        slices = self.slices64
         stacked = _stack(slices)
         ct = gc._random_like(np.random.default_rng(self.seed + 2), jax.eval_shape(jax.vmap(fn), *stacked))
 
@@ -685,6 +728,248 @@ class _Checker:
             rows += self._leaf_rows("second derivative w.r.t.", k, got[k], want[k], tol, note)
         first_order_ok = self._vjp64_all_ok()
         return PropertyResult("grad_of_grad", tuple(rows), hint=hint if first_order_ok else "fix vjp_float64 first")
+
+    def _composition(self) -> PropertyResult:
+        fn, argnums, tol = self.fn, self.argnums, SAME_CODE_RTOL
+        slices = self.slices64
+        stacked = _stack(slices)
+        ct = gc._random_like(np.random.default_rng(self.seed + 4), jax.eval_shape(jax.vmap(fn), *stacked))
+        policies = {
+            "jax.checkpoint": None,
+            "jax.checkpoint(nothing_saveable)": jax.checkpoint_policies.nothing_saveable,
+        }
+
+        def scanned(stacked, ct, *diff):
+            """Σ_s ⟨ct_s, fn(args_s)⟩ accumulated by lax.scan over the slices."""
+            full = list(stacked)
+            for i, d in zip(argnums, diff):
+                full[i] = d
+
+            def body(total, xs):
+                args, c = xs
+                return total + gc._vdot(c, fn(*args)), None
+
+            zero = jnp.zeros((), jax.tree.leaves(ct)[0].dtype)
+            return jax.lax.scan(body, zero, (tuple(full), ct))[0]
+
+        @jax.jit
+        def run(stacked, ct):
+            one = lambda f, s: gc._vjp(f, _unstack(stacked, s), argnums, _unstack(ct, s))[1]
+            plain = [one(fn, s) for s in range(len(slices))]
+            out = {name: one(jax.checkpoint(fn, policy=policy), 0) for name, policy in policies.items()}
+            diff = tuple(stacked[i] for i in argnums)
+            scan = jax.grad(functools.partial(scanned, stacked, ct), argnums=tuple(range(len(argnums))))(*diff)
+            return plain, out, scan
+
+        plain, out, scan = jax.tree.map(np.asarray, run(stacked, ct))
+        note = lambda path, err: "the VJP changes under this transformation: the backward depends on how it is traced"
+        rows = []
+        for name, got in out.items():
+            for k in range(len(argnums)):
+                rows += [
+                    dataclasses.replace(r, what=f"{r.what} under {name}")
+                    for r in self._leaf_rows("VJP w.r.t.", k, got[k], plain[0][k], tol, note)
+                ]
+        for k in range(len(argnums)):
+            rows += [
+                dataclasses.replace(r, what=f"{r.what} inside lax.scan")
+                for r in self._leaf_rows(
+                    "VJP w.r.t.", k, scan[k], jax.tree.map(lambda *a: np.stack(a), *[p[k] for p in plain]), tol, note
+                )
+            ]
+        rows += self._remat_rows(policies)
+        return PropertyResult("composition", tuple(rows))
+
+    def _remat_rows(self, policies) -> list[Row]:
+        """Per policy: no primitive of the rule's forward appears in the VJP's jaxpr more than once more under
+        jax.checkpoint than without it (the forward is rematerialized once, never twice)."""
+        args, argnums, fn = self.args64, self.argnums, self.fn
+        ct = self._cotangent(args)
+        diff = tuple(args[i] for i in argnums)
+        forward = _primitive_counts(jax.make_jaxpr(lambda *d: jax.vjp(gc._restrict(fn, args, argnums), *d))(*diff))
+        vjp = lambda f: _primitive_counts(jax.make_jaxpr(lambda a, c: gc._vjp(f, a, argnums, c))(args, ct))
+        plain = vjp(fn)
+        rows = []
+        for name, policy in policies.items():
+            remat = vjp(jax.checkpoint(fn, policy=policy))
+            excess = {p: (remat[p] - plain[p], forward[p]) for p in remat if remat[p] - plain[p] > forward[p]}
+            note = ", ".join(f"{p}: {extra} more, the forward has {n}" for p, (extra, n) in sorted(excess.items()))
+            rows.append(
+                Row(
+                    f"under {name} the forward runs at most once more",
+                    None,
+                    None,
+                    not excess,
+                    ""
+                    if not excess
+                    else f"{note}: the forward is recomputed more than once (try defvjp(..., optimize_remat=True))",
+                )
+            )
+        return rows
+
+    def _sharded(self) -> PropertyResult:
+        devices = jax.devices()
+        if len(devices) < 2:
+            return PropertyResult(
+                "sharded", skipped="one device (simulate more: XLA_FLAGS=--xla_force_host_platform_device_count=8)"
+            )
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+        fn, argnums, tol = self.fn, self.argnums, self._tol(self.rtol, _F64)
+        n = len(devices)
+        # One slice per device: the float64 arguments, each floating leaf scaled by its own noise (numpy draws;
+        # no new random kernels to compile).
+        rng = np.random.default_rng(self.seed + 5)
+        vary = lambda a: a * (1 + 0.1 * rng.standard_normal(a.shape)) if gc._is_float(a) else a
+        slices = [jax.tree.map(lambda a: vary(np.asarray(a)), self.args64) for _ in range(n)]
+        stacked = jax.tree.map(lambda *a: np.stack(a), *slices)
+        ct = gc._random_like(rng, jax.eval_shape(jax.vmap(fn), *stacked))
+        mesh = Mesh(np.array(devices), ("devices",))
+        spread, whole = NamedSharding(mesh, PartitionSpec("devices")), NamedSharding(mesh, PartitionSpec())
+        try:
+            from jax import shard_map
+        except ImportError:  # JAX before 0.6
+            from jax.experimental.shard_map import shard_map
+
+        def slice_vjp(args, c):
+            return gc._vjp(fn, args, argnums, c)[1]
+
+        def per_device(args, c):  # each device holds a block of one slice
+            squeeze = lambda t: jax.tree.map(lambda a: a[0], t)
+            return jax.tree.map(lambda a: a[None], slice_vjp(squeeze(args), squeeze(c)))
+
+        @jax.jit
+        def run(stacked, ct):
+            # The same batched VJP computed whole on every device, and spread over the devices.
+            plain = jax.vmap(slice_vjp)(*jax.lax.with_sharding_constraint((stacked, ct), whole))
+            vmapped = jax.vmap(slice_vjp)(stacked, ct)
+            spec = PartitionSpec("devices")
+            mapped = shard_map(per_device, mesh=mesh, in_specs=(spec, spec), out_specs=spec)(stacked, ct)
+            return plain, vmapped, mapped
+
+        plain, vmapped, mapped = jax.tree.map(np.asarray, run(*jax.device_put((stacked, ct), spread)))
+        note = lambda path, err: "the VJP differs when the slices sit on different devices"
+        rows = []
+        for label, got in ((f"jit of vmap over {n} devices", vmapped), (f"shard_map over {n} devices", mapped)):
+            for k in range(len(argnums)):
+                rows += [
+                    dataclasses.replace(r, what=f"{r.what}, {label}")
+                    for r in self._leaf_rows("VJP w.r.t.", k, got[k], plain[k], tol, note)
+                ]
+        return PropertyResult("sharded", tuple(rows))
+
+    @functools.cached_property
+    def edge_pass(self) -> dict:
+        """One jitted program for `extremes` and `low_precision`: for every case of EXTREMES (batched with
+        vmap: they differ in the first argument only) and a batch of one, the rule in float32 and the reference
+        in float32 and float64; the rule in bfloat16 and float16 on the typical arguments."""
+        fn, reference, argnums = self.fn, self.reference, self.argnums
+        args = [np.asarray(a) for a in self.make_args(self.key(0), jnp.float32)]
+        inputs = {
+            "first": np.stack([np.asarray(make(args[0]), args[0].dtype) for make in EXTREMES.values()]),
+            "rest": tuple(args[1:]),
+            "ct": self._cotangent(args),
+            "one_args": tuple(_batch_of_one(args)),
+        }
+        inputs["one_ct"] = self._cotangent(inputs["one_args"])
+
+        def evaluations(args, ct):
+            return {
+                "rule": gc._vjp(fn, args, argnums, ct),
+                "reference": gc._vjp(reference, args, argnums, ct),
+                "reference64": gc._vjp(reference, _cast(args, jnp.float64), argnums, _cast(ct, jnp.float64)),
+            }
+
+        @jax.jit
+        def run(first, rest, ct, one_args, one_ct):
+            cases = jax.vmap(lambda a0: evaluations((a0, *rest), ct))(first)
+            low = {}
+            for dtype in LOW_PRECISION_RTOL:
+                low[dtype.name] = gc._vjp(fn, _cast((first[0], *rest), dtype), argnums, _cast(ct, dtype))
+            return cases, evaluations(one_args, one_ct), low
+
+        # numpy from here: indexing device arrays would compile a kernel per shape.
+        cases, one, low = jax.tree.map(np.asarray, run(**inputs))
+        return {"cases": _split_cases(cases, one), "low": low, "dtypes": [a.dtype for a in args], "inputs": inputs}
+
+    @functools.cached_property
+    def rule64_pass(self) -> dict:
+        """The rule in float64 on the cases of `edge_pass`: the truth where only the rule is finite (computed
+        only for a rule that is more stable than its reference somewhere)."""
+        fn, argnums = self.fn, self.argnums
+        up = lambda t: _cast(t, jnp.float64)
+
+        @jax.jit
+        def run(first, rest, ct, one_args, one_ct):
+            cases = jax.vmap(lambda a0: gc._vjp(fn, up((a0, *rest)), argnums, up(ct)))(first)
+            return cases, gc._vjp(fn, up(one_args), argnums, up(one_ct))
+
+        return _split_cases(*jax.tree.map(np.asarray, run(**self.edge_pass["inputs"])))
+
+    def _extremes(self) -> PropertyResult:
+        rows = []
+        what = ["output"] + [f"VJP w.r.t. {self.names[i]}" for i in self.argnums]
+        for case, ev in self.edge_pass["cases"].items():
+            leaves = {name: [np.asarray(a, np.float64) for a in jax.tree.leaves(t)] for name, t in ev.items()}
+            n = len(leaves["rule"])
+            labels = what if n == len(what) else [f"leaf {j}" for j in range(n)]
+            for j, label in enumerate(labels):
+                rule, ref, ref64 = (leaves[k][j] for k in ("rule", "reference", "reference64"))
+                rule64 = None
+                if (~np.isfinite(ref64) & np.isfinite(rule)).any():
+                    rule64 = np.asarray(jax.tree.leaves(self.rule64_pass[case])[j], np.float64)
+                rows += _extreme_rows(f"{case}: {label}", rule, ref, ref64, rule64)
+        return PropertyResult(
+            "extremes",
+            tuple(rows),
+            hint="an exp/log of an unshifted value (subtract the maximum), a division by a variance without eps, "
+            "1 − y² where y saturates, a convention at a kink (the reference's, too): compare the two formulas",
+        )
+
+    def _low_precision(self) -> PropertyResult:
+        p = self.edge_pass
+        base = jax.tree.leaves(p["cases"]["typical"]["rule"])
+        rows = (
+            [
+                Row(
+                    "float32 arguments give float32 outputs and cotangents (x64 on)",
+                    None,
+                    None,
+                    all(a.dtype == _F32 for a in base if gc._is_float(a)),
+                    "got "
+                    + ", ".join(sorted({str(a.dtype) for a in base}))
+                    + ": a float64 constant promotes the result",
+                )
+            ]
+            if _F32 in p["dtypes"]
+            else []
+        )
+        for name, out in p["low"].items():
+            dtype, got = jnp.dtype(name), jax.tree.leaves(out)
+            kept = all(a.dtype == dtype for a in got if gc._is_float(a))
+            rows.append(
+                Row(
+                    f"{name} arguments give {name} outputs and cotangents",
+                    None,
+                    None,
+                    kept,
+                    "" if kept else "got " + ", ".join(sorted({str(a.dtype) for a in got})),
+                )
+            )
+            tol = LOW_PRECISION_RTOL[dtype]
+            for j, (a, b) in enumerate(zip(got, base)):
+                err = gc._array_error(np.asarray(a, np.float64), np.asarray(b, np.float64))
+                ok = err <= tol
+                rows.append(
+                    Row(
+                        f"{name} vs float32, leaf {j}",
+                        err,
+                        tol,
+                        ok,
+                        "" if ok else "cancellation in low precision: accumulate in float32",
+                    )
+                )
+        return PropertyResult("low_precision", tuple(rows))
 
     def _custom_vjp_runs(self) -> PropertyResult:
         rule = "custom_vjp_call" in str(jax.make_jaxpr(self.fn)(*self.args64))
@@ -767,6 +1052,100 @@ class _Checker:
             )
         note = "jax.jvp of the rule succeeded: it is not a custom_vjp (or has a custom_jvp), so forward mode bypasses the hand-written backward"
         return PropertyResult("forward_mode", (Row("jax.jvp raises TypeError", None, None, False, note),))
+
+
+def _primitive_counts(closed_jaxpr) -> collections.Counter:
+    """How often each primitive runs in a jaxpr, inside nested jaxprs too (containers themselves not counted)."""
+    from jax.extend.core import jaxprs_in_params
+
+    counts: collections.Counter = collections.Counter()
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            subs = list(jaxprs_in_params(eqn.params))
+            if not subs:
+                counts[eqn.primitive.name] += 1
+            for sub in subs:
+                walk(sub)
+
+    walk(closed_jaxpr.jaxpr)
+    return counts
+
+
+def _batch_of_one(args: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """The arguments with a batch of one: the first argument's leading axis, and that of each argument sharing
+    it (same leading size, and the same rank or integer labels), cut to its first entry."""
+    n, rank = args[0].shape[0], args[0].ndim
+    batched = lambda a: a.ndim > 0 and a.shape[0] == n and (a.ndim == rank or np.issubdtype(a.dtype, np.integer))
+    return [a[:1] if i == 0 or batched(a) else a for i, a in enumerate(args)]
+
+
+def _masked_error(got: np.ndarray, want: np.ndarray, where: np.ndarray) -> float:
+    """max|got − want| over `where`, relative to the largest finite |want| of the whole leaf."""
+    if not where.any():
+        return 0.0
+    diff = float(np.max(np.abs(got[where] - want[where])))
+    scale = float(np.max(np.abs(want[np.isfinite(want)]), initial=0.0))
+    return diff / scale if scale else diff
+
+
+def _cast(tree, dtype):
+    return jax.tree.map(lambda a: a.astype(dtype) if gc._is_float(a) else a, tree)
+
+
+def _split_cases(cases, one) -> dict:
+    """{case: its slice of the vmapped `cases`} and "batch_of_one": `one`."""
+    out = {name: jax.tree.map(lambda a, i=i: a[i], cases) for i, name in enumerate(EXTREMES)}
+    out["batch_of_one"] = one
+    return out
+
+
+def _extreme_rows(what: str, rule, ref, ref64, rule64) -> list[Row]:
+    """Finite where the reference is; float32 as accurate as the float64 reference says float32 can be; where
+    the float32 reference is not finite and the rule is, accurate against the float64 reference, or against the
+    rule in float64 (`rule64`) where even that is not finite."""
+    overflow = np.isfinite(ref) & ~np.isfinite(rule)
+    rows = [
+        Row(
+            f"{what}: finite wherever the reference is",
+            None,
+            None,
+            not overflow.any(),
+            f"{int(overflow.sum())} entries overflow or are NaN in the rule only" if overflow.any() else "",
+        )
+    ]
+    where = np.isfinite(ref64) & np.isfinite(rule)
+    err = _masked_error(rule, ref64, where)
+    ref_err = _masked_error(ref, ref64, where & np.isfinite(ref))
+    bound = max(EXTREMES_RTOL, EXTREMES_REF_FACTOR * ref_err)
+    note = "the rule loses more precision than the reference" if ref_err else "they disagree"
+    rows.append(
+        Row(
+            f"{what}: float32 vs the float64 reference (the float32 reference's error {ref_err:.1e})",
+            err,
+            bound,
+            err <= bound,
+            "" if err <= bound else note,
+            dtype="float32",
+        )
+    )
+    stable = ~np.isfinite(ref) & np.isfinite(rule)
+    if stable.any():
+        truth = ref64 if rule64 is None else np.where(np.isfinite(ref64), ref64, rule64)
+        err = _masked_error(rule, truth, stable)
+        ok = err <= EXTREMES_RTOL
+        rows.append(
+            Row(
+                f"{what}: finite in {int(stable.sum())} entries where the float32 reference is not (more stable); "
+                "there vs float64",
+                err,
+                EXTREMES_RTOL,
+                ok,
+                "" if ok else "finite but wrong",
+                dtype="float32",
+            )
+        )
+    return rows
 
 
 class _Raised(Exception):
