@@ -568,9 +568,15 @@ def test_augmented_steps_are_deterministic_in_the_seed():
     assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(other)))
 
 
-def test_resume_with_augmentation_is_bit_identical(tmp_path, monkeypatch):
-    straight_out, resumed_out = tmp_path / "straight", tmp_path / "resumed"
-    want = train.train(dataclasses.replace(AUG_BASE, out=str(straight_out)))
+@pytest.fixture(scope="module")
+def augmented(tmp_path_factory):
+    """Two augmented epochs of the seed's MLP in one go: the reference of the next two tests."""
+    out = tmp_path_factory.mktemp("augmented")
+    return out, train.train(dataclasses.replace(AUG_BASE, out=str(out)))
+
+
+def test_resume_with_augmentation_is_bit_identical(augmented, tmp_path, monkeypatch):
+    (straight_out, want), resumed_out = augmented, tmp_path / "resumed"
 
     _interrupted_after_first_epoch(resumed_out, monkeypatch, AUG_BASE)
     with pytest.raises(ValueError, match=r"trained with augment=True \(now False\)"):
@@ -579,3 +585,33 @@ def test_resume_with_augmentation_is_bit_identical(tmp_path, monkeypatch):
     assert got["resumed_from_epoch"] == 1
     assert got["test_accuracy"] == want["test_accuracy"] and got["test_confusion"] == want["test_confusion"]
     _assert_trees_identical(checkpoints.load(resumed_out)[0], checkpoints.load(straight_out)[0])
+
+
+def test_a_second_process_with_the_same_seed_trains_bitwise_equal_parameters(augmented, tmp_path):
+    """`python -m jax_resnet train` in a child process and `train.train` here, same seed and settings (the
+    seed's MLP with augmentation: initialisation, shuffling and the per-step augmentation keys all come from
+    the seed; 16 steps): the checkpoints' arrays and the losses are bit for bit the same on the CPU (README,
+    "Reproducibility"). The run here is the `augmented` fixture's. The child has
+    float64 enabled as this process has (tests/conftest.py): with x64 off, optax's update differs in the last
+    bit (the gradients do not)."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(train.__file__)))
+    env = dict(os.environ, PYTHONPATH=package, JAX_PLATFORMS="cpu", JAX_ENABLE_X64=str(jax.config.jax_enable_x64))
+    flags = ["--model", "residual_mlp", "--dataset", "synthetic", "--epochs", "2", "--batch-size", "64"]
+    flags += ["--lr", "0.01", "--augment", "--no-grad-check", "--no-progress", "--out", str(tmp_path / "child")]
+    child = subprocess.Popen(
+        [sys.executable, "-m", "jax_resnet", "train", *flags],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    output, _ = child.communicate(timeout=600)
+    assert child.returncode == 0, output
+    runs = (tmp_path / "child", augmented[0])
+    (tree_a, meta_a), (tree_b, meta_b) = (checkpoints.load(out) for out in runs)
+    assert meta_a["config"] == {**meta_b["config"], "out": meta_a["config"]["out"]}
+    assert meta_a["step"] == meta_b["step"] == 2 * STEPS_PER_EPOCH
+    _assert_trees_identical(tree_a, tree_b)
+    losses = [json.loads((out / "metrics.json").read_text())["train_loss"] for out in runs]
+    assert losses[0] == losses[1]
