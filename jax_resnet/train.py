@@ -512,7 +512,8 @@ def _append_line(path: Path, line: str) -> None:
         with open(path, "a") as f:
             f.write(line + "\n")
     except BaseException:
-        os.truncate(path, end)
+        if path.exists():
+            os.truncate(path, end)
         raise
 
 
@@ -684,7 +685,8 @@ class _Run:
 
     def write_history(self, history: list[dict]) -> None:
         if self.log.on:
-            (self.out / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+            with _replacing(self.out / "metrics.jsonl") as tmp:
+                tmp.write_text("".join(json.dumps(h) + "\n" for h in history))
 
     def test(self, tree: dict, step: int) -> dict:
         ds, c = self.ds, self.config
