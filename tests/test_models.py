@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_resnet import blocks, models, ops
+from jax_resnet import blocks, curvature, models, ops
 from jax_resnet.gradcheck import max_leaf_error
 
 
@@ -214,6 +214,33 @@ def test_per_example_gradients_under_vmap():
     # Row i of the vmapped result is the gradient of example i alone.
     single = jax.jit(jax.grad(lambda p: _loss(model, "rules", False, p, state, x[1:2], labels[1:2])[0]))(params)
     assert relative_error(jax.tree.map(lambda g: g[1], rules), single) <= 1e-12
+
+
+def test_hessian_vector_product_rules_equal_autodiff():
+    """`curvature.hvp` (reverse over reverse) of a whole model's loss: the rules' second derivatives are
+    autodiff's. Forward over reverse (jax.jvp of jax.grad) works on the rules too and agrees. A tanh MLP
+    (a ReLU net's Hessian has no activation term); conv, BN and pooling are checked second-order rule by
+    rule (tests/test_rules.py::test_grad_of_grad)."""
+    model = models.residual_mlp(in_features=6, width=5, depth=2, out_features=4, activation="tanh")
+    params, state = model.init(jax.random.key(0), jnp.float64)
+    rng = np.random.default_rng(0)
+    v = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape)), params)
+    x, labels = jnp.asarray(rng.standard_normal((3, 6))), jnp.asarray(rng.integers(0, 4, (3,)))
+
+    def loss(grad, p):
+        return _loss(model, grad, True, p, state, x, labels)[0]
+
+    @jax.jit
+    def products(p, v):
+        reverse = {g: curvature.hvp(functools.partial(loss, g), p, v) for g in ("rules", "autodiff")}
+        return reverse, jax.jvp(jax.grad(functools.partial(loss, "rules")), (p,), (v,))[1]
+
+    reverse, forward_over_reverse = products(params, v)
+    assert relative_error(reverse["rules"], reverse["autodiff"]) <= 1e-10
+    assert relative_error(forward_over_reverse, reverse["autodiff"]) <= 1e-10
+    assert float(jnp.abs(reverse["rules"]["hidden"][0]["w"]).max()) > 1e-3  # a Hessian that is not zero
+    with pytest.raises(ValueError, match=r"hvp: argument `v` leaf \['in'\]\['b'\] has shape \(2,\), expected \(5,\)"):
+        curvature.hvp(functools.partial(loss, "rules"), params, {**v, "in": {**v["in"], "b": jnp.ones(2)}})
 
 
 def test_batchnorm_state_updates_once_per_training_call():
