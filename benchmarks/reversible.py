@@ -42,19 +42,21 @@ import jax
 import jax.numpy as jnp
 
 from jax_resnet import bench, models, ops, reversible
+from jax_resnet._x64 import enable_x64
 from jax_resnet.gradcheck import max_leaf_error
 
 HERE = pathlib.Path(__file__).parent
 METHODS = {"reversible": ("rules", False), "autodiff": ("autodiff", False), "remat": ("autodiff", True)}
 DEPTHS = (8, 32, 128, 512)
 ERROR_DEPTHS = (8, 32, 128, 512, 1024)
+SEGMENTS = (8, 32)  # the mitigation: couplings per stored output
 TRAIN_STEPS = 20
 MIB = 2**20
 
 
-def stage_model(n: int, width: int, remat: bool = False) -> models.Model:
+def stage_model(n: int, width: int, remat: bool = False, segment: int | None = None) -> models.Model:
     """One reversible stage of `n` couplings (basic F and G, `width` channels, the stem's too)."""
-    return models.revnet((n,), "basic", (width,), stem_width=width, remat=remat)
+    return models.revnet((n,), "basic", (width,), stem_width=width, remat=remat, segment=segment)
 
 
 def _batch(batch: int, side: int):
@@ -82,7 +84,9 @@ def memory_vs_depth(depths, batch, side, width) -> list[dict]:
     rows = []
     for n in depths:
         steps = compiled_steps(lambda remat, n=n: stage_model(n, width, remat), batch, side, abstract=True)
-        rows.append({"couplings": n, **{m: p.temp_memory_bytes for m, p in steps.items()}})
+        params, _ = jax.eval_shape(lambda n=n: stage_model(n, width).init(jax.random.key(0)))
+        row = {"couplings": n, "param_bytes": 4 * models.num_params(params)}
+        rows.append({**row, **{m: p.temp_memory_bytes for m, p in steps.items()}})
         print(
             f"memory, {n} couplings: " + ", ".join(f"{m} {p.temp_memory_bytes / MIB:.1f} MiB" for m, p in steps.items())
         )
@@ -121,48 +125,62 @@ def _stage(n: int, width: int, batch: int, side: int, key):
     return spec, params, state, x1, x2, w
 
 
-def _stage_loss(o, spec, state, w, params, x1, x2):
-    y1, y2, _ = reversible.stage(o, spec, params, state, x1, x2, train=True)
+def _stage_loss(o, spec, state, w, params, x1, x2, segment=None):
+    y1, y2, _ = reversible.stage(o, spec, params, state, x1, x2, train=True, segment=segment)
     return (jnp.mean(w[0] * y1) + jnp.mean(w[1] * jnp.tanh(y2))) ** 2
 
 
-def _error_programs(spec, state, x1, x2, w, lr):
-    """(measure, sgd): params -> (reconstruction error, rules grads, autodiff grads); params -> params."""
+def _gradients(o, spec, state, w, params, x1, x2, segment=None):
+    loss = functools.partial(_stage_loss, o, spec, state, w, segment=segment)
+    return jax.grad(loss, argnums=(0, 1, 2))(params, x1, x2)
+
+
+def error_vs_depth(depths, width, batch, side, train_steps, segments=(), lr=0.05) -> list[dict]:
+    """Float32 errors of one stage per depth, at init and after `train_steps` SGD steps (each
+    parameter array moved by `lr` along its normalised rules gradient of `_stage_loss`):
+    reconstruction error, and the gradient error of reversible (whole stage, and with each of
+    `segments`) and of autodiff, both against autodiff's gradient in float64."""
     rules, autodiff = ops.opset("rules"), ops.opset("autodiff")
-    loss_rules = functools.partial(_stage_loss, rules, spec, state, w)
-    loss_autodiff = functools.partial(_stage_loss, autodiff, spec, state, w)
-
-    @jax.jit
-    def measure(params):
-        recon = reversible.reconstruction_error(rules, spec, params, state, x1, x2, train=True)
-        g_rules = jax.grad(loss_rules, argnums=(0, 1, 2))(params, x1, x2)
-        g_autodiff = jax.grad(loss_autodiff, argnums=(0, 1, 2))(params, x1, x2)
-        return recon, g_rules, g_autodiff
-
-    @jax.jit
-    def sgd(params):
-        g = jax.grad(loss_rules)(params, x1, x2)
-        return jax.tree.map(lambda p, g: p - lr * g / (jnp.linalg.norm(g) + 1e-12), params, g)
-
-    return measure, sgd
-
-
-def error_vs_depth(depths, width, batch, side, train_steps, lr=0.05) -> list[dict]:
-    """Float32 reconstruction and gradient error of one stage, at init and after `train_steps` SGD steps
-    (each parameter array moved by `lr` along its normalised rules gradient of `_stage_loss`), per depth."""
     rows = []
     for n in depths:
         spec, params, state, x1, x2, w = _stage(n, width, batch, side, jax.random.key(0))
-        measure, sgd = _error_programs(spec, state, x1, x2, w, lr)
+        error = jax.jit(functools.partial(reversible.reconstruction_error, rules, spec, train=True))
+        grads = {"reversible": jax.jit(functools.partial(_gradients, rules, spec, state, w))}
+        grads["autodiff"] = jax.jit(functools.partial(_gradients, autodiff, spec, state, w))
+        for k in (k for k in segments if k < n and n % k == 0):
+            grads[f"segment {k}"] = jax.jit(functools.partial(_gradients, rules, spec, state, w, segment=k))
+        sgd = jax.jit(lambda p, g: jax.tree.map(lambda p, g: p - lr * g / (jnp.linalg.norm(g) + 1e-12), p, g[0]))
         row = {"couplings": n}
         for phase in ("init", "trained"):
             if phase == "trained":
                 for _ in range(train_steps):
-                    params = sgd(params)
-            recon, g_rules, g_autodiff = measure(params)
-            row[phase] = {"reconstruction": float(recon), "gradient": max_leaf_error(g_rules, g_autodiff)[0]}
+                    params = sgd(params, grads["reversible"](params, x1, x2))
+            with enable_x64():
+                to64 = lambda t: jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), t)
+                exact = jax.jit(functools.partial(_gradients, autodiff, spec, to64(state), to64(w)))(
+                    to64(params), to64(x1), to64(x2)
+                )
+                exact = jax.device_get(exact)
+            row[phase] = {"reconstruction": float(error(params, state, x1, x2))}
+            for name, fn in grads.items():
+                row[phase][name] = max_leaf_error(fn(params, x1, x2), exact)[0]
         rows.append(row)
         print(f"error, {n} couplings: {row}")
+    return rows
+
+
+def segment_memory(n, segments, batch, side, width) -> list[dict]:
+    """Compiled step memory of one stage of `n` couplings, reversible with each `segment`."""
+    tx = bench.optimizer()
+    x, y = _batch(batch, side)
+    rows = []
+    for k in segments:
+        model = stage_model(n, width, segment=k)
+        carry = jax.eval_shape(lambda m=model: (lambda p, s: (p, s, tx.init(p)))(*m.init(jax.random.key(0))))
+        step = jax.jit(bench.library_step(model, "rules", tx), donate_argnums=0)
+        temp = int(step.lower(carry, x, y).compile().memory_analysis().temp_size_in_bytes)
+        rows.append({"couplings": n, "segment": k, "reversible": temp})
+        print(f"memory, {n} couplings, segment {k}: {temp / MIB:.1f} MiB")
     return rows
 
 
@@ -200,18 +218,31 @@ def markdown(result: dict) -> str:
         f"stage of basic couplings, batch {cfg['memory_batch']}, {cfg['memory_side']}x{cfg['memory_side']}x3, "
         f"{cfg['memory_width']} channels. ![memory vs depth](reversible_memory.png)",
         "",
-        "| couplings | layers | reversible (MiB) | autodiff (MiB) | remat (MiB) | autodiff / reversible |",
-        "|---:|---:|---:|---:|---:|---:|",
+        "| couplings | layers | reversible (MiB) | reversible − parameter bytes (MiB) | autodiff (MiB) | remat (MiB) "
+        "| autodiff / reversible |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["memory"]:
         n = r["couplings"]
         lines.append(
-            f"| {n} | {4 * n + 2} | {r['reversible'] / MIB:.1f} | {r['autodiff'] / MIB:.1f} | {r['remat'] / MIB:.1f} "
-            f"| {r['autodiff'] / r['reversible']:.1f}× |"
+            f"| {n} | {4 * n + 2} | {r['reversible'] / MIB:.1f} | {(r['reversible'] - r['param_bytes']) / MIB:.1f} "
+            f"| {r['autodiff'] / MIB:.1f} | {r['remat'] / MIB:.1f} | {r['autodiff'] / r['reversible']:.1f}× |"
         )
     mem = result["memory"]
-    flat = mem[-1]["reversible"] / mem[0]["reversible"] - 1
-    lines += ["", f"Reversible memory from {mem[0]['couplings']} to {mem[-1]['couplings']} couplings: {flat:+.1%}."]
+    first, last = mem[0], mem[-1]
+    flat = last["reversible"] / first["reversible"] - 1
+    flat_act = (last["reversible"] - last["param_bytes"]) / (first["reversible"] - first["param_bytes"]) - 1
+    lines += [
+        "",
+        f"Reversible memory from {first['couplings']} to {last['couplings']} couplings: {flat:+.1%}; without "
+        f"one parameter-sized buffer (the gradient, which every method holds and which grows with depth): "
+        f"{flat_act:+.1%}.",
+    ]
+    seg = ", ".join(f"segment {r['segment']}: {r['reversible'] / MIB:.1f} MiB" for r in result["segment"])
+    lines += [
+        "",
+        f"With stored outputs every k couplings (the float32 mitigation), {last['couplings']} couplings: {seg}.",
+    ]
     r110 = result["revnet110"]
     lines += [
         "",
@@ -237,25 +268,33 @@ def markdown(result: dict) -> str:
         "",
         f"Float32 error: one stage, batch {cfg['error_batch']}, {cfg['error_side']}x{cfg['error_side']}, "
         f"{cfg['error_width']} channels, training mode; reconstruction error max|x̂ − x| / max|x| of the stage's "
-        "inputs rebuilt from its output; gradient error: largest per-array relative error of the reversible "
-        "gradients against autodiff's (stored activations), both float32; trained: after "
-        f"{cfg['train_steps']} normalised SGD steps on the stage.",
+        "inputs rebuilt from its output; gradient error: largest per-array relative error "
+        "(`gradcheck.max_leaf_error`) of float32 gradients against autodiff's in float64, for the reversible "
+        "stage (whole, and storing every k-th output: segment k) and for autodiff itself (the float32 floor); "
+        f"trained: after {cfg['train_steps']} normalised SGD steps on the stage.",
         "",
-        "| couplings | reconstruction (init) | gradient (init) | reconstruction (trained) | gradient (trained) |",
-        "|---:|---:|---:|---:|---:|",
     ]
-    for r in result["error"]:
-        i, t = r["init"], r["trained"]
-        lines.append(
-            f"| {r['couplings']} | {i['reconstruction']:.1e} | {i['gradient']:.1e} "
-            f"| {t['reconstruction']:.1e} | {t['gradient']:.1e} |"
-        )
+    grads = [k for k in result["error"][-1]["init"] if k != "reconstruction"]
+    for phase in ("init", "trained"):
+        lines += [
+            "",
+            f"| couplings ({phase}) | reconstruction | " + " | ".join(f"gradient, {g}" for g in grads) + " |",
+            "|---:|---:|" + "---:|" * len(grads),
+        ]
+        for r in result["error"]:
+            e = r[phase]
+            cells = [f"{e[g]:.1e}" if g in e else "–" for g in grads]
+            lines.append(f"| {r['couplings']} | {e['reconstruction']:.1e} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+PARTS = ("memory", "revnet110", "segment", "error", "time")
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, to check the script runs")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--round-seconds", type=float, default=1.0)
     parser.add_argument("--out", type=pathlib.Path, default=HERE / "reversible")
@@ -273,21 +312,49 @@ def main(argv=None) -> None:
         "error_side": 4 if q else 8,
         "error_width": 8 if q else 16,
         "train_steps": 2 if q else TRAIN_STEPS,
+        "segments": (2,) if q else SEGMENTS,
     }
     depths = (2, 4) if q else DEPTHS
-    result = {"environment": bench.environment(q), "config": cfg}
-    result["memory"] = memory_vs_depth(depths, cfg["memory_batch"], cfg["memory_side"], cfg["memory_width"])
-    result["revnet110"] = revnet110_memory(cfg["revnet110_batch"])
-    result["error"] = error_vs_depth(
-        (2, 4) if q else ERROR_DEPTHS, cfg["error_width"], cfg["error_batch"], cfg["error_side"], cfg["train_steps"]
-    )
-    result["time"] = time_vs_depth(
-        depths, cfg["time_batch"], cfg["time_side"], cfg["time_width"], 2 if q else args.rounds, args.round_seconds
-    )
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(result))
-    plot(result["memory"], args.out.with_name(args.out.name + "_memory.png"))
-    print(f"wrote {args.out}.md, .json and {args.out.name}_memory.png")
+    path = args.out.with_suffix(".json")
+    # Parts run separately merge into the JSON already there (same sizes only).
+    result = json.loads(path.read_text()) if path.exists() else {}
+    if result.get("config", cfg) != json.loads(json.dumps(cfg)):
+        result = {}
+    result.update({"environment": bench.environment(q), "config": cfg})
+    for part in args.parts.split(","):
+        if part == "memory":
+            result[part] = memory_vs_depth(depths, cfg["memory_batch"], cfg["memory_side"], cfg["memory_width"])
+        elif part == "revnet110":
+            result[part] = revnet110_memory(cfg["revnet110_batch"])
+        elif part == "segment":
+            result[part] = segment_memory(
+                depths[-1], cfg["segments"], cfg["memory_batch"], cfg["memory_side"], cfg["memory_width"]
+            )
+        elif part == "error":
+            result[part] = error_vs_depth(
+                (2, 4) if q else ERROR_DEPTHS,
+                cfg["error_width"],
+                cfg["error_batch"],
+                cfg["error_side"],
+                cfg["train_steps"],
+                cfg["segments"],
+            )
+        elif part == "time":
+            result[part] = time_vs_depth(
+                depths,
+                cfg["time_batch"],
+                cfg["time_side"],
+                cfg["time_width"],
+                2 if q else args.rounds,
+                args.round_seconds,
+            )
+        else:
+            parser.error(f"--parts: unknown part {part!r}; choose from {', '.join(PARTS)}")
+        path.write_text(json.dumps(result, indent=1) + "\n")
+    if all(part in result for part in PARTS):
+        args.out.with_suffix(".md").write_text(markdown(result))
+        plot(result["memory"], args.out.with_name(args.out.name + "_memory.png"))
+        print(f"wrote {args.out}.md, .json and {args.out.name}_memory.png")
 
 
 if __name__ == "__main__":

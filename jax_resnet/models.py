@@ -310,6 +310,9 @@ class RevNetSpec:
     `grad="autodiff"` JAX differentiates the same network storing every
     activation, or with `remat=True` rematerialises each coupling
     (`jax.checkpoint`, the usual JAX answer to memory, for comparison).
+    `segment=k` (rules): store every k-th coupling's output in each
+    reversible stage, bounding the float32 reconstruction error by that of k
+    couplings (`reversible.stage`; derivations/reversible.md#error-analysis).
     """
 
     stage_sizes: tuple[int, ...]
@@ -320,6 +323,7 @@ class RevNetSpec:
     in_channels: int = 3
     shortcut: str = "A"
     remat: bool = False
+    segment: int | None = None
 
     def __post_init__(self):
         if self.block not in reversible.BLOCKS:
@@ -380,7 +384,7 @@ class RevNetSpec:
                 x1, x2, new_st["down"] = reversible.coupling(ops, down, p["down"], st["down"], x1, x2, train=train)
             if n:
                 x1, x2, new_st["rev"] = reversible.stage(
-                    ops, rev, p["rev"], st["rev"], x1, x2, train=train, remat=self.remat
+                    ops, rev, p["rev"], st["rev"], x1, x2, train=train, remat=self.remat, segment=self.segment
                 )
             h = jnp.concatenate([x1, x2], axis=-1)
             new_state["stages"].append(new_st)
@@ -605,7 +609,16 @@ def imagenet_resnet(
 
 
 def revnet(
-    stage_sizes, block, widths, *, stem_width=32, num_classes=10, in_channels=3, shortcut="A", remat=False
+    stage_sizes,
+    block,
+    widths,
+    *,
+    stem_width=32,
+    num_classes=10,
+    in_channels=3,
+    shortcut="A",
+    remat=False,
+    segment=None,
 ) -> Model:
     """A CIFAR RevNet (Gomez et al. 2017, Table 1): 3x3 stem, reversible stages, pooled head.
 
@@ -623,6 +636,7 @@ def revnet(
         in_channels=in_channels,
         shortcut=shortcut,
         remat=remat,
+        segment=segment,
     )
     convs = 3 if block == "bottleneck" else 2
     return Model(spec, f"revnet{2 + 2 * convs * sum(stage_sizes)}")

@@ -236,7 +236,18 @@ def _reversible_stage_bwd(config, res, cts):
 _reversible_stage.defvjp(_reversible_stage_fwd, _reversible_stage_bwd)
 
 
-def stage(ops: OpSet, spec: CouplingSpec, params, state, x1, x2, *, train: bool, remat: bool = False):
+def stage(
+    ops: OpSet,
+    spec: CouplingSpec,
+    params,
+    state,
+    x1,
+    x2,
+    *,
+    train: bool,
+    remat: bool = False,
+    segment: int | None = None,
+):
     """Run the stacked reversible couplings of one stage; returns (y1, y2, new_state).
 
     Which backward runs is read off `ops`: `opset("autodiff")` (the reference
@@ -247,13 +258,20 @@ def stage(ops: OpSet, spec: CouplingSpec, params, state, x1, x2, *, train: bool,
     stage under one `custom_vjp` that stores only the stage's output and
     rebuilds the rest in the backward.
 
+    `segment=k` (rules only; the autodiff ops ignore it) splits the stage into n/k runs of k couplings,
+    each its own `custom_vjp` inside an outer `lax.scan`: JAX stores each
+    run's output (n/k activations) and every reconstruction starts from a
+    stored output, so float32 error grows with k instead of n
+    (derivations/reversible.md#error-analysis).
+
     Args:
       ops: the `OpSet` F and G are built from.
       spec: the couplings' shared description; must be reversible.
       params, state: `init_stage`'s pytrees, stacked on a leading axis (n couplings).
       x1, x2: the two halves of the input, NHWC with `spec.in_channels // 2` channels each.
       train: BatchNorm with batch statistics (and updated running statistics) or running ones.
-      remat: with the autodiff ops only.
+      remat: with the autodiff ops only (the rules ignore it: they store no activations to recompute).
+      segment: with the rules only; must divide the number of couplings.
     """
     if not spec.reversible:
         raise ValueError(f"stage: argument `spec` must be a reversible coupling (no change of shape), got {spec}")
@@ -265,9 +283,19 @@ def stage(ops: OpSet, spec: CouplingSpec, params, state, x1, x2, *, train: bool,
     config = StageConfig(spec, bool(train), ops)
     if ops == opset("autodiff"):
         return _scan_forward(config, params, state, x1, x2, remat=remat)
-    if remat:
-        raise ValueError("stage: `remat=True` applies to the autodiff ops only; the rules' stage stores no activations")
-    return _reversible_stage(params, state, x1, x2, config)
+    n = jax.tree.leaves(params)[0].shape[0]
+    if segment is None or segment == n:
+        return _reversible_stage(params, state, x1, x2, config)
+    if segment < 1 or n % segment:
+        raise ValueError(f"stage: argument `segment` must divide the {n} couplings, got {segment}")
+    runs = lambda tree: jax.tree.map(lambda a: a.reshape(n // segment, segment, *a.shape[1:]), tree)
+
+    def run(carry, unit):
+        y1, y2, new_state = _reversible_stage(*unit, *carry, config)
+        return (y1, y2), new_state
+
+    (y1, y2), new_state = lax.scan(run, (x1, x2), (runs(params), runs(state)))
+    return y1, y2, jax.tree.map(lambda a: a.reshape(n, *a.shape[2:]), new_state)
 
 
 def reconstruct(ops: OpSet, spec: CouplingSpec, params, state, y1, y2, *, train: bool):

@@ -193,8 +193,8 @@ def test_bad_settings_name_the_argument():
     spec = reversible.CouplingSpec("basic", 8, 8)
     params, state = jax.eval_shape(lambda: reversible.init_stage(jax.random.key(0), spec, 2))
     x = jnp.zeros((1, 4, 4, 4))
-    with pytest.raises(ValueError, match="`remat=True` applies to the autodiff ops only"):
-        reversible.stage(RULES, spec, params, state, x, x, train=True, remat=True)
+    with pytest.raises(ValueError, match="argument `segment` must divide the 2 couplings, got 3"):
+        reversible.stage(RULES, spec, params, state, x, x, train=True, segment=3)
     with pytest.raises(ValueError, match="must be NHWC halves with 4 channels each"):
         reversible.stage(RULES, spec, params, state, x[..., :3], x[..., :3], train=True)
     with pytest.raises(ValueError, match="must be a reversible coupling"):
