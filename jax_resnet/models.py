@@ -324,6 +324,7 @@ class RevNetSpec:
     shortcut: str = "A"
     remat: bool = False
     segment: int | None = None
+    unroll: bool = False  # the stages' forward scans unrolled (`summary` counts FLOPs so)
 
     def __post_init__(self):
         if self.block not in reversible.BLOCKS:
@@ -384,7 +385,16 @@ class RevNetSpec:
                 x1, x2, new_st["down"] = reversible.coupling(ops, down, p["down"], st["down"], x1, x2, train=train)
             if n:
                 x1, x2, new_st["rev"] = reversible.stage(
-                    ops, rev, p["rev"], st["rev"], x1, x2, train=train, remat=self.remat, segment=self.segment
+                    ops,
+                    rev,
+                    p["rev"],
+                    st["rev"],
+                    x1,
+                    x2,
+                    train=train,
+                    remat=self.remat,
+                    segment=self.segment,
+                    unroll=self.unroll,
                 )
             h = jnp.concatenate([x1, x2], axis=-1)
             new_state["stages"].append(new_st)
@@ -506,6 +516,9 @@ def summary(model: Model, input_shape: tuple[int, ...]) -> dict:
     ResNet paper tabulates). Nothing is allocated: shapes only.
     """
     params, state = jax.eval_shape(lambda: model.init(jax.random.key(0)))
+    if getattr(model.spec, "unroll", None) is False:
+        # XLA's cost analysis counts a loop's body once: count a scanned network's layers unrolled.
+        model = dataclasses.replace(model, spec=dataclasses.replace(model.spec, unroll=True))
     x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
     lowered = jax.jit(lambda p, s, x: model.apply(p, s, x, train=False)[0]).lower(params, state, x)
     cost = lowered.cost_analysis()

@@ -156,6 +156,7 @@ class StageConfig(NamedTuple):
     spec: CouplingSpec
     train: bool
     ops: OpSet  # the ops F and G are built from, in the forward and in the backward
+    unroll: bool = False  # the forward scan unrolled: XLA's cost analysis counts a loop's body once
 
 
 class StageResiduals(NamedTuple):
@@ -170,7 +171,9 @@ def _scan_forward(config: StageConfig, params, state, x1, x2, *, remat=False):
         y1, y2, new_state = coupling(config.ops, config.spec, *unit, *carry, train=config.train)
         return (y1, y2), new_state
 
-    (y1, y2), new_state = lax.scan(jax.checkpoint(body) if remat else body, (x1, x2), (params, state))
+    (y1, y2), new_state = lax.scan(
+        jax.checkpoint(body) if remat else body, (x1, x2), (params, state), unroll=config.unroll
+    )
     return y1, y2, new_state
 
 
@@ -247,6 +250,7 @@ def stage(
     train: bool,
     remat: bool = False,
     segment: int | None = None,
+    unroll: bool = False,
 ):
     """Run the stacked reversible couplings of one stage; returns (y1, y2, new_state).
 
@@ -272,6 +276,8 @@ def stage(
       train: BatchNorm with batch statistics (and updated running statistics) or running ones.
       remat: with the autodiff ops only (the rules ignore it: they store no activations to recompute).
       segment: with the rules only; must divide the number of couplings.
+      unroll: unroll the forward's scan, so that XLA's cost analysis (which counts a
+        loop's body once) counts every coupling; `models.summary` uses it for FLOPs.
     """
     if not spec.reversible:
         raise ValueError(f"stage: argument `spec` must be a reversible coupling (no change of shape), got {spec}")
@@ -280,7 +286,7 @@ def stage(
             f"stage: arguments `x1` and `x2` must be NHWC halves with {spec.in_channels // 2} channels each, "
             f"got shapes {tuple(x1.shape)} and {tuple(x2.shape)}"
         )
-    config = StageConfig(spec, bool(train), ops)
+    config = StageConfig(spec, bool(train), ops, bool(unroll))
     if ops == opset("autodiff"):
         return _scan_forward(config, params, state, x1, x2, remat=remat)
     n = jax.tree.leaves(params)[0].shape[0]

@@ -209,3 +209,15 @@ def test_bad_settings_name_the_argument():
         reversible.stage(RULES, spec, params, state, x[..., :3], x[..., :3], train=True)
     with pytest.raises(ValueError, match="must be a reversible coupling"):
         reversible.init_stage(jax.random.key(0), reversible.CouplingSpec("basic", 8, 8, stride=2), 2)
+
+
+def test_info_counts_the_flops_of_every_coupling_in_a_scan():
+    # XLA's cost analysis sees a loop's body once; `models.summary` unrolls the stages to count them all.
+    def flops(n):
+        model = models.revnet((n,), "basic", (8,), stem_width=8, in_channels=1)
+        return models.summary(model, (8, 8, 1))["flops"]
+
+    # One 3x3 SAME convolution of 4 -> 4 channels on 8x8, multiply-add = 2: the taps inside the
+    # image are 3·8 − 2 = 22 per axis (XLA does not count the zero padding).
+    conv = 2 * 22 * 22 * 4 * 4
+    assert flops(4) - flops(2) >= 2 * 4 * conv  # two more couplings, four such convolutions each
