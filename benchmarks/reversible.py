@@ -25,10 +25,10 @@ Measured:
               `TRAIN_STEPS` SGD steps on the stage itself.
 
 Writes benchmarks/reversible.md, benchmarks/reversible.json and the plot
-benchmarks/reversible_memory.png. Command (about 15 minutes on 2 busy CPU cores):
+benchmarks/reversible_memory.png. Command (about 30 minutes on 2 busy CPU cores, most of it compiling):
 
     python benchmarks/reversible.py
-    python benchmarks/reversible.py --quick     # small sizes, a minute; numbers not meaningful
+    python benchmarks/reversible.py --quick     # small sizes, a few minutes (compiling); numbers not meaningful
 """
 
 from __future__ import annotations
