@@ -15,8 +15,8 @@ Example:
     >>> from jax_resnet.curvature import hvp
     >>> f = lambda w: jnp.sum(ops.tanh(w) ** 2)
     >>> w, v = jnp.array([0.0, 0.5]), jnp.array([1.0, 0.0])
-    >>> hvp(f, w, v)  # H = diag(2(1 − tanh²)(1 − 3 tanh²)): 2 at w = 0
-    Array([2., 0.], dtype=float32)
+    >>> print(hvp(f, w, v))  # H = diag(2(1 − tanh²)(1 − 3 tanh²)): 2 at w = 0
+    [2. 0.]
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ import sys
 import time
 import types
 
+import jax
 import nbformat
 import pytest
 from nbclient import NotebookClient
@@ -140,4 +141,8 @@ def test_readme_quick_start_prints_what_its_comments_say():
         else:
             lines.append(line)
     assert checked >= 3
-    exec(compile("\n".join(lines), "README.md", "exec"), {"__name__": "__readme__"})
+    x64 = jax.config.jax_enable_x64  # the quick start switches float64 on for the process; give it back
+    try:
+        exec(compile("\n".join(lines), "README.md", "exec"), {"__name__": "__readme__"})
+    finally:
+        jax.config.update("jax_enable_x64", x64)
