@@ -54,6 +54,7 @@ Derivation: derivations/per_example.md.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -451,3 +452,131 @@ def variance(model: models.Model, params, state, x, y) -> PerExample:
 def total(l2) -> jax.Array:
     """Σ over the leaves of per-leaf squared norms [B]: each example's squared gradient norm."""
     return sum(jax.tree.leaves(l2))
+
+
+class LayerCost(NamedTuple):
+    """One weight's norm path: T positions, d inputs, p outputs, and what `use_gram` chose."""
+
+    name: str
+    positions: int
+    d: int
+    p: int
+    gram: bool
+
+
+def norm_costs(model: models.Model, input_shape: tuple[int, ...] | None = None) -> list[LayerCost]:
+    """The norm path "auto" takes for each conv/dense/projection kernel of `model` on one
+    example of `input_shape` (default: the spec's), named as in `spec.weight_paths()`.
+    Shapes only (`jax.eval_shape`): nothing runs."""
+    shape = tuple(input_shape or model.spec.input_shape())
+    seen: list[tuple[int, int, int]] = []
+
+    def conv2d(x, w, **settings):
+        y = RULES.conv2d(x, w, **settings)
+        kh, kw, c_in, c_out = w.shape
+        seen.append((y.shape[1] * y.shape[2], kh * kw * c_in, c_out))
+        return y
+
+    def dense(x, w, b):
+        seen.append((x.size // (x.shape[0] * x.shape[-1]), *w.shape))
+        return RULES.dense(x, w, b)
+
+    def projection(x, w, **settings):
+        y = RULES.projection(x, w, **settings)
+        seen.append((y.shape[1] * y.shape[2], *w.shape))
+        return y
+
+    ops = RULES._replace(conv2d=conv2d, dense=dense, projection=projection)
+    params, state = jax.eval_shape(lambda: model.init(jax.random.key(0)))
+    x = jax.ShapeDtypeStruct((1, *shape), jnp.float32)
+    jax.eval_shape(lambda p, s, x: model.apply(p, s, x, train=True, grad=ops), params, state, x)
+    names = [name for name, _ in model.spec.weight_paths()]
+    if len(names) != len(seen):
+        raise AssertionError(f"norm_costs: {len(seen)} kernels ran, but weight_paths names {len(names)}")
+    return [LayerCost(n, t, d, p, use_gram(t, d, p)) for n, (t, d, p) in zip(names, seen)]
+
+
+# ---------------------------------------------------------------------- DP-SGD
+class ClippedSum(NamedTuple):
+    """loss and logits of the batch; clipped_sum: Σ_i min(1, C/‖g_i‖)·g_i per leaf; norms: ‖g_i‖ [B]."""
+
+    loss: jax.Array
+    logits: jax.Array
+    clipped_sum: Any
+    norms: jax.Array
+
+
+def check_dp(clip, noise, delta=None) -> None:
+    """ValueError naming the argument unless clip C > 0, noise σ ≥ 0 and 0 < δ < 1 (all finite)."""
+    if not (isinstance(clip, (int, float)) and math.isfinite(clip) and clip > 0):
+        raise ValueError(f"DP-SGD: the clipping norm C (--dp-clip) must be a finite number > 0, got {clip!r}")
+    if not (isinstance(noise, (int, float)) and math.isfinite(noise) and noise >= 0):
+        raise ValueError(f"DP-SGD: the noise multiplier σ (--dp-noise) must be a finite number ≥ 0, got {noise!r}")
+    if delta is not None and not (isinstance(delta, (int, float)) and 0 < delta < 1):
+        raise ValueError(f"DP-SGD: δ (--dp-delta) must lie in (0, 1), got {delta!r}")
+
+
+def clip_factors(norms, clip):
+    """min(1, C/‖g_i‖), 1 where ‖g_i‖ = 0 (as optax's per-example clipping)."""
+    return jnp.where(norms > clip, clip / jnp.where(norms > 0, norms, 1), 1.0).astype(norms.dtype)
+
+
+def clipped_grad_sum(model: models.Model, params, state, x, y, clip: float, *, norm_path="auto") -> ClippedSum:
+    """Σ_i min(1, C/‖g_i‖)·g_i from one forward and two backward passes, no per-example gradient kept.
+
+    The forward runs once (`jax.vjp` with taps). Backward 1, with the loss's
+    cotangent at the logits, gives each example's squared norm layer by
+    layer (`batch_l2`); backward 2 reuses the same forward, its cotangent's
+    row i scaled by min(1, C/‖g_i‖), which is the gradient of Σ_i c_i·ℓ_i / B
+    (its taps are unused, so XLA drops their work under `jit`).
+
+    Derivation: derivations/per_example.md#dp-sgd
+    """
+    batch = check_batch(x, y)
+    logits, vjp = logits_vjp(model, params, state, x, "l2", norm_path)
+    loss, ct_logits = loss_cotangent(logits, y)
+    _, l2 = split(vjp(ct_logits)[0])
+    norms = jnp.sqrt(batch * batch * total(l2))
+    factors = clip_factors(norms, clip)
+    clipped, _ = split(vjp(ct_logits * factors[:, None])[0])
+    return ClippedSum(loss, logits, jax.tree.map(lambda g: batch * g, clipped), norms)
+
+
+def noisy_mean(clipped_sum, key, clip: float, noise: float, batch: int):
+    """(Σ_i clipped g_i + N(0, σ²C²·I)) / B per leaf.
+
+    The leaves, flattened in `jax.tree` order, draw their noise from keys
+    `jax.random.split(key, n + 1)[1:]`, as `optax.contrib.differentially_private_aggregate`
+    does, so the two agree for one key (tests/test_per_example.py).
+    """
+    leaves, treedef = jax.tree.flatten(clipped_sum)
+    _, *keys = jax.random.split(key, len(leaves) + 1)
+    noised = [(g + noise * clip * jax.random.normal(k, g.shape, g.dtype)) / batch for g, k in zip(leaves, keys)]
+    return jax.tree.unflatten(treedef, noised)
+
+
+def epsilon(noise: float, sampling_rate: float, steps: int, delta: float) -> float:
+    """ε of `steps` Poisson-subsampled Gaussian mechanisms (noise σ, rate q) at δ, by
+    Google's `dp_accounting` (RDP accountant); inf when σ = 0.
+
+    Example:
+      >>> round(epsilon(1.1, 256 / 60000, 60 * 234, 1e-5), 2)
+      2.59
+    """
+    if noise == 0:
+        return float("inf")
+    from dp_accounting import dp_event, rdp
+
+    accountant = rdp.RdpAccountant()
+    event = dp_event.PoissonSampledDpEvent(sampling_rate, dp_event.GaussianDpEvent(noise))
+    accountant.compose(event, steps)
+    return float(accountant.get_epsilon(delta))
+
+
+def check_model(model: models.Model) -> None:
+    """Raise `PerExampleError` (BatchNorm: why, and what to use) unless `model` has per-example
+    quantities; shapes only, nothing runs."""
+    params, state = jax.eval_shape(lambda: model.init(jax.random.key(0)))
+    x = jax.ShapeDtypeStruct((2, *model.spec.input_shape()), jnp.float32)
+    y = jax.ShapeDtypeStruct((2,), jnp.int32)
+    jax.eval_shape(functools.partial(batch_l2, model), params, state, x, y)
