@@ -88,10 +88,24 @@ class Tapped(NamedTuple):
     tap: jax.Array
 
 
-class TapConfig(NamedTuple):
-    """What the taps carry, static: `kind` "grad" ([B, *shape]), "l2" ([B]) or "sum_sq" (shape)."""
+KINDS = ("grad", "l2", "sum_sq")
 
-    kind: str
+
+class Quantities(NamedTuple):
+    """One leaf's tap (zeros) or its cotangent: a field per kind asked for, None for the others.
+
+    grad: [B, *shape], example i's contribution G_i; l2: [B], ‖G_i‖²; sum_sq: shape, Σ_i G_i².
+    """
+
+    grad: jax.Array | None = None
+    l2: jax.Array | None = None
+    sum_sq: jax.Array | None = None
+
+
+class TapConfig(NamedTuple):
+    """What the taps carry, static: `kinds`, a tuple of KINDS; `norm_path` for l2 (see `use_gram`)."""
+
+    kinds: tuple[str, ...]
     norm_path: str = "auto"
 
 
@@ -109,28 +123,35 @@ def use_gram(positions: int, d: int, p: int, norm_path: str = "auto") -> bool:
     return norm_path == "gram"
 
 
-def _weight_quantity(a, delta, config: TapConfig):
-    """The per-example quantity of W [d, p] in y_t = a_t·W at T positions.
+def _weight_quantity(a, delta, config: TapConfig, shape=None) -> Quantities:
+    """The per-example quantities of W [d, p] in y_t = a_t·W at T positions.
 
     a: [B, T, d], δ: [B, T, p]; example i contributes G_i = Σ_t a_{i,t}ᵀ δ_{i,t}.
-    Returns [B, d, p] (grad), [B] (l2: ‖G_i‖²), or [d, p] (sum_sq: Σ_i G_i²).
+    `shape(G)` maps [..., d, p] to the kernel's layout (None: [d, p] is it).
     """
     _, t, d = a.shape
     p = delta.shape[-1]
-    if config.kind == "l2" and use_gram(t, d, p, config.norm_path):
+    gram = "l2" in config.kinds and use_gram(t, d, p, config.norm_path)
+    rest = tuple(k for k in config.kinds if not (gram and k == "l2"))
+    out = Quantities()
+    if rest:
+        g = jnp.einsum("btd,btp->bdp", a, delta)
+        out = _vector_quantity(g if shape is None else shape(g), config._replace(kinds=rest))
+    if gram:
         gram_a = jnp.einsum("btd,bsd->bts", a, a)
         gram_delta = jnp.einsum("btp,bsp->bts", delta, delta)
-        return jnp.sum(gram_a * gram_delta, axis=(1, 2))
-    return _vector_quantity(jnp.einsum("btd,btp->bdp", a, delta), config)
+        out = out._replace(l2=jnp.sum(gram_a * gram_delta, axis=(1, 2)))
+    return out
 
 
-def _vector_quantity(g, config: TapConfig):
-    """The quantity from instantiated per-example contributions g [B, ...]."""
-    if config.kind == "grad":
-        return g
-    if config.kind == "l2":
-        return jnp.sum(g * g, axis=tuple(range(1, g.ndim)))
-    return jnp.sum(g * g, axis=0)
+def _vector_quantity(g, config: TapConfig) -> Quantities:
+    """The quantities from instantiated per-example contributions g [B, ...]."""
+    kinds = config.kinds
+    return Quantities(
+        grad=g if "grad" in kinds else None,
+        l2=jnp.sum(g * g, axis=tuple(range(1, g.ndim))) if "l2" in kinds else None,
+        sum_sq=jnp.sum(g * g, axis=0) if "sum_sq" in kinds else None,
+    )
 
 
 def _positions(a):
@@ -189,13 +210,13 @@ def _conv2d_tapped_bwd(conv_config, config, res, ct_y):
     ct_x, ct_w = conv._conv2d_bwd(conv_config, res, ct_y)
     kh, kw, c_in, c_out = res.w.shape
     a = _positions(_patches(res.x, (kh, kw), conv_config))
-    q_w = _weight_quantity(a, _positions(ct_y), config)
-    if config.kind != "l2":
+
+    def hwio(g):
         # (c, p, q) feature order of the patches -> the kernel's HWIO layout.
-        lead = q_w.shape[:-2]
-        q_w = q_w.reshape(*lead, c_in, kh, kw, c_out)
-        q_w = jnp.moveaxis(q_w, len(lead), len(lead) + 2)
-    return ct_x, ct_w, q_w
+        g = g.reshape(*g.shape[:-2], c_in, kh, kw, c_out)
+        return jnp.moveaxis(g, -4, -2)
+
+    return ct_x, ct_w, _weight_quantity(a, _positions(ct_y), config, hwio)
 
 
 _conv2d_tapped.defvjp(_conv2d_tapped_fwd, _conv2d_tapped_bwd)
@@ -354,13 +375,14 @@ def _is_tap(node) -> bool:
     return isinstance(node, Tapped)
 
 
-def _tap_shape(kind: str, batch: int, p) -> tuple[int, ...]:
-    return {"grad": (batch, *p.shape), "l2": (batch,), "sum_sq": p.shape}[kind]
+def _taps(p, batch: int, kinds) -> Quantities:
+    shapes = {"grad": (batch, *p.shape), "l2": (batch,), "sum_sq": p.shape}
+    return Quantities(**{kind: jnp.zeros(shapes[kind], p.dtype) for kind in kinds})
 
 
-def tap(params, batch: int, kind: str):
-    """Every leaf p of `params` as `Tapped(p, zeros)` with the tap shaped for `kind` and `batch` examples."""
-    return jax.tree.map(lambda p: Tapped(p, jnp.zeros(_tap_shape(kind, batch, p), p.dtype)), params)
+def tap(params, batch: int, kinds: tuple[str, ...]):
+    """Every leaf p of `params` as `Tapped(p, Quantities of zeros)`, one field per kind, for `batch` examples."""
+    return jax.tree.map(lambda p: Tapped(p, _taps(p, batch, kinds)), params)
 
 
 def split(tapped):
@@ -382,17 +404,17 @@ def check_batch(x, y, *, least: int = 1) -> int:
     return x.shape[0]
 
 
-def logits_vjp(model: models.Model, params, state, x, kind: str, norm_path: str = "auto"):
-    """One forward pass with taps: (logits, vjp), vjp(ct_logits) -> tree of `Tapped(ct_param, quantity)`.
+def logits_vjp(model: models.Model, params, state, x, kinds: tuple[str, ...], norm_path: str = "auto"):
+    """One forward pass with taps: (logits, vjp), vjp(ct_logits) -> tree of `Tapped(ct_param, Quantities)`.
 
-    The quantity is that of the loss whose cotangent at the logits is ct_logits
-    (per example: its row of ct_logits), before any rescaling by B.
+    The quantities are those of the loss whose cotangent at the logits is
+    ct_logits (per example: its row of ct_logits), before any rescaling by B.
     """
     if norm_path not in NORM_PATHS:
         raise ValueError(f"per-example quantities: `norm_path` must be one of {NORM_PATHS}, got {norm_path!r}")
-    ops = per_example_ops(TapConfig(kind, norm_path))
+    ops = per_example_ops(TapConfig(tuple(kinds), norm_path))
     forward = lambda tapped: model.apply(tapped, state, x, train=True, grad=ops)[0]
-    return jax.vjp(forward, tap(params, x.shape[0], kind))
+    return jax.vjp(forward, tap(params, x.shape[0], kinds))
 
 
 def loss_cotangent(logits, y):
@@ -401,20 +423,60 @@ def loss_cotangent(logits, y):
     return loss, vjp(jnp.ones_like(loss))[0]
 
 
-def _backward(model, params, state, x, y, kind, norm_path):
-    logits, vjp = logits_vjp(model, params, state, x, kind, norm_path)
+def _backward(model, params, state, x, y, kinds, norm_path):
+    logits, vjp = logits_vjp(model, params, state, x, kinds, norm_path)
     loss, ct_logits = loss_cotangent(logits, y)
-    return (loss, *split(vjp(ct_logits)[0]))
+    grads, taps = split(vjp(ct_logits)[0])
+    return (
+        loss,
+        grads,
+        {kind: jax.tree.map(lambda q, k=kind: getattr(q, k), taps, is_leaf=_is_quantities) for kind in kinds},
+    )
 
 
-def batch_grad(model: models.Model, params, state, x, y, *, norm_path: str = "auto") -> PerExample:
+def _is_quantities(node) -> bool:
+    return isinstance(node, Quantities)
+
+
+# quantity -> (the tap kind it reads, the power of B that undoes the loss's 1/B in δ)
+_KIND = {"batch_grad": ("grad", 1), "batch_l2": ("l2", 2), "sum_grad_squared": ("sum_sq", 2), "variance": ("sum_sq", 2)}
+
+
+def quantities(
+    model: models.Model, params, state, x, y, which=QUANTITIES, *, norm_path: str = "auto"
+) -> tuple[jax.Array, Any, dict[str, Any]]:
+    """(loss, grads, {name: tree}) for each name in `which` (a subset of QUANTITIES), all
+    from one forward and one backward pass; `grads` is `jax.grad` of the mean loss.
+
+    `norm_path` (batch_l2): "auto" (the cost model, `use_gram`), "gram" or "grads" (forced).
+    """
+    which = tuple(which)
+    unknown = [w for w in which if w not in QUANTITIES]
+    if unknown or not which:
+        raise ValueError(f"per-example quantities: `which` must name some of {QUANTITIES}, got {which!r}")
+    batch = check_batch(x, y, least=2 if "variance" in which else 1)
+    kinds = tuple(k for k in KINDS if any(_KIND[w][0] == k for w in which))
+    loss, grads, taps = _backward(model, params, state, x, y, kinds, norm_path)
+    out = {}
+    for name in which:
+        kind, power = _KIND[name]
+        out[name] = jax.tree.map(lambda q, power=power: batch**power * q, taps[kind])
+        if name == "variance":
+            out[name] = jax.tree.map(lambda s, g: s / batch - g * g, out[name], grads)
+    return loss, grads, out
+
+
+def _one(name: str, model, params, state, x, y, norm_path="auto") -> PerExample:
+    loss, grads, out = quantities(model, params, state, x, y, (name,), norm_path=norm_path)
+    return PerExample(loss, grads, out[name])
+
+
+def batch_grad(model: models.Model, params, state, x, y) -> PerExample:
     """Per-example gradients g_i = ∇ℓ_i, each leaf [B, *shape]; `grads` = Σ_i g_i / B = jax.grad of the mean loss.
 
     Derivation: derivations/per_example.md#batch_grad
     """
-    batch = check_batch(x, y)
-    loss, grads, contributions = _backward(model, params, state, x, y, "grad", norm_path)
-    return PerExample(loss, grads, jax.tree.map(lambda q: batch * q, contributions))
+    return _one("batch_grad", model, params, state, x, y)
 
 
 def batch_l2(model: models.Model, params, state, x, y, *, norm_path: str = "auto") -> PerExample:
@@ -424,9 +486,7 @@ def batch_l2(model: models.Model, params, state, x, y, *, norm_path: str = "auto
 
     Derivation: derivations/per_example.md#batch_l2
     """
-    batch = check_batch(x, y)
-    loss, grads, contributions = _backward(model, params, state, x, y, "l2", norm_path)
-    return PerExample(loss, grads, jax.tree.map(lambda q: batch * batch * q, contributions))
+    return _one("batch_l2", model, params, state, x, y, norm_path)
 
 
 def sum_grad_squared(model: models.Model, params, state, x, y) -> PerExample:
@@ -434,9 +494,7 @@ def sum_grad_squared(model: models.Model, params, state, x, y) -> PerExample:
 
     Derivation: derivations/per_example.md#sum_grad_squared
     """
-    batch = check_batch(x, y)
-    loss, grads, contributions = _backward(model, params, state, x, y, "sum_sq", "grads")
-    return PerExample(loss, grads, jax.tree.map(lambda q: batch * batch * q, contributions))
+    return _one("sum_grad_squared", model, params, state, x, y)
 
 
 def variance(model: models.Model, params, state, x, y) -> PerExample:
@@ -444,9 +502,7 @@ def variance(model: models.Model, params, state, x, y) -> PerExample:
 
     Derivation: derivations/per_example.md#variance
     """
-    batch = check_batch(x, y, least=2)
-    loss, grads, sq = sum_grad_squared(model, params, state, x, y)
-    return PerExample(loss, grads, jax.tree.map(lambda s, g: s / batch - g * g, sq, grads))
+    return _one("variance", model, params, state, x, y)
 
 
 def total(l2) -> jax.Array:
@@ -533,9 +589,9 @@ def clipped_grad_sum(model: models.Model, params, state, x, y, clip: float, *, n
     Derivation: derivations/per_example.md#dp-sgd
     """
     batch = check_batch(x, y)
-    logits, vjp = logits_vjp(model, params, state, x, "l2", norm_path)
+    logits, vjp = logits_vjp(model, params, state, x, ("l2",), norm_path)
     loss, ct_logits = loss_cotangent(logits, y)
-    _, l2 = split(vjp(ct_logits)[0])
+    l2 = jax.tree.map(lambda q: q.l2, split(vjp(ct_logits)[0])[1], is_leaf=_is_quantities)
     norms = jnp.sqrt(batch * batch * total(l2))
     factors = clip_factors(norms, clip)
     clipped, _ = split(vjp(ct_logits * factors[:, None])[0])
