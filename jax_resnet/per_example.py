@@ -45,7 +45,7 @@ Derivation: derivations/per_example.md.
     >>> from jax_resnet import models, per_example
     >>> model = models.residual_mlp(in_features=4, width=8, depth=1, out_features=3)
     >>> params, state = model.init(jax.random.key(0))
-    >>> x, y = jnp.ones((5, 4)), jnp.arange(5) % 3
+    >>> x, y = jnp.ones((5, 4), jnp.float32), jnp.arange(5) % 3
     >>> out = per_example.batch_l2(model, params, state, x, y)
     >>> per_example.total(out.value).shape
     (5,)
