@@ -269,6 +269,26 @@ class DPSettings(NamedTuple):
 DP_NOISE_STREAM = 1  # noise key = fold_in(step key, 1); augmentation uses the step key itself
 
 
+def dp_update_fn(model: models.Model, optimizer: optax.GradientTransformation, dp: DPSettings) -> Callable:
+    """The pure DP-SGD update, not compiled:
+    update(params, state, opt_state, x, y, key) -> (params, opt_state, per_example.ClippedSum).
+
+    Clipped sum (`per_example.clipped_grad_sum`), noise with key
+    `fold_in(key, DP_NOISE_STREAM)` and the mean (`per_example.noisy_mean`),
+    then `optimizer`.
+    """
+    per_example.check_dp(dp.clip, dp.noise)
+
+    def update(params, state, opt_state, x, y, key):
+        out = per_example.clipped_grad_sum(model, params, state, x, y, dp.clip)
+        noise_key = jax.random.fold_in(key, DP_NOISE_STREAM)
+        grads = per_example.noisy_mean(out.clipped_sum, noise_key, dp.clip, dp.noise, x.shape[0])
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, out
+
+    return update
+
+
 def make_dp_train_step(
     model: models.Model,
     optimizer: optax.GradientTransformation,
@@ -290,16 +310,12 @@ def make_dp_train_step(
     norm exceeded C). A model with BatchNorm raises `per_example.PerExampleError`
     when the step is traced.
     """
-    per_example.check_dp(dp.clip, dp.noise)
+    update = dp_update_fn(model, optimizer, dp)
 
     def step(params, state, opt_state, x, y, key):
         if augment is not None:
             x = augment_batch(key, x, augment)
-        out = per_example.clipped_grad_sum(model, params, state, x, y, dp.clip)
-        noise_key = jax.random.fold_in(key, DP_NOISE_STREAM)
-        grads = per_example.noisy_mean(out.clipped_sum, noise_key, dp.clip, dp.noise, x.shape[0])
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
+        params, opt_state, out = update(params, state, opt_state, x, y, key)
         accuracy = jnp.mean((jnp.argmax(out.logits, axis=-1) == y).astype(jnp.float32))
         finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]))
         clipped = jnp.mean((out.norms > dp.clip).astype(jnp.float32))
