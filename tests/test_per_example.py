@@ -8,6 +8,9 @@ Cost: each model case compiles one program (the reference and every quantity
 together) without XLA's backend optimisations (`_compile.compile_once`)."""
 
 import functools
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -197,3 +200,41 @@ def test_train_refuses_bad_dp_settings_with_exit_2(argv, fragment, tmp_path, cap
     assert cli.main(["train", "--out", str(tmp_path / "run"), *argv]) == 2
     err = capsys.readouterr().err
     assert fragment in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------- sharding
+SHARDED = """
+import functools, jax, numpy as np, optax
+from jax_resnet import models, per_example, step
+assert jax.device_count() == 8
+model = models.residual_mlp(in_features=6, width=8, depth=2, out_features=3)
+params, state = model.init(jax.random.key(0))
+rng = np.random.default_rng(0)
+x = rng.standard_normal((16, 6)).astype(np.float32)
+y = rng.integers(0, 3, 16).astype(np.int32)
+mesh = step.make_mesh()
+replicated, batch = step.shardings(mesh)
+xs, ys = jax.device_put(x, batch), jax.device_put(y, batch)
+quantities = functools.partial(per_example.quantities, model, which=("batch_grad", "batch_l2"))
+_, _, out = jax.jit(quantities, in_shardings=(replicated, replicated, batch, batch))(params, state, xs, ys)
+for leaf in jax.tree.leaves(out):
+    assert leaf.sharding.spec == jax.sharding.PartitionSpec("data"), leaf.sharding
+opt, dp, key = optax.sgd(0.1), step.DPSettings(1.0, 1.0), jax.random.key(3)
+p1 = step.make_dp_train_step(model, opt, dp)(params, state, opt.init(params), x, y, key)[0]
+p8 = step.make_dp_train_step(model, opt, dp, mesh=mesh)(params, state, opt.init(params), xs, ys, key)[0]
+err = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in zip(jax.tree.leaves(p8), jax.tree.leaves(p1)))
+assert err <= 1e-6, err
+print("OK")
+"""
+
+
+def test_sharded_batch_keeps_per_example_quantities_sharded_and_dp_step_equal(tmp_path):
+    # 8 simulated CPU devices need a fresh process (XLA reads the flag once).
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip()
+    # The package under test, wherever the child runs.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(per_example.__file__)))
+    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu", PYTHONPATH=root)
+    result = subprocess.run(
+        [sys.executable, "-c", SHARDED], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0 and result.stdout.strip().endswith("OK"), result.stdout + result.stderr
