@@ -21,7 +21,7 @@ import pytest
 from jax_resnet import cli, models, per_example, step
 from jax_resnet._compile import compile_once
 from jax_resnet.gradcheck import max_leaf_error
-from jax_resnet.ops import AUTODIFF, RULES
+from jax_resnet.ops import AUTODIFF, RULES, opset
 
 TOL = 1e-10  # float64, relative to each leaf's (or example's) own scale
 
@@ -99,6 +99,36 @@ def test_per_example_quantities_equal_vmap_of_grad(name):
     assert max_leaf_error(out["sum_grad_squared"], jax.tree.map(lambda g: jnp.sum(g * g, 0), ref))[0] <= TOL
     # (1/B)Σg² − ḡ² cancels: its error is relative to Σg²/B, not to the (smaller) variance.
     assert max_leaf_error(out["variance"], jax.tree.map(lambda g: jnp.var(g, 0), ref))[0] <= 1e-8
+
+
+class _LayerNormNet:
+    """LayerNorm over the channels of [B, T, C], a dense layer at the T positions, then a dense head:
+    the rules no preset uses (layer_norm, dense at T > 1 positions), behind the one `apply` a quantity needs."""
+
+    def apply(self, params, state, x, *, train, grad):
+        ops = opset(grad)
+        h = ops.layer_norm(x, params["ln"]["gamma"], params["ln"]["beta"])
+        h = ops.relu(ops.dense(h, params["mid"]["w"], params["mid"]["b"]))
+        return ops.dense(h.reshape(h.shape[0], -1), params["head"]["w"], params["head"]["b"]), state
+
+
+def test_layer_norm_and_dense_at_several_positions():
+    rng = np.random.default_rng(2)
+    shapes = {"ln": {"gamma": (4,), "beta": (4,)}, "mid": {"w": (4, 5), "b": (5,)}, "head": {"w": (15, 3), "b": (3,)}}
+    params = jax.tree.map(lambda s: jnp.asarray(rng.standard_normal(s)), shapes, is_leaf=lambda s: isinstance(s, tuple))
+    x, y = jnp.asarray(rng.standard_normal((3, 3, 4))), jnp.asarray([0, 2, 1], jnp.int32)
+    net = _LayerNormNet()
+
+    def everything(params, x, y):
+        _, _, out = per_example.quantities(net, params, {}, x, y, ("batch_grad", "batch_l2"), norm_path="gram")
+        out["l2_grads"] = per_example.batch_l2(net, params, {}, x, y, norm_path="grads").value
+        return out, _reference_grads(net, params, {}, x, y)
+
+    out, ref = compile_once(jax.jit(everything), params, x, y)(params, x, y)
+    assert max_leaf_error(out["batch_grad"], ref)[0] <= TOL
+    ref_l2 = jax.tree.map(lambda g: jnp.sum(g.reshape(g.shape[0], -1) ** 2, axis=1), ref)
+    assert max_leaf_error(out["batch_l2"], ref_l2)[0] <= TOL
+    assert max_leaf_error(out["l2_grads"], ref_l2)[0] <= TOL
 
 
 def test_gram_and_instantiated_norms_of_one_layer_agree():
