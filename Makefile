@@ -29,7 +29,7 @@ $(KATEX): tests/katex/package.json tests/katex/package-lock.json
 	fi
 
 test: $(BIN)/.installed $(KATEX)
-	$(BIN)/python -m pytest -q -n 2 --durations=25
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=25
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .

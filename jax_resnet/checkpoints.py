@@ -99,3 +99,30 @@ def load(out: str | os.PathLike, step: int | None = None) -> tuple[dict, dict]:
         args = ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())
         restored = mngr.restore(step, args=args)
     return restored.state, restored.meta
+
+
+def finished_steps(directory: Path) -> list[int]:
+    """The steps of the complete checkpoints under `directory` (orbax renames a save to its step when done)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+
+
+def remove_unfinished(directory: Path) -> list[str]:
+    """Remove what a save that failed part-way (a full disk) left under `directory`; returns the names removed.
+
+    Orbax writes each save into `<step>.orbax-checkpoint-tmp-*`, renamed only when complete; the manager would
+    clear such folders when it next opens the directory, but a failed run should not leave half a checkpoint
+    (and the space it holds) behind until then.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    unfinished = sorted(p for p in directory.iterdir() if ".orbax-checkpoint-tmp" in p.name)
+    for p in unfinished:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    return [p.name for p in unfinished]

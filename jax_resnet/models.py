@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -45,7 +46,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jax_resnet import blocks
+from jax_resnet import blocks, reversible
 from jax_resnet._compile import compile_once
 from jax_resnet.ops import OpSet, opset
 
@@ -65,6 +66,32 @@ def _no_hook(i, h):
 def _init_dense(key, n_in, n_out, dtype, gain=2.0):
     w = jnp.sqrt(gain / n_in) * jax.random.normal(key, (n_in, n_out), dtype)
     return {"w": w, "b": jnp.zeros((n_out,), dtype)}
+
+
+def _init_runs(init, keys, specs, dtype) -> tuple[list, list]:
+    """`init(key, spec, dtype) -> (params, state)` for each key and spec, as two lists.
+
+    Each run of equal consecutive specs is drawn by one `jax.vmap`-ed call:
+    the same values as one call per layer (JAX's random functions give the
+    same numbers under `vmap` over keys), but one compiled draw per run
+    instead of per layer. A 56-layer net's initialisation compiles several
+    times faster.
+    """
+    params, states = [], []
+    start = 0
+    for spec, run in itertools.groupby(specs):
+        n = len(list(run))
+        run_keys = keys[start : start + n]
+        start += n
+        if n == 1:
+            p, s = init(run_keys[0], spec, dtype)
+            params.append(p)
+            states.append(s)
+            continue
+        p, s = jax.vmap(lambda k, spec=spec: init(k, spec, dtype))(run_keys)
+        params += [jax.tree.map(lambda a, j=j: a[j], p) for j in range(n)]
+        states += [jax.tree.map(lambda a, j=j: a[j], s) for j in range(n)]
+    return params, states
 
 
 # ------------------------------------------------------------------------ MLPs
@@ -101,7 +128,12 @@ class MLPSpec:
         keys = jax.random.split(key, self.depth + 2)
         params = {
             "in": _init_dense(keys[0], self.in_features, self.width, dtype),
-            "hidden": [_init_dense(k, self.width, self.width, dtype) for k in keys[1:-1]],
+            "hidden": _init_runs(
+                lambda k, _, dt: (_init_dense(k, self.width, self.width, dt), {}),
+                keys[1:-1],
+                [None] * self.depth,
+                dtype,
+            )[0],
             "out": _init_dense(keys[-1], self.width, self.out_features, dtype, gain=1.0),
         }
         return params, {}
@@ -227,11 +259,7 @@ class ResNetSpec:
         state = {}
         if not self.preact:
             params["stem_bn"], state["stem_bn"] = blocks.init_norm(self.stem_width, dtype, self.norm)
-        params["blocks"], state["blocks"] = [], []
-        for kb, spec in zip(keys[1:-1], specs):
-            p, s = blocks.init_block(kb, spec, dtype)
-            params["blocks"].append(p)
-            state["blocks"].append(s)
+        params["blocks"], state["blocks"] = _init_runs(blocks.init_block, keys[1:-1], specs, dtype)
         c = specs[-1].out_channels
         if self.preact:
             params["final_bn"], state["final_bn"] = blocks.init_norm(c, dtype, self.norm)
@@ -304,6 +332,165 @@ class ResNetSpec:
         return lines
 
 
+# ------------------------------------------------------------------- RevNets
+@dataclasses.dataclass(frozen=True)
+class RevNetSpec:
+    """A reversible residual network (Gomez et al. 2017): stem, stages of couplings, pooled head.
+
+    stem: a bare 3x3 convolution to `stem_width` channels. Each stage is a
+    run of couplings y1 = x1 + F(x2), y2 = x2 + G(y1) at one resolution
+    (`jax_resnet.reversible`), F and G pre-activation bodies of kind
+    `block` ("basic": two 3x3 convolutions; "bottleneck": 1x1-3x3-1x1); the
+    first coupling of a stage that changes the shape (stride 2 after the
+    first stage, or more channels) is a non-reversible one with option-A
+    (`shortcut="A"`) or option-B shortcuts, the rest form one reversible stage. A final BN-ReLU precedes
+    the global average pool and the dense head.
+
+    `widths`: Table 1's channels per stage; a stage outputs width · expansion
+    channels (×4 for bottleneck). Under `grad="rules"` (or any OpSet but the
+    autodiff one) each reversible stage stores only its output; under
+    `grad="autodiff"` JAX differentiates the same network storing every
+    activation, or with `remat=True` rematerialises each coupling
+    (`jax.checkpoint`, the usual JAX answer to memory, for comparison).
+    `segment=k` (rules): store every k-th coupling's output in each
+    reversible stage, bounding the float32 reconstruction error by that of k
+    couplings (`reversible.stage`; derivations/reversible.md#error-analysis).
+    """
+
+    stage_sizes: tuple[int, ...]
+    block: str
+    widths: tuple[int, ...]
+    stem_width: int
+    num_classes: int
+    in_channels: int = 3
+    shortcut: str = "A"
+    remat: bool = False
+    segment: int | None = None
+    unroll: bool = False  # the stages' forward scans unrolled (`summary` counts FLOPs so)
+
+    def __post_init__(self):
+        if self.block not in reversible.BLOCKS:
+            raise ValueError(f"RevNetSpec: `block` must be one of {reversible.BLOCKS}, got {self.block!r}")
+        if len(self.stage_sizes) != len(self.widths) or not self.stage_sizes:
+            raise ValueError(
+                f"RevNetSpec: `stage_sizes` {self.stage_sizes} and `widths` {self.widths} must have equal, "
+                "nonzero length"
+            )
+        if min(self.stage_sizes) < 1:
+            raise ValueError(f"RevNetSpec: every stage needs ≥ 1 coupling, got `stage_sizes` {self.stage_sizes}")
+        if self.num_classes < 1:
+            raise ValueError(f"RevNetSpec: `num_classes` must be ≥ 1, got {self.num_classes}")
+        self.stages()  # CouplingSpec checks the channel counts
+
+    def stages(self) -> list[tuple[reversible.CouplingSpec | None, reversible.CouplingSpec, int]]:
+        """Per stage: (the non-reversible first coupling or None, the reversible coupling, how many)."""
+        out, c = [], self.stem_width
+        for s, (n, width) in enumerate(zip(self.stage_sizes, self.widths)):
+            first = reversible.CouplingSpec(self.block, c, width, 2 if s > 0 else 1, self.shortcut)
+            rev = reversible.CouplingSpec(self.block, first.out_channels, width)
+            out.append((None, rev, n) if first.reversible else (first, rev, n - 1))
+            c = first.out_channels
+        return out
+
+    @property
+    def out_channels(self) -> int:
+        return self.stages()[-1][1].out_channels
+
+    def init(self, key, dtype):
+        keys = jax.random.split(key, 2 * len(self.stage_sizes) + 2)
+        params = {"stem": blocks.init_conv(keys[0], 3, self.in_channels, self.stem_width, dtype)}
+        state = {}
+        params["stages"], state["stages"] = [], []
+        for s, (down, rev, n) in enumerate(self.stages()):
+            p, st = {}, {}
+            if down is not None:
+                p["down"], st["down"] = reversible.init_coupling(keys[1 + 2 * s], down, dtype)
+            if n:
+                p["rev"], st["rev"] = reversible.init_stage(keys[2 + 2 * s], rev, n, dtype)
+            params["stages"].append(p)
+            state["stages"].append(st)
+        params["final_bn"], state["final_bn"] = blocks.init_bn(self.out_channels, dtype)
+        params["head"] = _init_dense(keys[-1], self.out_channels, self.num_classes, dtype, gain=1.0)
+        return params, state
+
+    def forward(self, ops: OpSet, params, state, x, *, train, hook=_no_hook):
+        if x.ndim != 4 or x.shape[-1] != self.in_channels:
+            raise ValueError(
+                f"RevNet apply: argument `x` must be NHWC with {self.in_channels} channels, got shape {tuple(x.shape)}"
+            )
+        h = ops.conv2d(x, params["stem"]["w"], stride=1, padding="SAME")
+        new_state = {"stages": []}
+        for s, ((down, rev, n), p, st) in enumerate(zip(self.stages(), params["stages"], state["stages"])):
+            x1, x2 = jnp.split(hook(s, h), 2, axis=-1)
+            new_st = {}
+            if down is not None:
+                x1, x2, new_st["down"] = reversible.coupling(ops, down, p["down"], st["down"], x1, x2, train=train)
+            if n:
+                x1, x2, new_st["rev"] = reversible.stage(
+                    ops,
+                    rev,
+                    p["rev"],
+                    st["rev"],
+                    x1,
+                    x2,
+                    train=train,
+                    remat=self.remat,
+                    segment=self.segment,
+                    unroll=self.unroll,
+                )
+            h = jnp.concatenate([x1, x2], axis=-1)
+            new_state["stages"].append(new_st)
+        h = hook(len(self.stage_sizes), h)
+        h, new_state["final_bn"] = blocks.batch_norm(ops, params["final_bn"], state["final_bn"], h, train=train)
+        h = ops.global_avg_pool(ops.relu(h))
+        return ops.dense(h, params["head"]["w"], params["head"]["b"]), new_state
+
+    def hook_points(self) -> list[str]:
+        return [f"stage{s}" for s in range(len(self.stage_sizes))] + ["head"]
+
+    def weight_paths(self) -> list[tuple[str, tuple]]:
+        """Each kernel; a reversible stage's are stacked, one array [couplings, ...] per position."""
+        paths = [("stem", ("stem", "w"))]
+        for s, (down, rev, n) in enumerate(self.stages()):
+            for part, spec in (("down", down), ("rev", rev if n else None)):
+                if spec is None:
+                    continue
+                for fn in ("f", "g"):
+                    convs = getattr(spec, fn).convs()
+                    paths += [
+                        (f"stage{s}.{part}.{fn}.conv{j}", ("stages", s, part, fn, f"conv{j}", "w"))
+                        for j in range(len(convs))
+                    ]
+                if spec.projects:
+                    paths += [(f"stage{s}.{part}.{n}", ("stages", s, part, n, "w")) for n in ("proj1", "proj2")]
+        return [*paths, ("head", ("head", "w"))]
+
+    def describe(self) -> list[str]:
+        lines = [f"RevNet: cifar stem ({self.stem_width} channels), {self.block} couplings, F and G pre-activation"]
+        for s, (down, rev, n) in enumerate(self.stages()):
+            if down is not None:
+                lines.append(
+                    f"  stage {s}: coupling {down.in_channels:>4} -> {down.out_channels:<4} stride {down.stride} "
+                    f"(not reversible: option-{down.shortcut} shortcuts)"
+                )
+            if n:
+                lines.append(
+                    f"  stage {s}: {n} reversible couplings {rev.out_channels:>4} channels "
+                    f"(F, G: {rev.f.in_channels} -> {rev.f.out_channels} each)"
+                )
+        lines.append(f"  head: BN, ReLU, global average pool, dense -> {self.num_classes}")
+        return lines
+
+    def input_shape(self) -> tuple[int, ...]:
+        return (32, 32, self.in_channels)
+
+    def for_data(self, image_shape: tuple[int, ...], num_classes: int | None = None) -> RevNetSpec:
+        if len(image_shape) != 3:
+            raise ValueError(f"RevNetSpec.for_data: argument `image_shape` must be (H, W, C), got {image_shape}")
+        k = self.num_classes if num_classes is None else num_classes
+        return dataclasses.replace(self, in_channels=image_shape[-1], num_classes=k)
+
+
 # ----------------------------------------------------------------------- Model
 @functools.lru_cache(maxsize=64)
 def _compiled_init(spec, dtype):
@@ -371,6 +558,9 @@ def summary(model: Model, input_shape: tuple[int, ...]) -> dict:
     ResNet paper tabulates). Nothing is allocated: shapes only.
     """
     params, state = jax.eval_shape(lambda: model.init(jax.random.key(0)))
+    if getattr(model.spec, "unroll", None) is False:
+        # XLA's cost analysis counts a loop's body once: count a scanned network's layers unrolled.
+        model = dataclasses.replace(model, spec=dataclasses.replace(model.spec, unroll=True))
     x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
     lowered = jax.jit(lambda p, s, x: model.apply(p, s, x, train=False)[0]).lower(params, state, x)
     cost = lowered.cost_analysis()
@@ -461,7 +651,8 @@ def imagenet_resnet(
     norm="batch",
     norm_groups=32,
 ) -> Model:
-    """ImageNet ResNet: 7x7 stem, max pool, four stages, option-B projections.
+    """ImageNet ResNet: 7x7 stem, max pool, one stage per entry of `stage_sizes`
+    (four in the presets; widths `width`, 2·`width`, ...), option-B projections.
 
     `stem_padding`: "torchvision" (default) or "same" (Haiku, Keras); see `ResNetSpec`.
     `norm="group"`: GroupNorm in place of BatchNorm (`resnet18_gn`).
@@ -472,7 +663,7 @@ def imagenet_resnet(
     spec = ResNetSpec(
         stage_sizes=tuple(stage_sizes),
         block=block,
-        widths=tuple(width * 2**i for i in range(4)),
+        widths=tuple(width * 2**i for i in range(len(stage_sizes))),
         stem="imagenet",
         stem_width=width,
         shortcut="B",
@@ -484,6 +675,40 @@ def imagenet_resnet(
         norm_groups=norm_groups,
     )
     return Model(spec, f"resnet{2 + sum(stage_sizes) * len(spec.block_specs()[0].convs())}")
+
+
+def revnet(
+    stage_sizes,
+    block,
+    widths,
+    *,
+    stem_width=32,
+    num_classes=10,
+    in_channels=3,
+    shortcut="A",
+    remat=False,
+    segment=None,
+) -> Model:
+    """A CIFAR RevNet (Gomez et al. 2017, Table 1): 3x3 stem, reversible stages, pooled head.
+
+    Depth = 2 + (couplings) · 2 · (convolutions per residual function): two
+    for basic, three for bottleneck F and G.
+
+    Command: jax-resnet train --model revnet38 --dataset cifar10 --data-dir DIR
+    """
+    spec = RevNetSpec(
+        stage_sizes=tuple(stage_sizes),
+        block=block,
+        widths=tuple(widths),
+        stem_width=stem_width,
+        num_classes=num_classes,
+        in_channels=in_channels,
+        shortcut=shortcut,
+        remat=remat,
+        segment=segment,
+    )
+    convs = 3 if block == "bottleneck" else 2
+    return Model(spec, f"revnet{2 + 2 * convs * sum(stage_sizes)}")
 
 
 PRESETS: dict[str, Callable[..., Model]] = {}
@@ -534,6 +759,12 @@ resnet50 = _preset("resnet50", imagenet_resnet, (3, 4, 6, 3), "bottleneck")
 resnet101 = _preset("resnet101", imagenet_resnet, (3, 4, 23, 3), "bottleneck")
 resnet152 = _preset("resnet152", imagenet_resnet, (3, 8, 36, 3), "bottleneck")
 preact_resnet18 = _preset("preact_resnet18", imagenet_resnet, (2, 2, 2, 2), "preact_basic")
+# Gomez et al. 2017, Table 1: units per stage and channels (stem, then per stage).
+revnet38 = _preset("revnet38", revnet, (3, 3, 3), "basic", (32, 64, 112))
+revnet110 = _preset("revnet110", revnet, (9, 9, 9), "basic", (32, 64, 128))
+# RevNet-164 with option-B (projection) shortcuts where the shape changes, as the
+# bottleneck ResNet-164 it is compared with (He et al. 2016); tests/test_reversible.py counts it.
+revnet164 = _preset("revnet164", revnet, (9, 9, 9), "bottleneck", (32, 64, 128), shortcut="B")
 # GroupNorm twins, whose examples do not interact: per-example gradients and DP-SGD
 # (jax_resnet.per_example). 16 groups at CIFAR widths (16, 32, 64), 32 (Wu & He 2018) at ImageNet's.
 resnet20_gn = _preset("resnet20_gn", cifar_resnet, 20, norm="group", norm_groups=16)

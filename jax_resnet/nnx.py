@@ -45,8 +45,10 @@ statistics once per call, running = momentum·running + (1 − momentum)·batch;
 nnx.BatchNorm the default momentum is 0.9 (that of `jax_resnet.blocks`), and
 mean and var are stored in `param_dtype` rather than always float32.
 
-The custom VJPs have no forward mode, so `jax.jvp`/`jax.hessian` of a module
-with `grad="rules"` raise; use `grad="autodiff"` for those.
+The custom VJPs have no forward mode, so `jax.jvp` of a module with
+`grad="rules"` raises JAX's forward-mode TypeError; for Hessian-vector
+products use `jax_resnet.hvp` (reverse over reverse) on the pure function
+(`to_pure`), and `grad="autodiff"` for forward mode of the network itself.
 """
 
 from __future__ import annotations

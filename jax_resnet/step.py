@@ -136,10 +136,12 @@ def augment_batch(key: jax.Array, x: jax.Array, augmentation: data.Augmentation)
     """`augmentation` applied to each image of `x` [N, H, W, C], with its own randomness.
 
     Per image: pad `augmentation.pad` pixels on every side with
-    `augmentation.fill`, crop a random H x W window (`dm_pix.random_crop`,
-    every offset in 0..2·pad equally likely: a shift by up to ±pad pixels
-    each way), then, if `augmentation.flip`, mirror left-right with
-    probability 1/2 (`dm_pix.random_flip_left_right`).
+    `augmentation.fill`, crop a random H x W window (the draws of
+    `dm_pix.random_crop`, every offset in 0..2·pad equally likely: a shift by
+    up to ±pad pixels each way), then, if `augmentation.flip`, mirror
+    left-right with probability 1/2 (`dm_pix.random_flip_left_right`). The
+    draws have fixed dtypes, so the result does not depend on
+    `jax_enable_x64`.
 
     Why dm-pix: it is DeepMind's maintained image library for JAX, and its
     crop and flip are pure functions of a key that `jit` and `vmap` compile,
@@ -171,9 +173,16 @@ def augment_batch(key: jax.Array, x: jax.Array, augmentation: data.Augmentation)
         k_crop, k_flip = jax.random.split(key)
         if p:
             canvas = jnp.broadcast_to(fill, (h + 2 * p, w + 2 * p, c)).at[p : p + h, p : p + w].set(image)
-            image = pix.random_crop(k_crop, canvas, (h, w, c))
+            # dm_pix.random_crop's draws, with the integer dtype fixed: its randint takes the default dtype,
+            # int64 under jax_enable_x64, and would crop elsewhere in a process with x64 on.
+            starts = [
+                jax.random.randint(k, (), 0, size - crop + 1, dtype=jnp.int32)
+                for k, size, crop in zip(jax.random.split(k_crop, 3), canvas.shape, (h, w, c))
+            ]
+            image = jax.lax.dynamic_slice(canvas, starts, (h, w, c))
         if augmentation.flip:
-            image = pix.random_flip_left_right(k_flip, image)
+            # A float32 probability: a Python 0.5 would draw float64 uniforms under x64.
+            image = pix.random_flip_left_right(k_flip, image, probability=jnp.float32(0.5))
         return image
 
     return jax.vmap(one)(jax.random.split(key, n), x)

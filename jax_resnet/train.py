@@ -87,6 +87,7 @@ coordinates the checkpoint, and process 0 alone writes metrics and plots.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import functools
@@ -133,6 +134,11 @@ class TrainingError(RuntimeError):
 
 class GradCheckError(TrainingError):
     """The hand-derived gradients disagree with `jax.grad` beyond the tolerance."""
+
+
+class OutputError(TrainingError):
+    """Writing under --out failed during the run (a full disk, a folder gone read-only); what was written
+    before stays whole, and the message names the checkpoint --resume would continue from."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -488,7 +494,8 @@ def _plot_confusion(confusion: np.ndarray, path: Path, dataset: str) -> None:
     ax.set_ylabel("true class (error rate)")
     ax.set_title(f"{dataset} test set: {errors} errors of {total} ({errors / max(total, 1):.2%})")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with _replacing(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
 
 
 def _plot(history: list[dict], path: Path) -> None:
@@ -505,13 +512,53 @@ def _plot(history: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with _replacing(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+
+
+@contextlib.contextmanager
+def _replacing(path: Path):
+    """Yield a temporary name beside `path` to write to; it replaces `path` only once written whole, and is
+    removed if writing fails (a full disk): `path` is either the old file or the new one, never half of it."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    with _replacing(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def _append_line(path: Path, line: str) -> None:
+    """Append one line; if the write fails part-way (a full disk), cut the file back to its old end."""
+    end = path.stat().st_size if path.exists() else 0
+    try:
+        with open(path, "a") as f:
+            f.write(line + "\n")
+    except BaseException:
+        if path.exists():
+            os.truncate(path, end)
+        raise
+
+
+def _output_error(e: OSError, out: Path, log) -> OutputError:
+    """The one-line error for a write under `out` that failed mid-run, after removing an unfinished checkpoint."""
+    removed = checkpoints.remove_unfinished(out / "checkpoints")
+    if removed:
+        log(f"removed the unfinished checkpoint {', '.join(removed)}")
+    steps = checkpoints.finished_steps(out / "checkpoints")
+    what = f" {e.filename}" if e.filename else ""
+    kept = (
+        f"checkpoint step {steps[-1]} is intact: free some space and pass --resume to continue from it"
+        if steps
+        else "no checkpoint was written"
+    )
+    return OutputError(f"--out {out}: writing{what} failed ({e.strerror or e}); the run stopped; {kept}")
 
 
 def _read_history(path: Path, up_to_epoch: int) -> list[dict]:
@@ -575,30 +622,38 @@ def train(config: TrainConfig = TrainConfig()) -> dict[str, Any]:
     tree = step_lib.init_train_state(model, optimizer, config.seed, mesh)
     run = _Run(config, ds, model, optimizer, mesh, out, log)
 
-    with checkpoints.manager(out / "checkpoints", config.max_to_keep) as mngr:
-        tree, resumed_from = _resume(config, mngr, tree, out, log)
-        start_epoch = resumed_from or 0
-        if log.on:
-            _write_json(out / "config.json", dataclasses.asdict(config))
-        run.header(models.num_params(tree["params"]))
-        check, step_fn, compile_time = run.prepare(tree, start_epoch)
-        history = _read_history(out / "metrics.jsonl", start_epoch)
-        run.write_history(history)
-        try:
-            for epoch in range(start_epoch, config.epochs):
-                tree, row = _train_epoch(config, ds, epoch, step_fn, tree, mesh)
-                row.update(run.test(tree, row["step"]))
-                history.append(row)
-                run.report_epoch(row)
-                checkpoints.save(mngr, row["step"], tree, run.meta(row))
-        finally:
-            if log.on and history:
-                _plot(history, out / "curves.png")
-        confusion = run.final_confusion(tree)
+    try:
+        with checkpoints.manager(out / "checkpoints", config.max_to_keep) as mngr:
+            tree, resumed_from = _resume(config, mngr, tree, out, log)
+            start_epoch = resumed_from or 0
+            if log.on:
+                _write_json(out / "config.json", dataclasses.asdict(config))
+            run.header(models.num_params(tree["params"]))
+            check, step_fn, compile_time = run.prepare(tree, start_epoch)
+            history = _read_history(out / "metrics.jsonl", start_epoch)
+            run.write_history(history)
+            try:
+                for epoch in range(start_epoch, config.epochs):
+                    tree, row = _train_epoch(config, ds, epoch, step_fn, tree, mesh)
+                    row.update(run.test(tree, row["step"]))
+                    history.append(row)
+                    run.report_epoch(row)
+                    checkpoints.save(mngr, row["step"], tree, run.meta(row))
+            finally:
+                if log.on and history:
+                    try:
+                        _plot(history, out / "curves.png")
+                    except OSError as e:  # a full disk: the error that stopped the loop, if any, says more
+                        log(f"could not write {out / 'curves.png'} ({e.strerror or e})")
+            confusion = run.final_confusion(tree)
 
-    metrics = run.summary(history, start_epoch, resumed_from, check, compile_time, time.perf_counter() - start)
-    metrics.update(run.report_classes(confusion))
-    run.write_metrics(metrics)
+        metrics = run.summary(history, start_epoch, resumed_from, check, compile_time, time.perf_counter() - start)
+        metrics.update(run.report_classes(confusion))
+        run.write_metrics(metrics)
+    except OSError as e:
+        if not log.on:
+            raise
+        raise _output_error(e, out, log) from e
     return metrics
 
 
@@ -689,7 +744,8 @@ class _Run:
 
     def write_history(self, history: list[dict]) -> None:
         if self.log.on:
-            (self.out / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+            with _replacing(self.out / "metrics.jsonl") as tmp:
+                tmp.write_text("".join(json.dumps(h) + "\n" for h in history))
 
     def test(self, tree: dict, step: int) -> dict:
         ds, c = self.ds, self.config
@@ -711,8 +767,7 @@ class _Run:
             f"{row['examples_per_second']:,.0f} ex/s  {row['epoch_time_s']:.2f} s"
         )
         if self.log.on:
-            with open(self.out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
+            _append_line(self.out / "metrics.jsonl", json.dumps(row))
 
     def meta(self, row: dict) -> dict:
         return {

@@ -158,6 +158,11 @@ def test_failed_training_exits_1_and_ctrl_c_exits_130(monkeypatch, paths, capsys
     assert cli.main(["train"]) == 1
     assert capsys.readouterr().err == "jax-resnet train: error: loss became nan at step 3\n"
 
+    full = "--out runs/x: writing runs/x/metrics.jsonl failed (No space left on device); the run stopped; ..."
+    monkeypatch.setattr(train, "train", _raise(train.OutputError(full)))
+    assert cli.main(["train"]) == 1
+    assert capsys.readouterr().err == f"jax-resnet train: error: {full}\n"
+
     monkeypatch.setattr(train, "train", _raise(KeyboardInterrupt()))
     assert cli.main(["train"]) == 130
     err = capsys.readouterr().err

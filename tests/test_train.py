@@ -8,6 +8,7 @@ runs (`step.compiled_train_step` is cached), which keeps this file fast.
 """
 
 import dataclasses
+import errno
 import json
 import os
 import shutil
@@ -226,6 +227,72 @@ def test_kill_while_saving_keeps_previous_checkpoint(straight, tmp_path, monkeyp
     assert metrics["resumed_from_epoch"] == 1
     assert not [p for p in ckpt.iterdir() if ".orbax-checkpoint-tmp" in p.name], "leftovers are cleaned up"
     _assert_trees_identical(checkpoints.load(out)[0], checkpoints.load(ref_out)[0])
+
+
+def _disk_full(path=None):
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+
+
+@pytest.mark.parametrize("where", ["checkpoint", "metrics line"])
+def test_full_disk_mid_run_stops_with_a_clear_error_and_nothing_half_written(tmp_path, monkeypatch, where):
+    """The disk fills while orbax writes epoch 2's checkpoint (its files written, the rename not yet done), or
+    half-way through epoch 1's line of metrics.jsonl. One line names --out, the error and the checkpoint
+    --resume would continue from (exit status 1); no temporary folder or file, no half line is left."""
+    from orbax.checkpoint._src.path import atomicity
+
+    out = tmp_path / "full"
+    if where == "checkpoint":
+        real_finalize = atomicity.AtomicRenameTemporaryPath.finalize
+
+        async def finalize_or_full(self, *args, **kwargs):
+            if self.get_final().name == str(2 * STEPS_PER_EPOCH):
+                raise _disk_full()
+            return await real_finalize(self, *args, **kwargs)
+
+        monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", finalize_or_full)
+    else:
+        real_open = open
+
+        class HalfWritten:
+            def __init__(self, f):
+                self.f = f
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                self.f.close()
+
+            def write(self, text):
+                self.f.write(text[: len(text) // 2])
+                self.f.flush()
+                raise _disk_full(self.f.name)
+
+        def open_or_full(path, mode="r", *args, **kwargs):
+            f = real_open(path, mode, *args, **kwargs)
+            if Path(path).name == "metrics.jsonl" and mode == "a":
+                return HalfWritten(f)
+            return f
+
+        monkeypatch.setattr(train, "open", open_or_full, raising=False)
+    config = dataclasses.replace(BASE, out=str(out), skip_grad_check=True)
+    with pytest.raises(train.OutputError) as caught:
+        train.train(config)
+    message = str(caught.value)
+    assert f"--out {out}: writing" in message and "failed (No space left on device); the run stopped" in message
+    if where == "checkpoint":
+        assert f"checkpoint step {STEPS_PER_EPOCH} is intact: free some space and pass --resume" in message
+    else:
+        assert f"writing {out / 'metrics.jsonl'} failed" in message and "no checkpoint was written" in message
+    assert issubclass(train.OutputError, train.TrainingError)  # the CLI: exit status 1, this one line
+    assert "\n" not in message
+
+    leftovers = [p.relative_to(out) for p in out.rglob("*") if ".tmp" in p.name]
+    assert not leftovers, leftovers
+    assert _steps(out) == ([STEPS_PER_EPOCH] if where == "checkpoint" else [])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == ([1, 2] if where == "checkpoint" else [])
+    assert json.loads((out / "config.json").read_text())["out"] == str(out)
 
 
 def test_bfloat16_computes_in_bfloat16_and_keeps_float32_parameters():
@@ -501,9 +568,15 @@ def test_augmented_steps_are_deterministic_in_the_seed():
     assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(other)))
 
 
-def test_resume_with_augmentation_is_bit_identical(tmp_path, monkeypatch):
-    straight_out, resumed_out = tmp_path / "straight", tmp_path / "resumed"
-    want = train.train(dataclasses.replace(AUG_BASE, out=str(straight_out)))
+@pytest.fixture(scope="module")
+def augmented(tmp_path_factory):
+    """Two augmented epochs of the seed's MLP in one go: the reference of the next two tests."""
+    out = tmp_path_factory.mktemp("augmented")
+    return out, train.train(dataclasses.replace(AUG_BASE, out=str(out)))
+
+
+def test_resume_with_augmentation_is_bit_identical(augmented, tmp_path, monkeypatch):
+    (straight_out, want), resumed_out = augmented, tmp_path / "resumed"
 
     _interrupted_after_first_epoch(resumed_out, monkeypatch, AUG_BASE)
     with pytest.raises(ValueError, match=r"trained with augment=True \(now False\)"):
@@ -512,3 +585,33 @@ def test_resume_with_augmentation_is_bit_identical(tmp_path, monkeypatch):
     assert got["resumed_from_epoch"] == 1
     assert got["test_accuracy"] == want["test_accuracy"] and got["test_confusion"] == want["test_confusion"]
     _assert_trees_identical(checkpoints.load(resumed_out)[0], checkpoints.load(straight_out)[0])
+
+
+def test_a_second_process_with_the_same_seed_trains_bitwise_equal_parameters(augmented, tmp_path):
+    """`python -m jax_resnet train` in a child process and `train.train` here, same seed and settings (the
+    seed's MLP with augmentation: initialisation, shuffling and the per-step augmentation keys all come from
+    the seed; 16 steps): the checkpoints' arrays and the losses are bit for bit the same on the CPU (README,
+    "Reproducibility"). The run here is the `augmented` fixture's. The child has
+    float64 enabled as this process has (tests/conftest.py): with x64 off, optax's update differs in the last
+    bit (the gradients do not)."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(train.__file__)))
+    env = dict(os.environ, PYTHONPATH=package, JAX_PLATFORMS="cpu", JAX_ENABLE_X64=str(jax.config.jax_enable_x64))
+    flags = ["--model", "residual_mlp", "--dataset", "synthetic", "--epochs", "2", "--batch-size", "64"]
+    flags += ["--lr", "0.01", "--augment", "--no-grad-check", "--no-progress", "--out", str(tmp_path / "child")]
+    child = subprocess.Popen(
+        [sys.executable, "-m", "jax_resnet", "train", *flags],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    output, _ = child.communicate(timeout=600)
+    assert child.returncode == 0, output
+    runs = (tmp_path / "child", augmented[0])
+    (tree_a, meta_a), (tree_b, meta_b) = (checkpoints.load(out) for out in runs)
+    assert meta_a["config"] == {**meta_b["config"], "out": meta_a["config"]["out"]}
+    assert meta_a["step"] == meta_b["step"] == 2 * STEPS_PER_EPOCH
+    _assert_trees_identical(tree_a, tree_b)
+    losses = [json.loads((out / "metrics.json").read_text())["train_loss"] for out in runs]
+    assert losses[0] == losses[1]

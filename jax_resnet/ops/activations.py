@@ -358,4 +358,7 @@ def softplus(x: jax.Array) -> jax.Array:
 
 
 def softplus_reference(x):
-    return jnp.maximum(x, 0) + jnp.log1p(jnp.exp(-jnp.abs(x)))
+    # JAX's softplus, logaddexp(x, 0), differentiated by JAX: σ(x) everywhere. Spelled out as
+    # max(x, 0) + log1p(exp(−|x|)), JAX's conventions at the kink (max'(0) = ½, |x|'(0) = 1) gave
+    # the twin the derivative 0 at x = 0 instead of σ(0) = ½ (derivations/activations.md#softplus).
+    return jax.nn.softplus(x)

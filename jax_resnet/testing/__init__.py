@@ -17,10 +17,25 @@ finite_differences  dot-product test ⟨u, vjp(v)⟩ ≈ ⟨v, (f(x+εu) − f(x
                     for the rule and for the reference: tells which of the two is wrong
 vmap                jax.vmap of the rule's VJP equals the reference's, and the rule slice by slice
 grad_of_grad        reverse over reverse: the gradient of ⟨w, vjp(v)⟩, rule vs reference
+composition         the VJP under jax.checkpoint (default policy and nothing_saveable) and
+                    inside lax.scan equals the plain VJP (float64); under remat the forward
+                    runs at most once more (counted per primitive in the jaxpr)
+sharded             one slice of the arguments per device over all local devices: jit of vmap
+                    with sharded arguments gives what shard_map of the plain VJP gives (skipped
+                    on one device)
+extremes            float32 arguments at the edges (first argument ×1e4, ×25, 1 + 1e-4·x,
+                    constant, zeros, denormals; a batch of one): the rule's forward and VJP
+                    are finite wherever the float64 reference fits in float32 and agree with
+                    it to EXTREMES_RTOL; where even the float64 reference overflows, a
+                    finite rule agrees with itself in float64 (more stable than its reference)
+low_precision       bfloat16 and float16 forward and VJP within LOW_PRECISION_RTOL of float32;
+                    outputs and cotangents keep the arguments' dtype (float32 stays float32
+                    with x64 on)
 custom_vjp_runs     `custom_vjp_call` is in the rule's jaxpr and not in the reference's
 residuals           `fwd` saves a NamedTuple with exactly the names listed in `residuals`
 forward_mode        jax.jvp of the rule fails with JAX's clear TypeError (custom_vjp has no
-                    forward mode), instead of quietly differentiating something else
+                    forward mode), instead of quietly differentiating something else; second
+                    derivatives need no forward mode: `jax_resnet.hvp` is reverse over reverse
 ==================  ==========================================================================
 
 Everything float64 runs with x64 switched on for the call (no global
@@ -55,17 +70,21 @@ Example: a rule of one's own, checked end to end.
     >>> report.ok
     True
     >>> print(report)  # doctest: +ELLIPSIS
-    cube: ok, 10 of 10 properties pass
+    cube: ok, 14 of 14 properties pass
       ok    forward             worst 0.0e+00 (tol 1e-10)
       ok    vjp_float64         worst ...
     ...
 
-    The same rule with a wrong factor in its backward:
+    The same rule with a wrong factor in its backward (a new `custom_vjp`: JAX's tracing caches, e.g.
+    `jax.checkpoint`'s, may keep serving the backward a `custom_vjp` had before `defvjp` was called again):
 
+    >>> @jax.custom_vjp
+    ... def cube(x):
+    ...     return x**3
     >>> cube.defvjp(cube_fwd, lambda res, ct_y: (2 * res.x**2 * ct_y,))
     >>> report = testing.check_rule(cube, lambda x: x**3, make_args, fwd=cube_fwd, residuals=["x"], name="cube")
     >>> report.failed
-    ('vjp_float64', 'vjp_float64_nojit', 'vjp_float32', 'finite_differences', 'vmap', 'grad_of_grad')
+    ('vjp_float64', 'vjp_float64_nojit', 'vjp_float32', 'finite_differences', 'vmap', 'grad_of_grad', 'extremes')
     >>> print(report["vjp_float64"])  # doctest: +ELLIPSIS
     FAIL  vjp_float64         the rule's VJP equals the reference's (float64, jitted)
           VJP w.r.t. argument 0 (x) off by 3.3e-01 in float64 (tol 1e-10): finite differences agree with the reference...
@@ -75,6 +94,7 @@ Example: a rule of one's own, checked end to end.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import inspect
@@ -97,6 +117,10 @@ PROPERTIES: tuple[str, ...] = (
     "finite_differences",
     "vmap",
     "grad_of_grad",
+    "composition",
+    "sharded",
+    "extremes",
+    "low_precision",
     "custom_vjp_runs",
     "residuals",
     "forward_mode",
@@ -110,9 +134,13 @@ DESCRIPTIONS: dict[str, str] = {
     "finite_differences": "dot-product test against central finite differences (float64)",
     "vmap": "jax.vmap of the rule's VJP equals the reference's and the rule slice by slice",
     "grad_of_grad": "the backward is differentiable: grad of <w, vjp(v)> equals the reference's",
+    "composition": "under jax.checkpoint and lax.scan the VJP equals the plain one; remat reruns the forward once",
+    "sharded": "jit of vmap with sharded arguments equals shard_map of the plain VJP, over all local devices",
+    "extremes": "at extreme float32 arguments the rule is finite where the reference is, and accurate",
+    "low_precision": "bfloat16 and float16 within LOW_PRECISION_RTOL of float32; dtypes kept",
     "custom_vjp_runs": "custom_vjp_call is in the rule's jaxpr and not in the reference's",
     "residuals": "fwd saves a NamedTuple with exactly the listed residuals",
-    "forward_mode": "jax.jvp of the rule raises JAX's forward-mode TypeError",
+    "forward_mode": "jax.jvp of the rule raises JAX's forward-mode TypeError (for second derivatives: jax_resnet.hvp)",
 }
 
 # The batched rule against the same rule slice by slice: the same code, so only
@@ -120,6 +148,26 @@ DESCRIPTIONS: dict[str, str] = {
 SAME_CODE_RTOL = 1e-12
 # Grad-of-grad compares second derivatives, one more rounding step deep.
 GRAD_OF_GRAD_FACTOR = 10.0
+# `extremes`: what each case does to the first argument (float32, numpy: exact denormals); plus a batch of one.
+EXTREMES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "typical": lambda a: a,
+    "large": lambda a: 1e4 * a,  # logits of ±1e4, activations deep in saturation
+    "saturating": lambda a: 25 * a,  # about ±50 for the registry's activations
+    "near_constant": lambda a: 1 + 1e-4 * a,  # variance ~1e-8, far below a norm's eps
+    "constant": lambda a: np.full_like(a, 0.5),  # exactly constant channels; ties everywhere
+    "zeros": np.zeros_like,
+    # Below float32's smallest normal, 1.2e-38; XLA's CPU backend flushes them to zero, as GPUs do by default.
+    "denormal": lambda a: a * np.float32(1e-39),
+}
+# The rule in float32 against the reference in float64, each leaf against its own scale (measured worst over
+# the library's rules: 7.5e-7, sigmoid at ±50). 1 + 1e-4·x carries its deviations x to only ε₃₂/1e-4 ≈ 1.2e-3
+# in float32, so whatever subtracts the mean (a norm) is good to a fraction of that (measured: 3.8e-4).
+EXTREMES_RTOL = {"typical": 1e-5, "near_constant": 5e-3}
+# `composition`: jax.checkpoint's default policy (None: save nothing but the inputs) and the named one.
+REMAT_POLICIES = {"default": None, "nothing_saveable": jax.checkpoint_policies.nothing_saveable}
+# Worst leaf of bfloat16 / float16 against float32, arguments rounded to the low dtype (measured worst over the
+# library's rules: 1.5e-2, batch_norm_eval, and 1.7e-3, sigmoid).
+LOW_PRECISION_RTOL = {jnp.dtype("bfloat16"): 5e-2, jnp.dtype("float16"): 1e-2}
 _F64, _F32 = jnp.dtype("float64"), jnp.dtype("float32")
 
 
@@ -685,6 +733,246 @@ class _Checker:
         first_order_ok = self._vjp64_all_ok()
         return PropertyResult("grad_of_grad", tuple(rows), hint=hint if first_order_ok else "fix vjp_float64 first")
 
+    def _composition(self) -> PropertyResult:
+        p, argnums = self.pass64, self.argnums
+        if p["rule_error"] is not None:
+            raise p["rule_error"]
+        tol = self._tol(self.rtol, _F64)  # the same formulas, compiled in another program
+        comp = self.edge_pass["composition"]
+        note = lambda path, err: "the VJP changes under this transformation: the backward depends on how it is traced"
+        rows = []
+        for name, got in comp.items():
+            for k in range(len(argnums)):
+                rows += [
+                    dataclasses.replace(r, what=f"{r.what} under {name}")
+                    for r in self._leaf_rows("VJP w.r.t.", k, got[k], p["got"][k], tol, note)
+                ]
+        rows += self._remat_rows(REMAT_POLICIES)
+        return PropertyResult("composition", tuple(rows))
+
+    def _remat_rows(self, policies) -> list[Row]:
+        """Per policy: no primitive of the rule's forward appears in the VJP's jaxpr more than once more under
+        jax.checkpoint than without it (the forward is rematerialized once, never twice)."""
+        args, argnums, fn = self.args64, self.argnums, self.fn
+        ct = self._cotangent(args)
+        diff = tuple(args[i] for i in argnums)
+        forward = _primitive_counts(jax.make_jaxpr(lambda *d: jax.vjp(gc._restrict(fn, args, argnums), *d))(*diff))
+        vjp = lambda f: _primitive_counts(jax.make_jaxpr(lambda a, c: gc._vjp(f, a, argnums, c))(args, ct))
+        plain = vjp(fn)
+        rows = []
+        for name, policy in policies.items():
+            remat = vjp(jax.checkpoint(fn, policy=policy))
+            excess = {p: (remat[p] - plain[p], forward[p]) for p in remat if remat[p] - plain[p] > forward[p]}
+            note = ", ".join(f"{p}: {extra} more, the forward has {n}" for p, (extra, n) in sorted(excess.items()))
+            rows.append(
+                Row(
+                    f"under jax.checkpoint(policy={name}) the forward runs at most once more",
+                    None,
+                    None,
+                    not excess,
+                    ""
+                    if not excess
+                    else f"{note}: the forward is recomputed more than once (try defvjp(..., optimize_remat=True))",
+                )
+            )
+        return rows
+
+    def _sharded(self) -> PropertyResult:
+        devices = jax.devices()
+        if len(devices) < 2:
+            return PropertyResult(
+                "sharded", skipped="one device (simulate more: XLA_FLAGS=--xla_force_host_platform_device_count=8)"
+            )
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+        fn, argnums, tol = self.fn, self.argnums, self._tol(self.rtol, _F64)
+        n = len(devices)
+        # One slice per device: the float64 arguments, each floating leaf scaled by its own noise (numpy draws;
+        # no new random kernels to compile).
+        rng = np.random.default_rng(self.seed + 5)
+        vary = lambda a: a * (1 + 0.1 * rng.standard_normal(a.shape)) if gc._is_float(a) else a
+        slices = [jax.tree.map(lambda a: vary(np.asarray(a)), self.args64) for _ in range(n)]
+        stacked = jax.tree.map(lambda *a: np.stack(a), *slices)
+        ct = gc._random_like(rng, jax.eval_shape(jax.vmap(fn), *stacked))
+        mesh = Mesh(np.array(devices), ("devices",))
+        spread = NamedSharding(mesh, PartitionSpec("devices"))
+        try:
+            from jax import shard_map
+        except ImportError:  # JAX before 0.6
+            from jax.experimental.shard_map import shard_map
+
+        def slice_vjp(args, c):
+            return gc._vjp(fn, args, argnums, c)[1]
+
+        def per_device(args, c):  # each device holds a block of one slice
+            squeeze = lambda t: jax.tree.map(lambda a: a[0], t)
+            return jax.tree.map(lambda a: a[None], slice_vjp(squeeze(args), squeeze(c)))
+
+        @jax.jit
+        def run(stacked, ct):
+            # shard_map runs the plain, unbatched VJP on each device's slice; jit of vmap leaves the split to
+            # XLA's partitioner (and `vmap` equals the plain VJP slice by slice: the `vmap` property).
+            spec = PartitionSpec("devices")
+            mapped = shard_map(per_device, mesh=mesh, in_specs=(spec, spec), out_specs=spec)(stacked, ct)
+            return mapped, jax.vmap(slice_vjp)(stacked, ct)
+
+        mapped, vmapped = jax.tree.map(np.asarray, run(*jax.device_put((stacked, ct), spread)))
+        note = lambda path, err: "the partitioned VJP differs from the plain VJP run on each device"
+        rows = []
+        for k in range(len(argnums)):
+            rows += [
+                dataclasses.replace(r, what=f"{r.what}: jit of vmap vs shard_map over {n} devices")
+                for r in self._leaf_rows("VJP w.r.t.", k, vmapped[k], mapped[k], tol, note)
+            ]
+        return PropertyResult("sharded", tuple(rows))
+
+    @functools.cached_property
+    def edge_pass(self) -> dict:
+        """One jitted program for `composition`, `extremes` and `low_precision`:
+
+        - the rule's float64 VJP (the arguments and cotangent of `pass64`) under each of REMAT_POLICIES, and
+          under lax.scan over two copies, the second with twice the cotangent;
+        - the rule in float32 and the reference in float64 on every case of EXTREMES (batched with vmap: they
+          differ in the first argument only) and on a batch of one;
+        - the rule in bfloat16 and float16 on the typical float32 arguments.
+        """
+        fn, reference, argnums = self.fn, self.reference, self.argnums
+        args = [np.asarray(a) for a in self.make_args(self.key(0), jnp.float32)]
+        inputs = {
+            "first": np.stack([np.asarray(make(args[0]), args[0].dtype) for make in EXTREMES.values()]),
+            "rest": tuple(args[1:]),
+            "ct": self._cotangent(args),
+            "one_args": tuple(_batch_of_one(args)),
+        }
+        inputs["one_ct"] = self._cotangent(inputs["one_args"])
+        up = lambda t: _cast(t, jnp.float64)
+
+        def evaluations(args, ct):
+            return {
+                "rule": gc._vjp(fn, args, argnums, ct),
+                "reference64": gc._vjp(reference, up(args), argnums, up(ct)),
+            }
+
+        def scanned(stacked, cts, diff):
+            """Σ_s ⟨cts_s, fn(args_s)⟩, summed by lax.scan over the stacked copies of the arguments, each step
+            under jax.checkpoint."""
+            full = list(stacked)
+            for i, d in zip(argnums, diff):
+                full[i] = d
+            step = jax.checkpoint(lambda total, xs: (total + gc._vdot(xs[1], fn(*xs[0])), None))
+            zero = jnp.zeros((), jax.tree.leaves(cts)[0].dtype)
+            return jax.lax.scan(step, zero, (tuple(full), cts))[0]
+
+        @jax.jit
+        def run(args64, ct64, first, rest, ct, one_args, one_ct):
+            composition = {
+                f"jax.checkpoint(policy={name})": gc._vjp(jax.checkpoint(fn, policy=policy), args64, argnums, ct64)[1]
+                for name, policy in REMAT_POLICIES.items()
+            }
+            # Two copies of the arguments, the second with twice the cotangent: its gradient is twice the VJP.
+            stacked = jax.tree.map(lambda a: jnp.stack([a, a]), tuple(args64))
+            cts = jax.tree.map(lambda c: jnp.stack([c, 2 * c]), ct64)
+            grads = jax.grad(functools.partial(scanned, stacked, cts))(tuple(stacked[i] for i in argnums))
+            composition["lax.scan of jax.checkpoint"] = jax.tree.map(lambda g: g[0], grads)
+            composition["lax.scan of jax.checkpoint, the second step (2·ct), halved"] = jax.tree.map(
+                lambda g: g[1] / 2, grads
+            )
+            cases = jax.vmap(lambda a0: evaluations((a0, *rest), ct))(first)
+            low = {}
+            for dtype in LOW_PRECISION_RTOL:
+                low[dtype.name] = gc._vjp(fn, _cast((first[0], *rest), dtype), argnums, _cast(ct, dtype))
+            return composition, cases, evaluations(one_args, one_ct), low
+
+        # numpy from here: indexing device arrays would compile a kernel per shape.
+        composition, cases, one, low = jax.tree.map(np.asarray, run(self.args64, self.pass64["ct"], **inputs))
+        return {
+            "composition": composition,
+            "cases": _split_cases(cases, one),
+            "low": low,
+            "dtypes": [a.dtype for a in args],
+            "inputs": inputs,
+        }
+
+    @functools.cached_property
+    def rule64_pass(self) -> dict:
+        """The rule in float64 on the cases of `edge_pass`: the truth where only the rule is finite (computed
+        only for a rule that is more stable than its reference somewhere)."""
+        fn, argnums = self.fn, self.argnums
+        up = lambda t: _cast(t, jnp.float64)
+
+        @jax.jit
+        def run(first, rest, ct, one_args, one_ct):
+            cases = jax.vmap(lambda a0: gc._vjp(fn, up((a0, *rest)), argnums, up(ct)))(first)
+            return cases, gc._vjp(fn, up(one_args), argnums, up(one_ct))
+
+        return _split_cases(*jax.tree.map(np.asarray, run(**self.edge_pass["inputs"])))
+
+    def _extremes(self) -> PropertyResult:
+        rows = []
+        what = ["output"] + [f"VJP w.r.t. {self.names[i]}" for i in self.argnums]
+        for case, ev in self.edge_pass["cases"].items():
+            leaves = {name: [np.asarray(a, np.float64) for a in jax.tree.leaves(t)] for name, t in ev.items()}
+            n = len(leaves["rule"])
+            labels = what if n == len(what) else [f"leaf {j}" for j in range(n)]
+            for j, label in enumerate(labels):
+                rule, ref64 = leaves["rule"][j], leaves["reference64"][j]
+                rule64 = None
+                if (~np.isfinite(ref64) & np.isfinite(rule)).any():
+                    rule64 = np.asarray(jax.tree.leaves(self.rule64_pass[case])[j], np.float64)
+                tol = EXTREMES_RTOL.get(case, EXTREMES_RTOL["typical"])
+                rows += _extreme_rows(f"{case}: {label}", rule, ref64, rule64, tol)
+        return PropertyResult(
+            "extremes",
+            tuple(rows),
+            hint="an exp/log of an unshifted value (subtract the maximum), a division by a variance without eps, "
+            "1 − y² where y saturates, a convention at a kink (the reference's, too): compare the two formulas",
+        )
+
+    def _low_precision(self) -> PropertyResult:
+        p = self.edge_pass
+        base = jax.tree.leaves(p["cases"]["typical"]["rule"])
+        rows = (
+            [
+                Row(
+                    "float32 arguments give float32 outputs and cotangents (x64 on)",
+                    None,
+                    None,
+                    all(a.dtype == _F32 for a in base if gc._is_float(a)),
+                    "got "
+                    + ", ".join(sorted({str(a.dtype) for a in base}))
+                    + ": a float64 constant promotes the result",
+                )
+            ]
+            if _F32 in p["dtypes"]
+            else []
+        )
+        for name, out in p["low"].items():
+            dtype, got = jnp.dtype(name), jax.tree.leaves(out)
+            kept = all(a.dtype == dtype for a in got if gc._is_float(a))
+            rows.append(
+                Row(
+                    f"{name} arguments give {name} outputs and cotangents",
+                    None,
+                    None,
+                    kept,
+                    "" if kept else "got " + ", ".join(sorted({str(a.dtype) for a in got})),
+                )
+            )
+            tol = LOW_PRECISION_RTOL[dtype]
+            for j, (a, b) in enumerate(zip(got, base)):
+                err = gc._array_error(np.asarray(a, np.float64), np.asarray(b, np.float64))
+                ok = err <= tol
+                rows.append(
+                    Row(
+                        f"{name} vs float32, leaf {j}",
+                        err,
+                        tol,
+                        ok,
+                        "" if ok else "cancellation in low precision: accumulate in float32",
+                    )
+                )
+        return PropertyResult("low_precision", tuple(rows))
+
     def _custom_vjp_runs(self) -> PropertyResult:
         rule = "custom_vjp_call" in str(jax.make_jaxpr(self.fn)(*self.args64))
         ref = "custom_vjp_call" not in str(jax.make_jaxpr(self.reference)(*self.args64))
@@ -766,6 +1054,89 @@ class _Checker:
             )
         note = "jax.jvp of the rule succeeded: it is not a custom_vjp (or has a custom_jvp), so forward mode bypasses the hand-written backward"
         return PropertyResult("forward_mode", (Row("jax.jvp raises TypeError", None, None, False, note),))
+
+
+def _primitive_counts(closed_jaxpr) -> collections.Counter:
+    """How often each primitive runs in a jaxpr, inside nested jaxprs too (containers themselves not counted)."""
+    from jax.extend.core import jaxprs_in_params
+
+    counts: collections.Counter = collections.Counter()
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            subs = list(jaxprs_in_params(eqn.params))
+            if not subs:
+                counts[eqn.primitive.name] += 1
+            for sub in subs:
+                walk(sub)
+
+    walk(closed_jaxpr.jaxpr)
+    return counts
+
+
+def _batch_of_one(args: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """The arguments with a batch of one: the first argument's leading axis, and that of each argument sharing
+    it (same leading size, and the same rank or integer labels), cut to its first entry."""
+    n, rank = args[0].shape[0], args[0].ndim
+    batched = lambda a: a.ndim > 0 and a.shape[0] == n and (a.ndim == rank or np.issubdtype(a.dtype, np.integer))
+    return [a[:1] if i == 0 or batched(a) else a for i, a in enumerate(args)]
+
+
+def _masked_error(got: np.ndarray, want: np.ndarray, where: np.ndarray) -> float:
+    """max|got − want| over `where`, relative to the largest finite |want| of the whole leaf."""
+    if not where.any():
+        return 0.0
+    diff = float(np.max(np.abs(got[where] - want[where])))
+    scale = float(np.max(np.abs(want[np.isfinite(want)]), initial=0.0))
+    return diff / scale if scale else diff
+
+
+def _cast(tree, dtype):
+    return jax.tree.map(lambda a: a.astype(dtype) if gc._is_float(a) else a, tree)
+
+
+def _split_cases(cases, one) -> dict:
+    """{case: its slice of the vmapped `cases`} and "batch_of_one": `one`."""
+    out = {name: jax.tree.map(lambda a, i=i: a[i], cases) for i, name in enumerate(EXTREMES)}
+    out["batch_of_one"] = one
+    return out
+
+
+def _extreme_rows(what: str, rule, ref64, rule64, tol: float) -> list[Row]:
+    """The float32 rule is finite wherever the float64 reference is finite and fits in float32, and agrees with
+    it; where the reference is not finite even in float64, the rule, if finite, agrees with itself in float64
+    (`rule64`): a rule more stable than its reference."""
+    fits = np.isfinite(ref64) & (np.abs(ref64) <= np.finfo(np.float32).max)
+    overflow = fits & ~np.isfinite(rule)
+    rows = [
+        Row(
+            f"{what}: finite wherever the float64 reference fits in float32",
+            None,
+            None,
+            not overflow.any(),
+            f"{int(overflow.sum())} entries overflow or are NaN" if overflow.any() else "",
+        )
+    ]
+    err = _masked_error(rule, ref64, fits & np.isfinite(rule))
+    ok = err <= tol
+    note = "the float32 rule is less accurate than float32 allows, or rule and reference disagree"
+    rows.append(Row(f"{what}: float32 vs the float64 reference", err, tol, ok, "" if ok else note, dtype="float32"))
+    if rule64 is not None:
+        stable = ~np.isfinite(ref64) & np.isfinite(rule)
+        err = _masked_error(rule, rule64, stable)
+        ok = err <= tol
+        rows.append(
+            Row(
+                f"{what}: finite in {int(stable.sum())} entries where the float64 reference is not (more stable "
+                "than it); there vs the rule in float64",
+                err,
+                tol,
+                ok,
+                "" if ok else "finite but wrong",
+                dtype="float32",
+            )
+        )
+    return rows
 
 
 class _Raised(Exception):
