@@ -779,3 +779,161 @@ def benchmark(
             compile_repeats=1 if quick else COMPILE_REPEATS,
         )
     return rows
+
+
+# ------------------------------------------------------------ DP-SGD workloads
+# `jax-resnet bench --dp`: one DP-SGD step against the non-private step, and
+# against DP-SGD the way JAX code usually gets it (jax_privacy, optax): per-example
+# gradients from `jax.vmap(jax.grad)` (here of the library's own rules, so the
+# comparison is of the method, not of the rules), clipped and noised by
+# `optax.contrib.differentially_private_aggregate`. Same optimizer, batch and clip.
+DP_METHODS = ("non_private", "dp", "vmap_clip")
+DP_SETTINGS = step_lib.DPSettings(clip=1.0, noise=1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class DPWorkload:
+    name: str
+    description: str
+    model: Callable[[], models.Model]
+    num_classes: int
+    batch: int
+    example_shape: tuple[int, ...]
+    quick_batch: int
+    quick_example_shape: tuple[int, ...]
+
+    def sizes(self, quick: bool) -> tuple[int, tuple[int, ...]]:
+        return (self.quick_batch, self.quick_example_shape) if quick else (self.batch, self.example_shape)
+
+
+DP_WORKLOADS: list[DPWorkload] = [
+    DPWorkload(
+        "dp_residual_mlp",
+        "the seed's residual MLP, 64 -> 64 x 2 hidden -> 10, batch 256",
+        lambda: models.residual_mlp(in_features=64, width=64, depth=2, out_features=10),
+        10,
+        256,
+        (64,),
+        16,
+        (64,),
+    ),
+    DPWorkload(
+        "dp_resnet20_gn",
+        "CIFAR ResNet-20 with GroupNorm (16 groups), 32x32x3, batch 256",
+        lambda: models.resnet20_gn(num_classes=10),
+        10,
+        256,
+        (32, 32, 3),
+        4,
+        (8, 8, 3),
+    ),
+]
+
+
+def dp_method_step(method: str, model: models.Model, tx: optax.GradientTransformation) -> Callable:
+    """step(carry, x, y, key) -> (carry, loss) of one DP_METHODS entry; carry = (params, state, opt_state)."""
+    if method == "non_private":
+        plain = library_step(model, "rules", tx)
+        return lambda carry, x, y, key: plain(carry, x, y)
+    if method == "dp":
+        update = step_lib.dp_update_fn(model, tx, DP_SETTINGS)
+
+        def dp(carry, x, y, key):
+            params, state, opt_state = carry
+            params, opt_state, out = update(params, state, opt_state, x, y, key)
+            return (params, state, opt_state), out.loss
+
+        return dp
+    loss = step_lib.loss_fn(model, "rules")
+
+    def vmap_clip(carry, x, y, key):
+        params, state, opt_state = carry
+        one = lambda xi, yi: jax.grad(lambda p: loss(p, state, xi[None], yi[None])[0])(params)
+        per_example_grads = jax.vmap(one)(x, y)
+        updates, opt_state = tx.update(per_example_grads, opt_state, params)
+        return (optax.apply_updates(params, updates), state, opt_state), jnp.zeros(())
+
+    return vmap_clip
+
+
+def _dp_tx(method: str, tx: optax.GradientTransformation, key) -> optax.GradientTransformation:
+    if method != "vmap_clip":
+        return tx
+    clip, noise = DP_SETTINGS
+    return optax.chain(optax.contrib.differentially_private_aggregate(clip, noise, key=key), tx)
+
+
+def bench_dp(quick: bool = False, rounds: int | None = None, log: Callable[[str], None] = lambda s: None) -> list[dict]:
+    """Rows of `DP_WORKLOADS`, one per workload and method: step time (interleaved
+    rounds, as `bench_workload`), its ratio to the non-private step in the same
+    round, and compiled scratch memory (`memory_analysis`)."""
+    rounds = rounds if rounds is not None else (3 if quick else 7)
+    env = environment(quick)
+    rows = []
+    for w in DP_WORKLOADS:
+        log(f"bench --dp: {w.name} — {w.description}")
+        batch_size, example_shape = w.sizes(quick)
+        k_x, k_y, k_init, k_noise = jax.random.split(jax.random.key(0), 4)
+        x = jax.random.normal(k_x, (batch_size, *example_shape), jnp.float32)
+        y = jax.random.randint(k_y, (batch_size,), 0, w.num_classes, jnp.int32)
+        model = w.model()
+        params, state = init_library(model, k_init)
+        prepared = []
+        for method in DP_METHODS:
+            tx = _dp_tx(method, optimizer(), jax.random.key(1))  # its own key: the carry is donated
+            carry = jax.device_put((params, state, tx.init(params)))
+            compiled, seconds = _compile(dp_method_step(method, model, tx), carry, (x, y, k_noise))
+            memory = compiled.memory_analysis()
+            temp = None if memory is None else int(memory.temp_size_in_bytes)
+            n = models.num_params(params)
+            prepared.append(Prepared(method, compiled, carry, (x, y, k_noise), [seconds], temp, n))
+        per_round, steps = time_interleaved(prepared, rounds, 0.01 if quick else 0.5, 5.0 if quick else 120.0)
+        for p in prepared:
+            times = per_round[p.method]
+            ratios = [t / base for t, base in zip(times, per_round["non_private"])]
+            t_min, t_median, t_max = spread(times)
+            r_min, r_median, r_max = spread(ratios)
+            base_memory = prepared[0].temp_memory_bytes
+            rows.append(
+                {
+                    "workload": w.name,
+                    "method": p.method,
+                    "step_time_ms": t_median * 1e3,
+                    "step_time_ms_min": t_min * 1e3,
+                    "step_time_ms_max": t_max * 1e3,
+                    "ratio_to_non_private": r_median,
+                    "ratio_to_non_private_min": r_min,
+                    "ratio_to_non_private_max": r_max,
+                    "temp_memory_bytes": p.temp_memory_bytes,
+                    "memory_ratio_to_non_private": (
+                        None if not (base_memory and p.temp_memory_bytes) else p.temp_memory_bytes / base_memory
+                    ),
+                    "compile_time_s": p.compile_times_s[0],
+                    "batch_size": batch_size,
+                    "example_shape": list(example_shape),
+                    "num_params": p.num_params,
+                    "rounds": len(times),
+                    "steps_per_round": steps,
+                    "round_step_times_ms": [t * 1e3 for t in times],
+                    "environment": env,
+                }
+            )
+    return rows
+
+
+def format_dp_table(rows: list[dict]) -> str:
+    """A Markdown table of `bench_dp` rows: time, its ratio (range) and memory against the non-private step."""
+    lines = [
+        "| workload | method | step time (ms) | × non-private (range) | compiled memory (MiB) | × non-private |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        ratio = _range(
+            r["ratio_to_non_private_min"], r["ratio_to_non_private"], r["ratio_to_non_private_max"], "{:.2f}".format
+        )
+        mem = r["memory_ratio_to_non_private"]
+        lines.append(
+            f"| {r['workload']} | {r['method']} | {_ms(r['step_time_ms'])} | {ratio} | "
+            f"{_mib(r['temp_memory_bytes'])} | {'–' if mem is None else f'{mem:.2f}'} |"
+        )
+    return "\n".join(lines) + "\n"

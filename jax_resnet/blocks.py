@@ -16,7 +16,15 @@ Mappings in Deep Residual Networks"):
 
 Shortcut s: identity when shapes agree, otherwise option "A" (strided
 subsampling, zero-padded channels, no parameters) or option "B" (1x1
-projection and BatchNorm). `residual=False` drops the shortcut: the plain
+projection and BatchNorm).
+
+Normalisation `norm`: "batch" (BatchNorm, statistics over the batch, the
+papers' choice) or "group" (GroupNorm, Wu & He 2018: statistics per example
+over groups of channels, so examples do not interact and per-example
+gradients exist; `jax_resnet.per_example`). Either way a norm layer holds
+`gamma` and `beta` under the same keys (`bn0`, `proj_bn`, ...), so the two
+layouts differ only in GroupNorm having no running statistics (its state is
+`{}`). `residual=False` drops the shortcut: the plain
 twin used in the BP-vs-ResNet study. Derivation: derivations/blocks.md.
 """
 
@@ -34,6 +42,8 @@ from jax_resnet.ops import OpSet
 
 BN_MOMENTUM = 0.9  # running = momentum · running + (1 − momentum) · batch
 BN_EPS = 1e-5
+NORMS = ("batch", "group")
+GN_EPS = 1e-5
 
 
 class BlockKind(NamedTuple):
@@ -70,12 +80,15 @@ class BlockSpec:
     shortcut: str = "B"  # "A" or "B", used only when the shape changes
     residual: bool = True
     zero_init_residual: bool = False
+    norm: str = "batch"  # "batch" or "group"
+    norm_groups: int = 32  # GroupNorm's groups, at most: gcd(norm_groups, channels) per layer
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"BlockSpec: `kind` must be one of {tuple(KINDS)}, got {self.kind!r}")
         if self.shortcut not in ("A", "B"):
             raise ValueError(f"BlockSpec: `shortcut` must be 'A' or 'B', got {self.shortcut!r}")
+        check_norm("BlockSpec", self.norm, self.norm_groups)
 
     @property
     def row(self) -> BlockKind:
@@ -123,6 +136,32 @@ def init_bn(c, dtype, scale=1.0):
     return params, state
 
 
+def check_norm(owner: str, norm: str, norm_groups: int) -> None:
+    """Raise ValueError naming `owner` unless `norm` is in NORMS and `norm_groups` a positive int."""
+    if norm not in NORMS:
+        raise ValueError(f"{owner}: `norm` must be one of {NORMS}, got {norm!r}")
+    if isinstance(norm_groups, bool) or not isinstance(norm_groups, int) or norm_groups < 1:
+        raise ValueError(f"{owner}: `norm_groups` must be a positive int, got {norm_groups!r}")
+
+
+def init_norm(c, dtype, norm="batch", scale=1.0):
+    """(params, state) of one norm layer over c channels; GroupNorm keeps no state."""
+    params, state = init_bn(c, dtype, scale)
+    return params, (state if norm == "batch" else {})
+
+
+def normalize(ops: OpSet, norm: str, norm_groups: int, params, state, x, *, train):
+    """The norm layer `norm` ("batch" or "group") on x [N, ..., C]; returns (y, new_state).
+
+    GroupNorm uses gcd(norm_groups, C) groups, so one setting fits every width
+    of a network (32 and C = 16 give 16 groups of one channel).
+    """
+    if norm == "batch":
+        return batch_norm(ops, params, state, x, train=train)
+    groups = math.gcd(norm_groups, x.shape[-1])
+    return ops.group_norm(x, params["gamma"], params["beta"], groups=groups, eps=GN_EPS), state
+
+
 def batch_norm(ops: OpSet, params, state, x, *, train):
     """BatchNorm over all axes but channels; returns (y, new_state)."""
     if train:
@@ -153,15 +192,20 @@ def init_block(key, spec: BlockSpec, dtype=jnp.float32):
         params[f"conv{i}"] = init_conv(keys[i], k, c_in, c_out, dtype, 0.0 if last and spec.preact else 1.0)
         # v1 normalises each conv's output; v2 normalises each conv's input.
         bn_channels = c_in if spec.preact else c_out
-        params[f"bn{i}"], state[f"bn{i}"] = init_bn(bn_channels, dtype, 0.0 if last and not spec.preact else 1.0)
+        scale = 0.0 if last and not spec.preact else 1.0
+        params[f"bn{i}"], state[f"bn{i}"] = init_norm(bn_channels, dtype, spec.norm, scale)
     if spec.projects:
         params["proj"] = {"w": he_normal(keys[-1], (spec.in_channels, spec.out_channels), spec.in_channels, dtype)}
         if not spec.preact:
-            params["proj_bn"], state["proj_bn"] = init_bn(spec.out_channels, dtype)
+            params["proj_bn"], state["proj_bn"] = init_norm(spec.out_channels, dtype, spec.norm)
     return params, state
 
 
 # ----------------------------------------------------------------------- apply
+def _norm(ops: OpSet, spec: BlockSpec, params, state, x, *, train):
+    return normalize(ops, spec.norm, spec.norm_groups, params, state, x, train=train)
+
+
 def _shortcut(ops: OpSet, spec: BlockSpec, params, state, x, *, train):
     if not spec.changes_shape:
         return x, {}
@@ -170,7 +214,7 @@ def _shortcut(ops: OpSet, spec: BlockSpec, params, state, x, *, train):
     y = ops.projection(x, params["proj"]["w"], stride=spec.stride)
     if spec.preact:
         return y, {}
-    y, bn_state = batch_norm(ops, params["proj_bn"], state["proj_bn"], y, train=train)
+    y, bn_state = _norm(ops, spec, params["proj_bn"], state["proj_bn"], y, train=train)
     return y, {"proj_bn": bn_state}
 
 
@@ -181,7 +225,7 @@ def _apply_v1(ops: OpSet, spec: BlockSpec, params, state, x, *, train):
     n = len(spec.convs())
     for i, (_, _, _, stride) in enumerate(spec.convs()):
         h = ops.conv2d(h, params[f"conv{i}"]["w"], stride=stride, padding="SAME")
-        h, new_state[f"bn{i}"] = batch_norm(ops, params[f"bn{i}"], state[f"bn{i}"], h, train=train)
+        h, new_state[f"bn{i}"] = _norm(ops, spec, params[f"bn{i}"], state[f"bn{i}"], h, train=train)
         if i < n - 1:
             h = ops.relu(h)
     if spec.residual:
@@ -197,7 +241,7 @@ def _apply_v2(ops: OpSet, spec: BlockSpec, params, state, x, *, train):
     h = x
     pre = None
     for i, (_, _, _, stride) in enumerate(spec.convs()):
-        h, new_state[f"bn{i}"] = batch_norm(ops, params[f"bn{i}"], state[f"bn{i}"], h, train=train)
+        h, new_state[f"bn{i}"] = _norm(ops, spec, params[f"bn{i}"], state[f"bn{i}"], h, train=train)
         h = ops.relu(h)
         if i == 0:
             pre = h

@@ -191,6 +191,10 @@ class ResNetSpec:
     bare convolution, every block (the first included) starts with BN-ReLU,
     and a final BN-ReLU precedes the pool (He et al. 2016, "Identity Mappings
     in Deep Residual Networks").
+
+    `norm`: "batch" (BatchNorm, as in the papers) or "group" (GroupNorm with
+    gcd(norm_groups, C) groups per layer, Wu & He 2018), in every place a
+    BatchNorm would sit; the parameter count is the same.
     """
 
     stage_sizes: tuple[int, ...]
@@ -204,8 +208,11 @@ class ResNetSpec:
     residual: bool = True
     zero_init_residual: bool = False
     stem_padding: str = "torchvision"
+    norm: str = "batch"
+    norm_groups: int = 32
 
     def __post_init__(self):
+        blocks.check_norm("ResNetSpec", self.norm, self.norm_groups)
         if self.stem_padding not in STEM_PADDINGS:
             raise ValueError(
                 f"ResNetSpec: `stem_padding` must be one of {tuple(STEM_PADDINGS)}, got {self.stem_padding!r}"
@@ -237,6 +244,8 @@ class ResNetSpec:
                     shortcut=self.shortcut,
                     residual=self.residual,
                     zero_init_residual=self.zero_init_residual,
+                    norm=self.norm,
+                    norm_groups=self.norm_groups,
                 )
                 specs.append(spec)
                 c = spec.out_channels
@@ -249,11 +258,11 @@ class ResNetSpec:
         params = {"stem": blocks.init_conv(keys[0], k, self.in_channels, self.stem_width, dtype)}
         state = {}
         if not self.preact:
-            params["stem_bn"], state["stem_bn"] = blocks.init_bn(self.stem_width, dtype)
+            params["stem_bn"], state["stem_bn"] = blocks.init_norm(self.stem_width, dtype, self.norm)
         params["blocks"], state["blocks"] = _init_runs(blocks.init_block, keys[1:-1], specs, dtype)
         c = specs[-1].out_channels
         if self.preact:
-            params["final_bn"], state["final_bn"] = blocks.init_bn(c, dtype)
+            params["final_bn"], state["final_bn"] = blocks.init_norm(c, dtype, self.norm)
         params["head"] = _init_dense(keys[-1], c, self.num_classes, dtype, gain=1.0)
         return params, state
 
@@ -269,7 +278,7 @@ class ResNetSpec:
             conv_pad, pool_pad = STEM_PADDINGS[self.stem_padding]
             h = ops.conv2d(x, params["stem"]["w"], stride=2, padding=conv_pad)
         if not self.preact:
-            h, new_state["stem_bn"] = blocks.batch_norm(ops, params["stem_bn"], state["stem_bn"], h, train=train)
+            h, new_state["stem_bn"] = self._norm(ops, params["stem_bn"], state["stem_bn"], h, train=train)
             h = ops.relu(h)
         if self.stem == "imagenet":
             h = ops.max_pool(h, window=3, stride=2, padding=pool_pad)
@@ -279,10 +288,13 @@ class ResNetSpec:
             new_state["blocks"].append(s)
         h = hook(len(params["blocks"]), h)
         if self.preact:
-            h, new_state["final_bn"] = blocks.batch_norm(ops, params["final_bn"], state["final_bn"], h, train=train)
+            h, new_state["final_bn"] = self._norm(ops, params["final_bn"], state["final_bn"], h, train=train)
             h = ops.relu(h)
         h = ops.global_avg_pool(h)
         return ops.dense(h, params["head"]["w"], params["head"]["b"]), new_state
+
+    def _norm(self, ops: OpSet, params, state, x, *, train):
+        return blocks.normalize(ops, self.norm, self.norm_groups, params, state, x, train=train)
 
     def hook_points(self) -> list[str]:
         return [f"block{i}" for i in range(sum(self.stage_sizes))] + ["head"]
@@ -307,8 +319,10 @@ class ResNetSpec:
 
     def describe(self) -> list[str]:
         kind = "ResNet" if self.residual else "plain net"
+        norm = "BatchNorm" if self.norm == "batch" else f"GroupNorm (≤ {self.norm_groups} groups)"
         lines = [
-            f"{kind}: {self.stem} stem ({self.stem_width} channels), {self.block} blocks, shortcut {self.shortcut}"
+            f"{kind}: {self.stem} stem ({self.stem_width} channels), {self.block} blocks, shortcut {self.shortcut}, "
+            f"{norm}"
         ]
         for i, spec in enumerate(self.block_specs()):
             lines.append(
@@ -592,8 +606,14 @@ def cifar_resnet(
     residual=True,
     block="basic",
     zero_init_residual=False,
+    shortcut="A",
+    norm="batch",
+    norm_groups=32,
 ) -> Model:
     """CIFAR ResNet with 6n+2 layers and option-A shortcuts (He et al. 2015, §4.2).
+
+    `shortcut="B"` projects instead; `norm="group"` puts GroupNorm where BatchNorm
+    sits (`resnet20_gn`, for per-example gradients and DP-SGD).
 
     Command: jax-resnet train --model resnet20 --dataset cifar10
     """
@@ -608,11 +628,13 @@ def cifar_resnet(
         widths=tuple(widths),
         stem="cifar",
         stem_width=widths[0],
-        shortcut="A",
+        shortcut=shortcut,
         num_classes=num_classes,
         in_channels=in_channels,
         residual=residual,
         zero_init_residual=zero_init_residual,
+        norm=norm,
+        norm_groups=norm_groups,
     )
     return Model(spec, f"{'resnet' if residual else 'plain'}{depth}")
 
@@ -626,11 +648,14 @@ def imagenet_resnet(
     width=64,
     zero_init_residual=False,
     stem_padding="torchvision",
+    norm="batch",
+    norm_groups=32,
 ) -> Model:
     """ImageNet ResNet: 7x7 stem, max pool, one stage per entry of `stage_sizes`
     (four in the presets; widths `width`, 2·`width`, ...), option-B projections.
 
     `stem_padding`: "torchvision" (default) or "same" (Haiku, Keras); see `ResNetSpec`.
+    `norm="group"`: GroupNorm in place of BatchNorm (`resnet18_gn`).
 
     Command (CPU-sized input; any data set, the head takes its classes):
     jax-resnet train --model resnet18 --dataset cifar10 --data-dir DIR --optimizer momentum --lr 0.1
@@ -646,6 +671,8 @@ def imagenet_resnet(
         in_channels=in_channels,
         zero_init_residual=zero_init_residual,
         stem_padding=stem_padding,
+        norm=norm,
+        norm_groups=norm_groups,
     )
     return Model(spec, f"resnet{2 + sum(stage_sizes) * len(spec.block_specs()[0].convs())}")
 
@@ -738,6 +765,10 @@ revnet110 = _preset("revnet110", revnet, (9, 9, 9), "basic", (32, 64, 128))
 # RevNet-164 with option-B (projection) shortcuts where the shape changes, as the
 # bottleneck ResNet-164 it is compared with (He et al. 2016); tests/test_reversible.py counts it.
 revnet164 = _preset("revnet164", revnet, (9, 9, 9), "bottleneck", (32, 64, 128), shortcut="B")
+# GroupNorm twins, whose examples do not interact: per-example gradients and DP-SGD
+# (jax_resnet.per_example). 16 groups at CIFAR widths (16, 32, 64), 32 (Wu & He 2018) at ImageNet's.
+resnet20_gn = _preset("resnet20_gn", cifar_resnet, 20, norm="group", norm_groups=16)
+resnet18_gn = _preset("resnet18_gn", imagenet_resnet, (2, 2, 2, 2), "basic", norm="group", norm_groups=32)
 
 
 def get(name: str, **kwargs) -> Model:

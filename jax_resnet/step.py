@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
+from typing import NamedTuple
 
 import dm_pix as pix
 import jax
@@ -29,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jax_resnet import data, models
+from jax_resnet import data, models, per_example
 from jax_resnet._compile import run_once
 from jax_resnet._x64 import enable_x64
 from jax_resnet.gradcheck import max_leaf_error
@@ -267,10 +268,80 @@ def make_train_step(
     return jax.jit(fn, in_shardings=(replicated,) * 3 + (batch,) * 2 + key, out_shardings=replicated)
 
 
+class DPSettings(NamedTuple):
+    """DP-SGD's settings: clipping norm C and noise multiplier σ (noise std σ·C on the sum)."""
+
+    clip: float
+    noise: float
+
+
+DP_NOISE_STREAM = 1  # noise key = fold_in(step key, 1); augmentation uses the step key itself
+
+
+def dp_update_fn(model: models.Model, optimizer: optax.GradientTransformation, dp: DPSettings) -> Callable:
+    """The pure DP-SGD update, not compiled:
+    update(params, state, opt_state, x, y, key) -> (params, opt_state, per_example.ClippedSum).
+
+    Clipped sum (`per_example.clipped_grad_sum`), noise with key
+    `fold_in(key, DP_NOISE_STREAM)` and the mean (`per_example.noisy_mean`),
+    then `optimizer`.
+    """
+    per_example.check_dp(dp.clip, dp.noise)
+
+    def update(params, state, opt_state, x, y, key):
+        out = per_example.clipped_grad_sum(model, params, state, x, y, dp.clip)
+        noise_key = jax.random.fold_in(key, DP_NOISE_STREAM)
+        grads = per_example.noisy_mean(out.clipped_sum, noise_key, dp.clip, dp.noise, x.shape[0])
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, out
+
+    return update
+
+
+def make_dp_train_step(
+    model: models.Model,
+    optimizer: optax.GradientTransformation,
+    dp: DPSettings,
+    *,
+    mesh: jax.sharding.Mesh | None = None,
+    augment: data.Augmentation | None = None,
+) -> Callable:
+    """One jitted DP-SGD step (Abadi et al. 2016), float32, hand-derived rules:
+    step(params, state, opt_state, x, y, key) -> (params, state, opt_state, metrics).
+
+    Each example's gradient is clipped to norm C, the clipped gradients summed
+    (`per_example.clipped_grad_sum`: one forward, two backward passes, no
+    per-example gradient kept), Gaussian noise of std σ·C added, the sum
+    divided by the batch size (`per_example.noisy_mean`, noise key
+    `fold_in(key, DP_NOISE_STREAM)`), and the result handed to `optimizer`.
+    With `augment`, the batch is first augmented with `key`. Metrics as
+    `make_train_step`'s, plus "clipped" (the fraction of examples whose
+    norm exceeded C). A model with BatchNorm raises `per_example.PerExampleError`
+    when the step is traced.
+    """
+    update = dp_update_fn(model, optimizer, dp)
+
+    def step(params, state, opt_state, x, y, key):
+        if augment is not None:
+            x = augment_batch(key, x, augment)
+        params, opt_state, out = update(params, state, opt_state, x, y, key)
+        accuracy = jnp.mean((jnp.argmax(out.logits, axis=-1) == y).astype(jnp.float32))
+        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]))
+        clipped = jnp.mean((out.norms > dp.clip).astype(jnp.float32))
+        metrics = {"loss": out.loss, "accuracy": accuracy, "params_finite": finite, "clipped": clipped}
+        return params, state, opt_state, metrics
+
+    if mesh is None:
+        return jax.jit(step)
+    replicated, batch = shardings(mesh)
+    return jax.jit(step, in_shardings=(replicated,) * 3 + (batch,) * 2 + (replicated,), out_shardings=replicated)
+
+
 @functools.lru_cache(maxsize=8)
-def compiled_train_step(model, optimizer, grad, dtype, mesh, x_shape, augment=None):
-    """`make_train_step` compiled ahead for float32 inputs of `x_shape`, cached
-    per settings (a notebook that trains twice compiles once)."""
+def compiled_train_step(model, optimizer, grad, dtype, mesh, x_shape, augment=None, dp=None):
+    """`make_train_step` (or, with `dp`, `make_dp_train_step`, which takes a
+    key) compiled ahead for float32 inputs of `x_shape`, cached per settings
+    (a notebook that trains twice compiles once)."""
     replicated, batch = shardings(mesh)
     params, state = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.float32))
     opt_state = jax.eval_shape(optimizer.init, params)
@@ -278,9 +349,12 @@ def compiled_train_step(model, optimizer, grad, dtype, mesh, x_shape, augment=No
     args = [place(params, replicated), place(state, replicated), place(opt_state, replicated)]
     args.append(jax.ShapeDtypeStruct(x_shape, jnp.float32, sharding=batch))
     args.append(jax.ShapeDtypeStruct(x_shape[:1], jnp.int32, sharding=batch))
-    if augment is not None:
+    if augment is not None or dp is not None:
         args.append(place(jax.eval_shape(lambda: jax.random.key(0)), replicated))
-    step = make_train_step(model, optimizer, grad, dtype=dtype, mesh=mesh, augment=augment)
+    if dp is not None:
+        step = make_dp_train_step(model, optimizer, dp, mesh=mesh, augment=augment)
+    else:
+        step = make_train_step(model, optimizer, grad, dtype=dtype, mesh=mesh, augment=augment)
     return step.lower(*args).compile()
 
 

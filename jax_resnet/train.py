@@ -104,7 +104,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from jax_resnet import checkpoints, data, models
+from jax_resnet import checkpoints, data, models, per_example
 from jax_resnet import step as step_lib
 from jax_resnet.step import OPTIMIZERS, SCHEDULES
 
@@ -123,6 +123,8 @@ RESUME_MUST_MATCH = (
     "augment",
     "dtype",
     "seed",
+    "dp_clip",
+    "dp_noise",
 )
 
 
@@ -179,6 +181,12 @@ class TrainConfig:
       skip_grad_check: train even without (or despite) the gradient check [--no-grad-check].
       progress: show a tqdm progress bar [--no-progress turns it off].
       max_to_keep: how many checkpoints to keep.
+      dp_clip, dp_noise, dp_delta: DP-SGD (`step.make_dp_train_step`) when
+        dp_clip is set: each example's gradient clipped to norm C = dp_clip,
+        Gaussian noise of std σ·C (σ = dp_noise) on the sum; the ε reached
+        at δ = dp_delta is printed and recorded (metrics.json "dp"). Needs a
+        model without BatchNorm (resnet20_gn, resnet18_gn, the MLPs),
+        grad "rules" and float32 [--dp-clip, --dp-noise, --dp-delta].
     """
 
     model: str = "resnet8"
@@ -203,6 +211,13 @@ class TrainConfig:
     skip_grad_check: bool = False
     progress: bool = True
     max_to_keep: int = 2
+    dp_clip: float | None = None
+    dp_noise: float | None = None
+    dp_delta: float = 1e-5
+
+    @property
+    def dp(self) -> step_lib.DPSettings | None:
+        return None if self.dp_clip is None else step_lib.DPSettings(self.dp_clip, self.dp_noise)
 
     def __post_init__(self):
         choices = {
@@ -229,6 +244,20 @@ class TrainConfig:
             raise ValueError(f"grad_check_tol must be ≥ 0, got {self.grad_check_tol!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+        self._check_dp()
+
+    def _check_dp(self):
+        if self.dp_clip is None:
+            if self.dp_noise is not None:
+                raise ValueError("--dp-noise needs --dp-clip C (the clipping norm) to train with DP-SGD")
+            return
+        if self.dp_noise is None:
+            raise ValueError("--dp-clip needs --dp-noise σ (the noise multiplier; 0 clips without noise)")
+        per_example.check_dp(self.dp_clip, self.dp_noise, self.dp_delta)
+        if self.grad != "rules" or self.dtype != "float32":
+            raise ValueError(
+                f"DP-SGD runs the hand-derived rules in float32; got --grad {self.grad} --dtype {self.dtype}"
+            )
 
 
 # ------------------------------------------------------------------ pieces
@@ -396,7 +425,7 @@ def _train_epoch(config: TrainConfig, ds, epoch: int, step_fn, tree: dict, mesh)
         for i, (xb, yb) in enumerate(batches):
             global_step = epoch * steps_per_epoch + i
             batch = [step_lib.put_batch(xb, batch_sharding), step_lib.put_batch(yb, batch_sharding)]
-            if config.augment:
+            if config.augment or config.dp is not None:
                 batch.append(step_lib.augment_key(config.seed, global_step, mesh))
             params, state, opt_state, m = step_fn(params, state, opt_state, *batch)
             if pending is not None:
@@ -585,6 +614,8 @@ def train(config: TrainConfig = TrainConfig()) -> dict[str, Any]:
     if log.on:
         _make_writable(out)
     model = models.get(config.model).for_data(ds.image_shape, ds.num_classes)
+    if config.dp is not None:
+        per_example.check_model(model)
     steps_per_epoch = data.num_batches(len(ds.x_train), config.batch_size)
     total_steps = steps_per_epoch * config.epochs
     optimizer = _optimizer(model, config.optimizer, config.schedule, config.lr, total_steps, config.weight_decay)
@@ -652,6 +683,34 @@ class _Run:
             f"{_device_name(self.mesh)}, {c.optimizer} lr {c.lr:g} {c.schedule}, "
             f"batch {c.batch_size}, {c.dtype}, grad={c.grad}{self.augmentation_note} -> {self.out}"
         )
+        if c.dp is not None:
+            dp = self.dp_summary(self.steps_per_epoch * c.epochs)
+            self.log(
+                f"DP-SGD: clip C = {c.dp_clip:g}, noise σ = {c.dp_noise:g}, sampling rate q = {dp['sampling_rate']:.4g}; "
+                f"after {dp['steps']} steps ε = {dp['epsilon']:.3g} at δ = {c.dp_delta:g}"
+            )
+
+    def dp_summary(self, steps: int) -> dict | None:
+        """{"clip", "noise", "delta", "sampling_rate", "steps", "epsilon"} of `steps` DP-SGD steps, or None.
+
+        ε is `per_example.epsilon`, which assumes Poisson sampling at rate
+        q = batch / n; the loop draws fixed-size batches of a shuffled epoch
+        instead, as most DP-SGD code does (the accountant's figure is then
+        the customary approximation, not a proof for this sampler).
+        """
+        c = self.config
+        if c.dp is None:
+            return None
+        q = c.batch_size / len(self.ds.x_train)
+        eps = per_example.epsilon(c.dp_noise, q, steps, c.dp_delta)
+        return {
+            "clip": c.dp_clip,
+            "noise": c.dp_noise,
+            "delta": c.dp_delta,
+            "sampling_rate": q,
+            "steps": steps,
+            "epsilon": eps,
+        }
 
     @property
     def augmentation(self) -> data.Augmentation | None:
@@ -679,7 +738,7 @@ class _Run:
         t = time.perf_counter()
         x_shape = (c.batch_size, *self.ds.image_shape)
         step_fn = step_lib.compiled_train_step(
-            self.model, self.optimizer, c.grad, c.dtype, self.mesh, x_shape, self.augmentation
+            self.model, self.optimizer, c.grad, c.dtype, self.mesh, x_shape, self.augmentation, c.dp
         )
         return check, step_fn, time.perf_counter() - t
 
@@ -749,6 +808,7 @@ class _Run:
             "out": str(self.out),
             "resumed_from_epoch": resumed_from,
             "config": dataclasses.asdict(c),
+            "dp": self.dp_summary(last["step"]),
         }
 
     def final_confusion(self, tree: dict) -> np.ndarray:
@@ -783,6 +843,9 @@ class _Run:
             _write_json(Path(self.config.json), metrics)
         rate = metrics["examples_per_second"]
         throughput = "" if rate is None else f", {rate:,.0f} examples/s"
+        if metrics["dp"] is not None:
+            dp = metrics["dp"]
+            self.log(f"DP-SGD: ε = {dp['epsilon']:.3g} at δ = {dp['delta']:g} after {dp['steps']} steps")
         self.log(
             f"done: test accuracy {metrics['test_accuracy']:.4f}, {metrics['wall_time_s']:.1f} s wall "
             f"({metrics['compile_time_s']:.1f} s compiling){throughput} -> {self.out}"

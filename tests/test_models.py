@@ -82,6 +82,26 @@ def test_every_preset_is_named_by_its_registry_key():
     assert models.preact_resnet20().name == "preact_resnet20"
 
 
+# GroupNorm holds gamma and beta per channel exactly where BatchNorm did, and no
+# running statistics: the GN twins count what the BN presets count, with empty state.
+@pytest.mark.parametrize("name, count", [("resnet20_gn", 269_722), ("resnet18_gn", 11_689_512)])
+def test_groupnorm_presets_count_like_their_batchnorm_twins(name, count):
+    params, state = jax.eval_shape(lambda: models.get(name).init(jax.random.key(0)))
+    assert models.num_params(params) == count
+    assert jax.tree.leaves(state) == []
+
+
+def test_groupnorm_groups_divide_every_width():
+    # gcd(norm_groups, C): resnet20_gn's 16 groups give 16, 16, 16 at widths 16, 32, 64; 8 channels take 8.
+    x = jnp.arange(2 * 3 * 3 * 8, dtype=jnp.float32).reshape(2, 3, 3, 8)
+    params, _ = blocks.init_norm(8, jnp.float32, "group")
+    y, state = blocks.normalize(ops.opset("rules"), "group", 16, params, {}, x, train=True)
+    np.testing.assert_allclose(y, ops.group_norm(x, params["gamma"], params["beta"], groups=8), rtol=1e-6)
+    assert state == {}
+    with pytest.raises(ValueError, match="`norm` must be one of"):
+        models.cifar_resnet(8, norm="layer")
+
+
 def test_plain_twin_has_the_same_parameters_as_the_resnet():
     # Option-A shortcuts have no parameters, so removing them changes no count.
     assert _count(models.plain20()) == _count(models.resnet20())

@@ -36,12 +36,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"the least time each method runs per round (default {bench.ROUND_SECONDS:g}, quick 0.01); "
         "longer rounds narrow the spread of the ratios",
     )
+    add(
+        "--dp",
+        action="store_true",
+        help="instead: the DP-SGD step vs the non-private step vs jax.vmap(jax.grad) + optax clipping (bench.bench_dp)",
+    )
     add_json_flag(parser, "the rows")
     add("--markdown", type=out_file, metavar="FILE", help="also write a Markdown table with the goals, for the README")
 
 
 def run(args: argparse.Namespace) -> int:
     log = functools.partial(print, file=sys.stderr, flush=True)
+    if args.dp:
+        rows = bench.bench_dp(quick=args.quick, rounds=args.rounds, log=log)
+        print(bench.format_dp_table(rows), file=human(args))
+        write_json(rows, args.json)
+        return 0
     rows = bench.benchmark(
         args.workload, quick=args.quick, rounds=args.rounds, round_seconds=args.round_seconds, log=log
     )

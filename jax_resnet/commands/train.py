@@ -103,6 +103,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="train without the gradient check, or despite its failure",
     )
     add("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    add(
+        "--dp-clip",
+        type=float,
+        default=d.dp_clip,
+        metavar="C",
+        help="train with DP-SGD: clip each example's gradient to norm C (needs --dp-noise; no BatchNorm models)",
+    )
+    add("--dp-noise", type=float, default=d.dp_noise, metavar="SIGMA", help="DP-SGD noise multiplier: std σ·C")
+    add(
+        "--dp-delta",
+        type=float,
+        default=d.dp_delta,
+        metavar="DELTA",
+        help=f"δ of the reported ε (default {d.dp_delta:g})",
+    )
 
 
 def config(args: argparse.Namespace) -> train.TrainConfig:

@@ -1,0 +1,274 @@
+"""Per-example quantities from one backward pass (jax_resnet.per_example), against
+`jit(vmap(grad))` of the reference ops, example by example, in float64; the
+norm paths (Gram and instantiated) against each other and those gradients; the
+sums against `jax.grad`; DP-SGD's step against optax's per-example clipping
+with the same noise key; and the bad inputs.
+
+Cost: each model case compiles one program (the reference and every quantity
+together) without XLA's backend optimisations (`_compile.compile_once`)."""
+
+import functools
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jax_resnet import cli, models, per_example, step
+from jax_resnet._compile import compile_once
+from jax_resnet.gradcheck import max_leaf_error
+from jax_resnet.ops import AUTODIFF, RULES, opset
+
+TOL = 1e-10  # float64, relative to each leaf's (or example's) own scale
+
+# TINY models, each a path the presets take: dense layers with skips; GroupNorm
+# basic blocks with option A (shortcut_pad) and option B (projection) shortcuts;
+# GroupNorm bottleneck blocks (1x1 convolutions, projection). Two stages are
+# enough for an identity block and a strided, widening one. The last field: all
+# four quantities and both norm paths besides "auto" (where every layer kind
+# meets them: the MLP's dense layers, the bottleneck's 1x1 and 3x3 convolutions
+# and projection); otherwise per-example gradients and "auto" norms, to keep
+# the compilations few.
+_gn = functools.partial(models.cifar_resnet, 8, num_classes=3, in_channels=1, norm="group", norm_groups=2)
+CASES = {
+    "residual_mlp": (lambda: models.residual_mlp(in_features=6, width=5, depth=2, out_features=3), (4, 6), True),
+    "gn_basic_A": (lambda: _gn(widths=(2, 4)), (3, 4, 4, 1), False),
+    "gn_basic_B": (lambda: _gn(widths=(2, 4), shortcut="B"), (2, 4, 4, 1), False),
+    "gn_bottleneck_B": (lambda: _gn(widths=(2, 2), block="bottleneck", shortcut="B"), (2, 4, 4, 1), True),
+}
+
+
+def _data(model, shape, seed=0):
+    params, state = model.init(jax.random.key(seed), jnp.float64)
+    rng = np.random.default_rng(seed)
+    # Noise on every parameter, so no GroupNorm scale or shift sits at 1 or 0.
+    params = jax.tree.map(lambda p: p + jnp.asarray(0.1 * rng.standard_normal(p.shape)), params)
+    x = jnp.asarray(rng.standard_normal(shape))
+    y = jnp.asarray(rng.integers(0, 3, shape[:1]), jnp.int32)
+    return params, state, x, y
+
+
+def _reference_grads(model, params, state, x, y):
+    """g_i = ∇ℓ_i for each example, by jax.vmap of jax.grad of the reference ops on a batch of one."""
+
+    def one(xi, yi):
+        loss = lambda p: AUTODIFF.softmax_cross_entropy(
+            model.apply(p, state, xi[None], train=True, grad="autodiff")[0], yi[None]
+        )
+        return jax.grad(loss)(params)
+
+    return jax.vmap(one)(x, y)
+
+
+def _everything(model, full, params, state, x, y):
+    """Everything one case compares, in one program: each `quantities` call is one forward and one backward."""
+    which = per_example.QUANTITIES if full else ("batch_grad", "batch_l2")
+    loss, grads, out = per_example.quantities(model, params, state, x, y, which)
+    out["reference"] = _reference_grads(model, params, state, x, y)
+    out["grads"] = grads
+    out["jax_grad"] = jax.grad(lambda p: RULES.softmax_cross_entropy(model.apply(p, state, x, train=True)[0], y))(
+        params
+    )
+    for path in ("gram", "grads") if full else ():
+        out[f"l2_{path}"] = per_example.batch_l2(model, params, state, x, y, norm_path=path).value
+    return out
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_per_example_quantities_equal_vmap_of_grad(name):
+    make, shape, full = CASES[name]
+    model = make()
+    args = _data(model, shape)
+    out = compile_once(jax.jit(functools.partial(_everything, model, full)), *args)(*args)
+    ref = out["reference"]
+    for i in range(shape[0]):
+        example = lambda tree, i=i: jax.tree.map(lambda g: g[i], tree)
+        err, where = max_leaf_error(example(out["batch_grad"]), example(ref))
+        assert err <= TOL, (name, i, where, err)
+    # The mean over examples is the batch's gradient: `grads` (the rules' summed
+    # cotangents from the same backward) equals the mean of the references and,
+    # for the MLP, jax.grad of the batch's loss too.
+    assert max_leaf_error(out["grads"], jax.tree.map(lambda g: g.mean(0), ref))[0] <= TOL
+    if "jax_grad" in out:
+        assert max_leaf_error(out["grads"], out["jax_grad"])[0] <= TOL
+    ref_l2 = jax.tree.map(lambda g: jnp.sum(g.reshape(g.shape[0], -1) ** 2, axis=1), ref)
+    for path in ("batch_l2", "l2_gram", "l2_grads")[: 3 if full else 1]:
+        err, where = max_leaf_error(out[path], ref_l2)
+        assert err <= TOL, (name, path, where, err)
+    if full:
+        assert max_leaf_error(out["sum_grad_squared"], jax.tree.map(lambda g: jnp.sum(g * g, 0), ref))[0] <= TOL
+        # (1/B)Σg² − ḡ² cancels: its error is relative to Σg²/B, not to the (smaller) variance.
+        assert max_leaf_error(out["variance"], jax.tree.map(lambda g: jnp.var(g, 0), ref))[0] <= 1e-8
+
+
+class _LayerNormNet:
+    """LayerNorm over the channels of [B, T, C], a dense layer at the T positions, then a dense head:
+    the rules no preset uses (layer_norm, dense at T > 1 positions), behind the one `apply` a quantity needs."""
+
+    def apply(self, params, state, x, *, train, grad):
+        ops = opset(grad)
+        h = ops.layer_norm(x, params["ln"]["gamma"], params["ln"]["beta"])
+        h = ops.relu(ops.dense(h, params["mid"]["w"], params["mid"]["b"]))
+        return ops.dense(h.reshape(h.shape[0], -1), params["head"]["w"], params["head"]["b"]), state
+
+
+def test_layer_norm_and_dense_at_several_positions():
+    rng = np.random.default_rng(2)
+    shapes = {"ln": {"gamma": (4,), "beta": (4,)}, "mid": {"w": (4, 5), "b": (5,)}, "head": {"w": (15, 3), "b": (3,)}}
+    params = jax.tree.map(lambda s: jnp.asarray(rng.standard_normal(s)), shapes, is_leaf=lambda s: isinstance(s, tuple))
+    x, y = jnp.asarray(rng.standard_normal((3, 3, 4))), jnp.asarray([0, 2, 1], jnp.int32)
+    net = _LayerNormNet()
+
+    def everything(params, x, y):
+        _, _, out = per_example.quantities(net, params, {}, x, y, ("batch_grad", "batch_l2"), norm_path="gram")
+        out["l2_grads"] = per_example.batch_l2(net, params, {}, x, y, norm_path="grads").value
+        return out, _reference_grads(net, params, {}, x, y)
+
+    out, ref = compile_once(jax.jit(everything), params, x, y)(params, x, y)
+    assert max_leaf_error(out["batch_grad"], ref)[0] <= TOL
+    ref_l2 = jax.tree.map(lambda g: jnp.sum(g.reshape(g.shape[0], -1) ** 2, axis=1), ref)
+    assert max_leaf_error(out["batch_l2"], ref_l2)[0] <= TOL
+    assert max_leaf_error(out["l2_grads"], ref_l2)[0] <= TOL
+
+
+def test_gram_and_instantiated_norms_of_one_layer_agree():
+    # The Gram identity itself, at T = 5 positions: ‖Σ_t a_tᵀδ_t‖² = Σ_{t,t'} (a_t·a_t')(δ_t·δ_t').
+    rng = np.random.default_rng(1)
+    a, delta = jnp.asarray(rng.standard_normal((3, 5, 4))), jnp.asarray(rng.standard_normal((3, 5, 2)))
+    gram = per_example._weight_quantity(a, delta, per_example.TapConfig(("l2",), "gram"))
+    grads = per_example._weight_quantity(a, delta, per_example.TapConfig(("l2",), "grads"))
+    direct = np.sum(np.einsum("btd,btp->bdp", a, delta) ** 2, axis=(1, 2))
+    np.testing.assert_allclose(gram.l2, direct, rtol=1e-12)
+    np.testing.assert_allclose(grads.l2, direct, rtol=1e-12)
+
+
+# The cost model's choices, as derivations/per_example.md tabulates them: memory per
+# example, Gram 2·T² against instantiated d·p. ResNet-20 (32x32): stages 1 and 2
+# (T = 1024, 256) instantiate, stage 3 (T = 64: 8,192 < 36,864) and the head take the Gram form.
+def test_cost_model_choices_for_resnet20_gn():
+    costs = {c.name: c for c in per_example.norm_costs(models.resnet20_gn())}
+    assert [n for n, c in costs.items() if c.gram] == [f"block{b}.conv{j}" for b in (6, 7, 8) for j in (0, 1)] + [
+        "head"
+    ]
+    assert (costs["block6.conv0"].positions, costs["block6.conv0"].d, costs["block6.conv0"].p) == (64, 288, 64)
+    assert per_example.use_gram(1, 1, 2) and not per_example.use_gram(1, 1, 1)
+
+
+# ----------------------------------------------------------------------- DP-SGD
+def test_dp_step_equals_optax_clipping_of_vmapped_grads():
+    model = CASES["residual_mlp"][0]()
+    params, state, x, y = _data(model, (6, 6), seed=3)
+    # The six examples' gradient norms here are 15.9, 7.4, 1.1, 2.6, 1.5, 2.3: C = 2.4 clips half of them.
+    clip, noise, key = 2.4, 0.7, jax.random.key(5)
+    optimizer = optax.sgd(0.1)
+    dp_step = step.make_dp_train_step(model, optimizer, step.DPSettings(clip, noise))
+    dp_args = (params, state, optimizer.init(params), x, y, key)
+    new_params, _, _, metrics = compile_once(dp_step, *dp_args)(*dp_args)
+
+    def reference(params):
+        per_ex = _reference_grads(model, params, state, x, y)
+        aggregate = optax.contrib.differentially_private_aggregate(
+            clip, noise, key=jax.random.fold_in(key, step.DP_NOISE_STREAM)
+        )
+        private = optax.chain(aggregate, optimizer)
+        updates, _ = private.update(per_ex, private.init(params), params)
+        return optax.apply_updates(params, updates)
+
+    assert max_leaf_error(new_params, compile_once(jax.jit(reference), params)(params))[0] <= TOL
+    assert float(metrics["clipped"]) == 0.5
+
+
+def test_epsilon_grows_with_steps_and_falls_with_noise():
+    e = per_example.epsilon
+    assert e(1.0, 0.01, 100, 1e-5) < e(1.0, 0.01, 1000, 1e-5)
+    assert e(2.0, 0.01, 1000, 1e-5) < e(1.0, 0.01, 1000, 1e-5)
+    assert e(0.0, 0.01, 10, 1e-5) == float("inf")
+
+
+# -------------------------------------------------------------------- bad input
+def test_batchnorm_models_are_refused_with_the_reason():
+    with pytest.raises(per_example.PerExampleError, match="BatchNorm in training mode.*resnet20_gn"):
+        per_example.check_model(models.resnet8(widths=(2, 2, 2)))
+
+
+def test_batch_of_one_is_the_gradient_and_variance_needs_two():
+    model = CASES["residual_mlp"][0]()
+    params, state, x, y = _data(model, (1, 6))
+    out = jax.jit(functools.partial(per_example.batch_grad, model))(params, state, x, y)
+    assert max_leaf_error(jax.tree.map(lambda g: g[0], out.value), out.grads)[0] <= TOL
+    with pytest.raises(per_example.PerExampleError, match="at least 2 examples, got 1"):
+        per_example.variance(model, params, state, x, y)
+
+
+def test_bad_arguments_name_themselves():
+    model = CASES["residual_mlp"][0]()
+    params, state, x, y = _data(model, (2, 6))
+    with pytest.raises(per_example.PerExampleError, match="`x` .* and `y` .* share their leading batch axis"):
+        per_example.batch_l2(model, params, state, x, y[:1])
+    with pytest.raises(ValueError, match="`norm_path` must be one of"):
+        per_example.batch_l2(model, params, state, x, y, norm_path="ghost")
+    for args, match in [
+        ((0.0, 1.0), r"clipping norm C \(--dp-clip\) must be a finite number > 0, got 0.0"),
+        ((-1.0, 1.0), "got -1.0"),
+        ((1.0, -0.5), r"noise multiplier σ \(--dp-noise\) must be .* ≥ 0"),
+        ((1.0, 1.0, 1.5), r"δ \(--dp-delta\) must lie in \(0, 1\)"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            per_example.check_dp(*args)
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["--dp-clip", "0", "--dp-noise", "1"], "clipping norm C (--dp-clip) must be a finite number > 0"),
+        (["--dp-clip", "1", "--dp-noise", "-1"], "noise multiplier σ (--dp-noise) must be a finite number ≥ 0"),
+        (["--dp-clip", "1"], "--dp-clip needs --dp-noise"),
+        (["--dp-clip", "1", "--dp-noise", "1", "--model", "resnet8"], "BatchNorm in training mode"),
+    ],
+)
+def test_train_refuses_bad_dp_settings_with_exit_2(argv, fragment, tmp_path, capsys):
+    assert cli.main(["train", "--out", str(tmp_path / "run"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------- sharding
+SHARDED = """
+import functools, jax, numpy as np, optax
+from jax_resnet import models, per_example, step
+assert jax.device_count() == 8
+model = models.residual_mlp(in_features=6, width=8, depth=2, out_features=3)
+params, state = model.init(jax.random.key(0))
+rng = np.random.default_rng(0)
+x = rng.standard_normal((16, 6)).astype(np.float32)
+y = rng.integers(0, 3, 16).astype(np.int32)
+mesh = step.make_mesh()
+replicated, batch = step.shardings(mesh)
+xs, ys = jax.device_put(x, batch), jax.device_put(y, batch)
+quantities = functools.partial(per_example.quantities, model, which=("batch_grad", "batch_l2"))
+_, _, out = jax.jit(quantities, in_shardings=(replicated, replicated, batch, batch))(params, state, xs, ys)
+for leaf in jax.tree.leaves(out):
+    assert leaf.sharding.spec == jax.sharding.PartitionSpec("data"), leaf.sharding
+opt, dp, key = optax.sgd(0.1), step.DPSettings(1.0, 1.0), jax.random.key(3)
+p1 = step.make_dp_train_step(model, opt, dp)(params, state, opt.init(params), x, y, key)[0]
+p8 = step.make_dp_train_step(model, opt, dp, mesh=mesh)(params, state, opt.init(params), xs, ys, key)[0]
+err = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in zip(jax.tree.leaves(p8), jax.tree.leaves(p1)))
+assert err <= 1e-6, err
+print("OK")
+"""
+
+
+def test_sharded_batch_keeps_per_example_quantities_sharded_and_dp_step_equal(tmp_path):
+    # 8 simulated CPU devices need a fresh process (XLA reads the flag once).
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip()
+    # The package under test, wherever the child runs.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(per_example.__file__)))
+    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu", PYTHONPATH=root)
+    result = subprocess.run(
+        [sys.executable, "-c", SHARDED], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0 and result.stdout.strip().endswith("OK"), result.stdout + result.stderr
