@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo verify test lint format bench clean
+.PHONY: demo verify test test-slow lint format bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,7 +29,10 @@ $(KATEX): tests/katex/package.json tests/katex/package-lock.json
 	fi
 
 test: $(BIN)/.installed $(KATEX)
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=25
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=25 -m "not slow"
+
+test-slow: $(BIN)/.installed $(KATEX)
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=25 -m slow
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .

@@ -8,3 +8,45 @@ jax.config.update("jax_enable_x64", True)
 
 hypothesis.settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True)
 hypothesis.settings.load_profile("ci")
+
+
+# ------------------------------------------------------------------ slow tests
+# `make test` (the README's test command) runs everything but these, and stays
+# within 5 minutes on a 2-core machine; `make test-slow` runs these, and CI
+# (.ci/run) runs both. Each is an end-to-end run that repeats, at the size a
+# user sees, paths the fast tests cover in small: a notebook in a fresh kernel,
+# a child process with 8 simulated devices, a training run, a full-depth net.
+# A node id prefix per entry, with the reason; keep the list short.
+SLOW = {
+    "tests/test_notebooks.py::test_notebook_runs_in_a_kernel": "each Colab notebook in a fresh Jupyter kernel",
+    "tests/test_flow.py::test_plain_batchnorm_net_gradient_explodes": "two 56-layer nets per seed",
+    "tests/test_flow.py::test_quick_run_writes": "the `flow` command end to end",
+    "tests/test_models.py::test_jit_and_nojit_agree": "a whole model's float64 gradient op by op",
+    "tests/test_reversible.py::test_revnet38_passes": "the full RevNet-38, compiled twice",
+    "tests/test_per_example.py::test_per_example_quantities_equal_vmap_of_grad[gn_basic_B]": "option B (A is fast)",
+    "tests/test_per_example.py::test_per_example_quantities_equal_vmap_of_grad[gn_bottleneck_B]": "bottleneck blocks",
+    "tests/test_per_example.py::test_sharded_batch": "8 simulated devices in a child process",
+    "tests/test_train.py::test_sharded_step_equals": "8 simulated devices in a child process",
+    "tests/test_train.py::test_a_second_process_with_the_same_seed": "a training run in a child process",
+    "tests/test_rules.py::test_every_rule_sharded": "8 simulated devices in a child process",
+    # The rule matrix's further transformations; test_vjp_matches_autodiff_float32/64
+    # (jitted VJPs and finite differences) stay fast for every rule.
+    "tests/test_rules.py::test_vjp_without_jit": "op by op in float64",
+    "tests/test_rules.py::test_vmap_over_leading_axis": "a compilation per rule",
+    "tests/test_rules.py::test_grad_of_grad": "a compilation per rule",
+    "tests/test_rules.py::test_checkpoint_and_scan": "a compilation per rule",
+    "tests/test_rules.py::test_extreme_arguments": "a compilation per rule",
+    "tests/test_rules.py::test_bfloat16_and_float16": "a compilation per rule",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    import pytest
+
+    files = {item.nodeid.split("::")[0] for item in items}
+    for prefix in SLOW:  # a renamed test must not silently leave the slow set
+        if prefix.split("::")[0] in files and not any(item.nodeid.startswith(prefix) for item in items):
+            raise pytest.UsageError(f"tests/conftest.py: SLOW lists {prefix!r}, which matches no test")
+    for item in items:
+        if any(item.nodeid.startswith(prefix) for prefix in SLOW):
+            item.add_marker(pytest.mark.slow)

@@ -305,15 +305,19 @@ def test_zero_init_residual_makes_every_block_kind_its_shortcut(kind):
 
 
 def _stem_output(model, params, state, x):
-    """The activation entering block 0, as the forward hook sees it."""
-    seen = {}
+    """The activation entering block 0, as the forward hook sees it (one compiled program)."""
 
-    def hook(i, h):
-        seen.setdefault(i, h)
-        return h
+    def forward(params, x):
+        seen = {}
 
-    model.apply(params, state, x, train=True, hook=hook)
-    return seen[0]
+        def hook(i, h):
+            seen.setdefault(i, h)
+            return h
+
+        model.apply(params, state, x, train=True, hook=hook)
+        return seen[0]
+
+    return jax.jit(forward)(params, x)
 
 
 @pytest.mark.parametrize(
