@@ -264,40 +264,29 @@ def _scale_shift_quantities(x_hat, ct_y, config: TapConfig):
     return q_gamma, q_beta
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _group_norm_tapped(x, gamma, beta, gamma_tap, beta_tap, norm_config, config):
-    return norm._group_norm_fwd(x, gamma, beta, norm_config)[0]
+def _tapped_norm(fwd, bwd):
+    """A normalisation rule with zero taps for its scale and shift:
+    `(x, gamma, beta, gamma_tap, beta_tap, norm_config, config) -> y`, the norm's
+    own forward and backward, with the per-example quantities of gamma and beta
+    as the taps' cotangents."""
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+    def tapped(x, gamma, beta, gamma_tap, beta_tap, norm_config, config):
+        return fwd(x, gamma, beta, norm_config)[0]
+
+    def tapped_fwd(x, gamma, beta, gamma_tap, beta_tap, norm_config, config):
+        return fwd(x, gamma, beta, norm_config)
+
+    # (norm_config, TapConfig, residuals, ct_y) -> (ct_x, ct_gamma, ct_beta, q_gamma, q_beta)
+    def tapped_bwd(norm_config, config, res, ct_y):
+        return (*bwd(norm_config, res, ct_y), *_scale_shift_quantities(res.x_hat, ct_y, config))
+
+    tapped.defvjp(tapped_fwd, tapped_bwd)
+    return tapped
 
 
-# _group_norm_tapped_fwd :: (x, gamma, beta, gamma_tap, beta_tap, GroupNormConfig, TapConfig) -> (y, GroupNormResiduals)
-def _group_norm_tapped_fwd(x, gamma, beta, gamma_tap, beta_tap, norm_config, config):
-    return norm._group_norm_fwd(x, gamma, beta, norm_config)
-
-
-# _group_norm_tapped_bwd :: (GroupNormConfig, TapConfig, GroupNormResiduals, ct_y) -> (ct_x, ct_gamma, ct_beta, q_gamma, q_beta)
-def _group_norm_tapped_bwd(norm_config, config, res, ct_y):
-    return (*norm._group_norm_bwd(norm_config, res, ct_y), *_scale_shift_quantities(res.x_hat, ct_y, config))
-
-
-_group_norm_tapped.defvjp(_group_norm_tapped_fwd, _group_norm_tapped_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _layer_norm_tapped(x, gamma, beta, gamma_tap, beta_tap, norm_config, config):
-    return norm._layer_norm_fwd(x, gamma, beta, norm_config)[0]
-
-
-# _layer_norm_tapped_fwd :: (x, gamma, beta, gamma_tap, beta_tap, NormConfig, TapConfig) -> (y, LayerNormResiduals)
-def _layer_norm_tapped_fwd(x, gamma, beta, gamma_tap, beta_tap, norm_config, config):
-    return norm._layer_norm_fwd(x, gamma, beta, norm_config)
-
-
-# _layer_norm_tapped_bwd :: (NormConfig, TapConfig, LayerNormResiduals, ct_y) -> (ct_x, ct_gamma, ct_beta, q_gamma, q_beta)
-def _layer_norm_tapped_bwd(norm_config, config, res, ct_y):
-    return (*norm._layer_norm_bwd(norm_config, res, ct_y), *_scale_shift_quantities(res.x_hat, ct_y, config))
-
-
-_layer_norm_tapped.defvjp(_layer_norm_tapped_fwd, _layer_norm_tapped_bwd)
+_group_norm_tapped = _tapped_norm(norm._group_norm_fwd, norm._group_norm_bwd)
+_layer_norm_tapped = _tapped_norm(norm._layer_norm_fwd, norm._layer_norm_bwd)
 
 
 # ------------------------------------------------------------------ the OpSet
