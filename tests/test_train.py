@@ -24,6 +24,10 @@ import pytest
 
 from jax_resnet import checkpoints, cli, data, ops, step, train
 
+# One xdist worker runs this module, so its module fixtures (reference runs) run
+# once and `step.compiled_train_step`'s cache serves every test.
+pytestmark = pytest.mark.xdist_group("test_train")
+
 STEPS_PER_EPOCH = 8  # 512 synthetic training images / batch 64
 BASE = train.TrainConfig(model="tiny", dataset="synthetic", epochs=2, batch_size=64, lr=1e-2, progress=False)
 
