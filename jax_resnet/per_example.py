@@ -113,44 +113,52 @@ class TapConfig(NamedTuple):
 def use_gram(positions: int, d: int, p: int, norm_path: str = "auto") -> bool:
     """Whether a weight [d, p] used at `positions` (T) positions takes the Gram form for its norms.
 
-    Memory per example: Gram 2·T² (the a·a and δ·δ matrices), instantiated d·p
-    (the example's gradient). "auto" takes the Gram form when 2·T² ≤ d·p.
-    (Multiply-adds per example: T²·(d + p) against T·d·p: the same winner
-    unless d and p are far apart.)
+    Memory per example, beyond what the backward holds anyway: the Gram form
+    needs the layer's inputs at the T positions (for a convolution the im2col
+    patches, a new array) and the a·a and δ·δ matrices, T·d + 2·T²; the
+    instantiated form holds the example's gradient, d·p. "auto" takes the Gram
+    form when T·d + 2·T² ≤ d·p. (Multiply-adds per example: T²·(d + p) against
+    T·d·p: the same winner unless d and p are far apart.)
     """
     if norm_path == "auto":
-        return 2 * positions * positions <= d * p
+        return positions * d + 2 * positions * positions <= d * p
     return norm_path == "gram"
 
 
-def _weight_quantity(a, delta, config: TapConfig, shape=None) -> Quantities:
+def _weight_quantity(a, delta, config: TapConfig, grads=None) -> Quantities:
     """The per-example quantities of W [d, p] in y_t = a_t·W at T positions.
 
-    a: [B, T, d], δ: [B, T, p]; example i contributes G_i = Σ_t a_{i,t}ᵀ δ_{i,t}.
-    `shape(G)` maps [..., d, p] to the kernel's layout (None: [d, p] is it).
+    a: [B, T, d], or a function giving it, called only where a form needs it (a
+    convolution's patches are a new array); δ: [B, T, p]. Example i contributes
+    G_i = Σ_t a_{i,t}ᵀ δ_{i,t}, [d, p]; `grads`, if given, is a function giving
+    the contributions in the kernel's layout without a (a convolution's:
+    `_conv2d_batch_grad`).
     """
-    _, t, d = a.shape
+    a_of = a if callable(a) else lambda: a
+    _, t, d = jax.eval_shape(a_of).shape
     p = delta.shape[-1]
     gram = "l2" in config.kinds and use_gram(t, d, p, config.norm_path)
     rest = tuple(k for k in config.kinds if not (gram and k == "l2"))
     out = Quantities()
     if rest:
-        g = jnp.einsum("btd,btp->bdp", a, delta)
-        out = _vector_quantity(g if shape is None else shape(g), config._replace(kinds=rest))
+        g, axis = grads() if grads is not None else (jnp.einsum("btd,btp->bdp", a_of(), delta), 0)
+        out = _vector_quantity(g, config._replace(kinds=rest), axis)
     if gram:
+        a = a_of()
         gram_a = jnp.einsum("btd,bsd->bts", a, a)
         gram_delta = jnp.einsum("btp,bsp->bts", delta, delta)
         out = out._replace(l2=jnp.sum(gram_a * gram_delta, axis=(1, 2)))
     return out
 
 
-def _vector_quantity(g, config: TapConfig) -> Quantities:
-    """The quantities from instantiated per-example contributions g [B, ...]."""
+def _vector_quantity(g, config: TapConfig, batch_axis: int = 0) -> Quantities:
+    """The quantities from instantiated per-example contributions g, examples along `batch_axis`."""
     kinds = config.kinds
+    rest = tuple(i for i in range(g.ndim) if i != batch_axis)
     return Quantities(
-        grad=g if "grad" in kinds else None,
-        l2=jnp.sum(g * g, axis=tuple(range(1, g.ndim))) if "l2" in kinds else None,
-        sum_sq=jnp.sum(g * g, axis=0) if "sum_sq" in kinds else None,
+        grad=jnp.moveaxis(g, batch_axis, 0) if "grad" in kinds else None,
+        l2=jnp.sum(g * g, axis=rest) if "l2" in kinds else None,
+        sum_sq=jnp.sum(g * g, axis=batch_axis) if "sum_sq" in kinds else None,
     )
 
 
@@ -222,13 +230,40 @@ def _conv2d_tapped_fwd(x, w, w_tap, conv_config, config):
     return conv._conv2d_fwd(x, w, conv_config)
 
 
+def _conv2d_batch_grad(config: conv.ConvConfig, x, ct_y, kernel_hw):
+    """Each example's kernel gradient, (g [kh, kw, C, B, O], 3), without patches: the kernel
+    cotangent's correlation (`conv._conv2d_bwd`, x's channels as the batch, its
+    examples as the features) with the examples kept apart as B feature groups,
+    example i's group pairing x_i with δ_i alone. (groups = 1 only.)"""
+    n, c = x.shape[0], x.shape[-1]
+    (kh, kw), (ho, wo, o) = kernel_hw, ct_y.shape[1:]
+    rhs = ct_y.transpose(1, 2, 0, 3).reshape(ho, wo, 1, n * o)  # [Ho, Wo, 1, B·O]: group i's O kernels
+    g = lax.conv_general_dilated(
+        x,
+        rhs,
+        window_strides=config.dilation,
+        padding=config.padding,
+        rhs_dilation=config.stride,
+        dimension_numbers=("CHWN", "HWIO", "HWNC"),
+        feature_group_count=n,
+    )
+    return g[:kh, :kw].reshape(kh, kw, c, n, o), 3
+
+
 # _conv2d_tapped_bwd :: (ConvConfig, TapConfig, Conv2dResiduals, ct_y) -> (ct_x, ct_w, q_w)
 def _conv2d_tapped_bwd(conv_config, config, res, ct_y):
     ct_x, ct_w = conv._conv2d_bwd(conv_config, res, ct_y)
-    kh, kw, c_in, c_out = res.w.shape
-    a = _positions(_patches(res.x, (kh, kw), conv_config))
-    hwio = lambda g: g.reshape(*g.shape[:-2], kh, kw, c_in, c_out)
-    return ct_x, ct_w, _weight_quantity(a, _positions(ct_y), config, hwio)
+    kernel_hw = res.w.shape[:2]
+
+    def patches():
+        # Behind the barrier the patches depend on ct_y, so XLA cannot form them in
+        # the forward pass and hold every layer's until its backward (it did: 1.6 GiB
+        # for ResNet-20-GN at batch 256).
+        x, _ = lax.optimization_barrier((res.x, ct_y))
+        return _positions(_patches(x, kernel_hw, conv_config))
+
+    grads = lambda: _conv2d_batch_grad(conv_config, res.x, ct_y, kernel_hw)
+    return ct_x, ct_w, _weight_quantity(patches, _positions(ct_y), config, grads=grads)
 
 
 _conv2d_tapped.defvjp(_conv2d_tapped_fwd, _conv2d_tapped_bwd)
@@ -595,6 +630,11 @@ def clipped_grad_sum(model: models.Model, params, state, x, y, clip: float, *, n
     l2 = jax.tree.map(lambda q: q.l2, split(vjp(ct_logits)[0])[1], is_leaf=_is_quantities)
     norms = jnp.sqrt(batch * batch * total(l2))
     factors = clip_factors(norms, clip)
+    # The residuals pass a barrier with the factors: backward 2 recomputes what it
+    # derives from them alone, rather than XLA keeping backward 1's copies until then.
+    leaves, treedef = jax.tree.flatten(vjp)
+    leaves, factors = lax.optimization_barrier((leaves, factors))
+    vjp = jax.tree.unflatten(treedef, leaves)
     clipped, _ = split(vjp(ct_logits * factors[:, None])[0])
     return ClippedSum(loss, logits, jax.tree.map(lambda g: batch * g, clipped), norms)
 
