@@ -169,21 +169,21 @@ def _positions(a):
 
 # ------------------------------------------------------------------- dense
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _dense_tapped(x, w, b, w_tap, b_tap, config):
+def _dense_tapped(x, w, b, w_tap, b_tap, configs):
     return linear._dense_fwd(x, w, b)[0]
 
 
-# _dense_tapped_fwd :: (x, w, b, w_tap, b_tap, TapConfig) -> (y, DenseResiduals)
-def _dense_tapped_fwd(x, w, b, w_tap, b_tap, config):
+# _dense_tapped_fwd :: (x, w, b, w_tap, b_tap, (TapConfig, TapConfig)) -> (y, DenseResiduals)
+def _dense_tapped_fwd(x, w, b, w_tap, b_tap, configs):
     return linear._dense_fwd(x, w, b)
 
 
-# _dense_tapped_bwd :: (TapConfig, DenseResiduals, ct_y) -> (ct_x, ct_w, ct_b, q_w, q_b)
-def _dense_tapped_bwd(config, res, ct_y):
+# _dense_tapped_bwd :: ((TapConfig, TapConfig), DenseResiduals, ct_y) -> (ct_x, ct_w, ct_b, q_w, q_b)
+def _dense_tapped_bwd(configs, res, ct_y):
     ct_x, ct_w, ct_b = linear._dense_bwd(res, ct_y)
     delta = _positions(ct_y)
-    q_w = _weight_quantity(_positions(res.x), delta, config)
-    q_b = _vector_quantity(jnp.sum(delta, axis=1), config)
+    q_w = _weight_quantity(_positions(res.x), delta, configs[0])
+    q_b = _vector_quantity(jnp.sum(delta, axis=1), configs[1])
     return ct_x, ct_w, ct_b, q_w, q_b
 
 
@@ -292,29 +292,29 @@ _projection_tapped.defvjp(_projection_tapped_fwd, _projection_tapped_bwd)
 # ------------------------------------------------- group_norm and layer_norm
 # Both save x_hat; an example's gamma and beta contributions are Σ over its
 # positions of δ·x_hat and δ: [B, C], cheap enough to instantiate always.
-def _scale_shift_quantities(x_hat, ct_y, config: TapConfig):
+def _scale_shift_quantities(x_hat, ct_y, configs: tuple[TapConfig, TapConfig]):
     delta = _positions(ct_y)
-    q_gamma = _vector_quantity(jnp.sum(delta * _positions(x_hat), axis=1), config)
-    q_beta = _vector_quantity(jnp.sum(delta, axis=1), config)
+    q_gamma = _vector_quantity(jnp.sum(delta * _positions(x_hat), axis=1), configs[0])
+    q_beta = _vector_quantity(jnp.sum(delta, axis=1), configs[1])
     return q_gamma, q_beta
 
 
 def _tapped_norm(fwd, bwd):
     """A normalisation rule with zero taps for its scale and shift:
-    `(x, gamma, beta, gamma_tap, beta_tap, norm_config, config) -> y`, the norm's
+    `(x, gamma, beta, gamma_tap, beta_tap, norm_config, configs) -> y`, the norm's
     own forward and backward, with the per-example quantities of gamma and beta
     as the taps' cotangents."""
 
     @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-    def tapped(x, gamma, beta, gamma_tap, beta_tap, norm_config, config):
+    def tapped(x, gamma, beta, gamma_tap, beta_tap, norm_config, configs):
         return fwd(x, gamma, beta, norm_config)[0]
 
-    def tapped_fwd(x, gamma, beta, gamma_tap, beta_tap, norm_config, config):
+    def tapped_fwd(x, gamma, beta, gamma_tap, beta_tap, norm_config, configs):
         return fwd(x, gamma, beta, norm_config)
 
-    # (norm_config, TapConfig, residuals, ct_y) -> (ct_x, ct_gamma, ct_beta, q_gamma, q_beta)
-    def tapped_bwd(norm_config, config, res, ct_y):
-        return (*bwd(norm_config, res, ct_y), *_scale_shift_quantities(res.x_hat, ct_y, config))
+    # (norm_config, (TapConfig, TapConfig), residuals, ct_y) -> (ct_x, ct_gamma, ct_beta, q_gamma, q_beta)
+    def tapped_bwd(norm_config, configs, res, ct_y):
+        return (*bwd(norm_config, res, ct_y), *_scale_shift_quantities(res.x_hat, ct_y, configs))
 
     tapped.defvjp(tapped_fwd, tapped_bwd)
     return tapped
@@ -347,18 +347,26 @@ def _untapped(name: str, rule: Callable) -> Callable:
     return op
 
 
-@functools.lru_cache(maxsize=16)
-def per_example_ops(config: TapConfig) -> OpSet:
+def _config(*tapped: Tapped, norm_path: str):
+    """Each parameter's TapConfig: the kinds its tap asks for (its fields that are not None)."""
+    configs = tuple(TapConfig(tuple(k for k in KINDS if getattr(t.tap, k) is not None), norm_path) for t in tapped)
+    return configs if len(configs) > 1 else configs[0]
+
+
+@functools.lru_cache(maxsize=8)
+def per_example_ops(norm_path: str = "auto") -> OpSet:
     """The rules, with dense, conv2d, projection, group_norm and layer_norm accepting
     `Tapped` parameters (plain arrays run the ordinary rule); every other op
-    raises `PerExampleError` when handed a `Tapped` one (BatchNorm: why)."""
+    raises `PerExampleError` when handed a `Tapped` one (BatchNorm: why). Each
+    parameter's tap says which kinds it carries; `norm_path` as in `use_gram`."""
+    config = functools.partial(_config, norm_path=norm_path)
 
     def dense(x, w, b):
         if not _is_tapped(w, b):
             return RULES.dense(x, w, b)
         jax.eval_shape(RULES.dense, *_values(x, w, b))  # the rule's checks, at no runtime cost
         w, b = _tapped_pair(w, b)
-        return _dense_tapped(x, w.value, b.value, w.tap, b.tap, config)
+        return _dense_tapped(x, w.value, b.value, w.tap, b.tap, config(w, b))
 
     def conv2d(x, w, **settings):
         if not isinstance(w, Tapped):
@@ -366,26 +374,27 @@ def per_example_ops(config: TapConfig) -> OpSet:
         conv_config = conv.conv2d_config(x, w.value, **settings)
         if conv_config.groups != 1:
             raise PerExampleError(f"per-example quantities: conv2d supports groups=1 only, got {conv_config.groups}")
-        return _conv2d_tapped(x, w.value, w.tap, conv_config, config)
+        return _conv2d_tapped(x, w.value, w.tap, conv_config, config(w))
 
     def projection(x, w, **settings):
         if not isinstance(w, Tapped):
             return RULES.projection(x, w, **settings)
-        return _projection_tapped(x, w.value, w.tap, shortcut.projection_config(x, w.value, **settings), config)
+        proj_config = shortcut.projection_config(x, w.value, **settings)
+        return _projection_tapped(x, w.value, w.tap, proj_config, config(w))
 
     def group_norm(x, gamma, beta, **settings):
         if not _is_tapped(gamma, beta):
             return RULES.group_norm(x, gamma, beta, **settings)
         gamma, beta = _tapped_pair(gamma, beta)
         norm_config = norm.group_norm_config(x, gamma.value, beta.value, **settings)
-        return _group_norm_tapped(x, gamma.value, beta.value, gamma.tap, beta.tap, norm_config, config)
+        return _group_norm_tapped(x, gamma.value, beta.value, gamma.tap, beta.tap, norm_config, config(gamma, beta))
 
     def layer_norm(x, gamma, beta, **settings):
         if not _is_tapped(gamma, beta):
             return RULES.layer_norm(x, gamma, beta, **settings)
         gamma, beta = _tapped_pair(gamma, beta)
         norm_config = norm.layer_norm_config(x, gamma.value, beta.value, **settings)
-        return _layer_norm_tapped(x, gamma.value, beta.value, gamma.tap, beta.tap, norm_config, config)
+        return _layer_norm_tapped(x, gamma.value, beta.value, gamma.tap, beta.tap, norm_config, config(gamma, beta))
 
     aware = {"dense": dense, "conv2d": conv2d, "projection": projection, "group_norm": group_norm}
     aware["layer_norm"] = layer_norm
@@ -416,9 +425,16 @@ def _taps(p, batch: int, kinds) -> Quantities:
     return Quantities(**{kind: jnp.zeros(shapes[kind], p.dtype) for kind in kinds})
 
 
-def tap(params, batch: int, kinds: tuple[str, ...]):
-    """Every leaf p of `params` as `Tapped(p, Quantities of zeros)`, one field per kind, for `batch` examples."""
-    return jax.tree.map(lambda p: Tapped(p, _taps(p, batch, kinds)), params)
+def tap(params, batch: int, kinds):
+    """Every leaf p of `params` as `Tapped(p, Quantities of zeros)`, one field per kind, for `batch`
+    examples; `kinds` is a tuple of KINDS for every leaf, or a function of a leaf's path
+    (a tuple of dict keys and list indices, as `spec.weight_paths()` writes them) giving its tuple."""
+    kinds_of = kinds if callable(kinds) else lambda path: kinds
+    return jax.tree_util.tree_map_with_path(lambda path, p: Tapped(p, _taps(p, batch, kinds_of(_path(path)))), params)
+
+
+def _path(key_path) -> tuple:
+    return tuple(getattr(k, "key", getattr(k, "idx", k)) for k in key_path)
 
 
 def split(tapped):
@@ -440,15 +456,16 @@ def check_batch(x, y, *, least: int = 1) -> int:
     return x.shape[0]
 
 
-def logits_vjp(model: models.Model, params, state, x, kinds: tuple[str, ...], norm_path: str = "auto"):
-    """One forward pass with taps: (logits, vjp), vjp(ct_logits) -> tree of `Tapped(ct_param, Quantities)`.
+def logits_vjp(model: models.Model, params, state, x, kinds, norm_path: str = "auto"):
+    """One forward pass with taps: (logits, vjp), vjp(ct_logits) -> tree of `Tapped(ct_param, Quantities)`;
+    `kinds` as in `tap`.
 
     The quantities are those of the loss whose cotangent at the logits is
     ct_logits (per example: its row of ct_logits), before any rescaling by B.
     """
     if norm_path not in NORM_PATHS:
         raise ValueError(f"per-example quantities: `norm_path` must be one of {NORM_PATHS}, got {norm_path!r}")
-    ops = per_example_ops(TapConfig(tuple(kinds), norm_path))
+    ops = per_example_ops(norm_path)
     forward = lambda tapped: model.apply(tapped, state, x, train=True, grad=ops)[0]
     return jax.vjp(forward, tap(params, x.shape[0], kinds))
 
@@ -613,30 +630,56 @@ def clip_factors(norms, clip):
     return jnp.where(norms > clip, clip / jnp.where(norms > 0, norms, 1), 1.0).astype(norms.dtype)
 
 
-def clipped_grad_sum(model: models.Model, params, state, x, y, clip: float, *, norm_path="auto") -> ClippedSum:
-    """Σ_i min(1, C/‖g_i‖)·g_i from one forward and two backward passes, no per-example gradient kept.
+def gram_kernels(model: models.Model, input_shape: tuple[int, ...], norm_path: str = "auto") -> frozenset:
+    """The paths (as `spec.weight_paths()` writes them) of the kernels whose norms take the
+    Gram form for examples of `input_shape`; shapes only (`norm_costs`)."""
+    if norm_path == "grads":
+        return frozenset()
+    paths = [path for _, path in model.spec.weight_paths()]
+    costs = norm_costs(model, input_shape)
+    return frozenset(p for p, c in zip(paths, costs) if use_gram(c.positions, c.d, c.p, norm_path))
 
-    The forward runs once (`jax.vjp` with taps). Backward 1, with the loss's
-    cotangent at the logits, gives each example's squared norm layer by
-    layer (`batch_l2`); backward 2 reuses the same forward, its cotangent's
-    row i scaled by min(1, C/‖g_i‖), which is the gradient of Σ_i c_i·ℓ_i / B
-    (its taps are unused, so XLA drops their work under `jit`).
+
+def clipped_grad_sum(model: models.Model, params, state, x, y, clip: float, *, norm_path="auto") -> ClippedSum:
+    """Σ_i min(1, C/‖g_i‖)·g_i from one forward and one backward pass, and for the
+    Gram-form kernels a second backward that reaches no further down than they do.
+
+    The forward runs once (`jax.vjp` with taps). The backward, with the loss's
+    cotangent at the logits, gives each example's squared norm layer by layer
+    (`batch_l2`) and keeps each example's contribution G_i for every parameter
+    whose norm it forms by instantiating G_i anyway (book-keeping, Bu et al.
+    2023): their clipped sum is Σ_i c_i·G_i, c_i = min(1, C/‖g_i‖), once the
+    norms are known. The kernels that take the Gram form (`gram_kernels`) never
+    hold G_i; theirs come from the backward again, its cotangent's row i scaled
+    by c_i (the gradient of Σ_i c_i·ℓ_i / B), of which XLA keeps only the part
+    above the lowest such kernel. `norm_path="gram"` is the two-backward method
+    for every kernel, "grads" book-keeping for every one.
 
     Derivation: derivations/per_example.md#dp-sgd
     """
     batch = check_batch(x, y)
-    logits, vjp = logits_vjp(model, params, state, x, ("l2",), norm_path)
+    gram = gram_kernels(model, x.shape[1:], norm_path)
+    kinds = lambda path: ("l2",) if path in gram else ("grad", "l2")
+    logits, vjp = logits_vjp(model, params, state, x, kinds, norm_path)
     loss, ct_logits = loss_cotangent(logits, y)
-    l2 = jax.tree.map(lambda q: q.l2, split(vjp(ct_logits)[0])[1], is_leaf=_is_quantities)
+    taps = split(vjp(ct_logits)[0])[1]
+    l2 = jax.tree.map(lambda q: q.l2, taps, is_leaf=_is_quantities)
     norms = jnp.sqrt(batch * batch * total(l2))
     factors = clip_factors(norms, clip)
-    # The residuals pass a barrier with the factors: backward 2 recomputes what it
-    # derives from them alone, rather than XLA keeping backward 1's copies until then.
-    leaves, treedef = jax.tree.flatten(vjp)
-    leaves, factors = lax.optimization_barrier((leaves, factors))
-    vjp = jax.tree.unflatten(treedef, leaves)
-    clipped, _ = split(vjp(ct_logits * factors[:, None])[0])
-    return ClippedSum(loss, logits, jax.tree.map(lambda g: batch * g, clipped), norms)
+    kept = jax.tree.map(
+        lambda q: None if q.grad is None else batch * jnp.tensordot(factors, q.grad, 1), taps, is_leaf=_is_quantities
+    )
+    again = split(vjp(ct_logits * factors[:, None])[0])[0] if gram else None
+    clipped = jax.tree_util.tree_map_with_path(
+        lambda path, p: batch * _at(again, _path(path)) if _path(path) in gram else _at(kept, _path(path)), params
+    )
+    return ClippedSum(loss, logits, clipped, norms)
+
+
+def _at(tree, path: tuple):
+    for key in path:
+        tree = tree[key]
+    return tree
 
 
 def noisy_mean(clipped_sum, key, clip: float, noise: float, batch: int):
