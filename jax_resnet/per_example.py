@@ -28,11 +28,17 @@ Inside a backward, a layer sees a = its inputs at T positions (T = 1 for a
 dense layer on [B, d], the output pixels for a convolution, whose a_{i,t} is
 the im2col patch) and δ = the cotangent of its outputs, which carries the
 loss's 1/B. Its weight's contribution from example i is Σ_t a_{i,t}ᵀ δ_{i,t}
-= g_i / B. Squared norms take the cheaper (in memory) of two forms per layer:
-instantiating the B contributions (d·p numbers per example) or the Gram form
-‖Σ_t a_tᵀδ_t‖² = Σ_{t,t'} (a_t·a_t')(δ_t·δ_t') (two T×T matrices per example);
-`norm_path` chooses: "auto" takes the Gram form when 2·T² ≤ d·p. Only one
-layer's per-example gradients exist at a time.
+= g_i / B (for a convolution formed without patches, by one convolution with
+the examples as feature groups). Squared norms take the cheaper (in memory)
+of two forms per layer: instantiating the B contributions (d·p numbers per
+example) or the Gram form ‖Σ_t a_tᵀδ_t‖² = Σ_{t,t'} (a_t·a_t')(δ_t·δ_t') (the
+inputs at T positions and two T×T matrices per example); `norm_path` chooses:
+"auto" takes the Gram form when T·d + 2·T² ≤ d·p (`use_gram`).
+
+DP-SGD's clipped sum (`clipped_grad_sum`) keeps each example's contribution
+where the backward instantiates it anyway and sums them with the clip factors
+once the norms are known (book-keeping); the Gram-form kernels get theirs
+from a second backward that XLA cuts off below them.
 
 BatchNorm in training mode normalises with statistics of the whole batch, so
 an example's gradient depends on the other examples: asking for per-example
