@@ -94,18 +94,21 @@ class Tapped(NamedTuple):
     tap: jax.Array
 
 
-KINDS = ("grad", "l2", "sum_sq")
+KINDS = ("grad", "l2", "sum_sq", "io")
 
 
 class Quantities(NamedTuple):
     """One leaf's tap (zeros) or its cotangent: a field per kind asked for, None for the others.
 
-    grad: [B, *shape], example i's contribution G_i; l2: [B], ‖G_i‖²; sum_sq: shape, Σ_i G_i².
+    grad: [B, *shape], example i's contribution G_i; l2: [B], ‖G_i‖²; sum_sq: shape, Σ_i G_i²;
+    io: (a [B, T, d], δ [B, T, p]), a dense or projection kernel's inputs and output
+    cotangents at its T positions, G_i = Σ_t a_{i,t}ᵀ δ_{i,t} (DP-SGD's book-keeping).
     """
 
     grad: jax.Array | None = None
     l2: jax.Array | None = None
     sum_sq: jax.Array | None = None
+    io: tuple[jax.Array, jax.Array] | None = None
 
 
 class TapConfig(NamedTuple):
@@ -144,8 +147,8 @@ def _weight_quantity(a, delta, config: TapConfig, grads=None) -> Quantities:
     _, t, d = jax.eval_shape(a_of).shape
     p = delta.shape[-1]
     gram = "l2" in config.kinds and use_gram(t, d, p, config.norm_path)
-    rest = tuple(k for k in config.kinds if not (gram and k == "l2"))
-    out = Quantities()
+    rest = tuple(k for k in config.kinds if not (gram and k == "l2") and k != "io")
+    out = Quantities(io=(a_of(), delta) if "io" in config.kinds else None)
     if rest:
         g, axis = grads() if grads is not None else (jnp.einsum("btd,btp->bdp", a_of(), delta), 0)
         out = _vector_quantity(g, config._replace(kinds=rest), axis)
@@ -269,6 +272,8 @@ def _conv2d_tapped_bwd(conv_config, config, res, ct_y):
         return _positions(_patches(x, kernel_hw, conv_config))
 
     grads = lambda: _conv2d_batch_grad(conv_config, res.x, ct_y, kernel_hw)
+    if "io" in config.kinds:
+        raise PerExampleError("per-example quantities: conv2d keeps no inputs and cotangents (kind 'io')")
     return ct_x, ct_w, _weight_quantity(patches, _positions(ct_y), config, grads=grads)
 
 
@@ -426,17 +431,28 @@ def _is_tap(node) -> bool:
     return isinstance(node, Tapped)
 
 
-def _taps(p, batch: int, kinds) -> Quantities:
-    shapes = {"grad": (batch, *p.shape), "l2": (batch,), "sum_sq": p.shape}
-    return Quantities(**{kind: jnp.zeros(shapes[kind], p.dtype) for kind in kinds})
+def _taps(p, batch: int, kinds, positions: int | None = None) -> Quantities:
+    zeros = lambda shape: jnp.zeros(shape, p.dtype)
+    taps = {"grad": (batch, *p.shape), "l2": (batch,), "sum_sq": p.shape}
+    taps = {kind: zeros(shape) for kind, shape in taps.items() if kind in kinds}
+    if "io" in kinds:  # a [d, p] kernel at `positions` positions
+        taps["io"] = (zeros((batch, positions, p.shape[0])), zeros((batch, positions, p.shape[1])))
+    return Quantities(**taps)
 
 
-def tap(params, batch: int, kinds):
+def tap(params, batch: int, kinds, positions: dict | None = None):
     """Every leaf p of `params` as `Tapped(p, Quantities of zeros)`, one field per kind, for `batch`
     examples; `kinds` is a tuple of KINDS for every leaf, or a function of a leaf's path
-    (a tuple of dict keys and list indices, as `spec.weight_paths()` writes them) giving its tuple."""
+    (a tuple of dict keys and list indices, as `spec.weight_paths()` writes them) giving its
+    tuple; `positions` maps the path of each leaf tapped for "io" to its layer's T."""
     kinds_of = kinds if callable(kinds) else lambda path: kinds
-    return jax.tree_util.tree_map_with_path(lambda path, p: Tapped(p, _taps(p, batch, kinds_of(_path(path)))), params)
+    positions = positions or {}
+
+    def one(key_path, p):
+        path = _path(key_path)
+        return Tapped(p, _taps(p, batch, kinds_of(path), positions.get(path)))
+
+    return jax.tree_util.tree_map_with_path(one, params)
 
 
 def _path(key_path) -> tuple:
@@ -462,9 +478,9 @@ def check_batch(x, y, *, least: int = 1) -> int:
     return x.shape[0]
 
 
-def logits_vjp(model: models.Model, params, state, x, kinds, norm_path: str = "auto"):
+def logits_vjp(model: models.Model, params, state, x, kinds, norm_path: str = "auto", positions=None):
     """One forward pass with taps: (logits, vjp), vjp(ct_logits) -> tree of `Tapped(ct_param, Quantities)`;
-    `kinds` as in `tap`.
+    `kinds` and `positions` as in `tap`.
 
     The quantities are those of the loss whose cotangent at the logits is
     ct_logits (per example: its row of ct_logits), before any rescaling by B.
@@ -473,7 +489,7 @@ def logits_vjp(model: models.Model, params, state, x, kinds, norm_path: str = "a
         raise ValueError(f"per-example quantities: `norm_path` must be one of {NORM_PATHS}, got {norm_path!r}")
     ops = per_example_ops(norm_path)
     forward = lambda tapped: model.apply(tapped, state, x, train=True, grad=ops)[0]
-    return jax.vjp(forward, tap(params, x.shape[0], kinds))
+    return jax.vjp(forward, tap(params, x.shape[0], kinds, positions))
 
 
 def loss_cotangent(logits, y):
@@ -570,13 +586,14 @@ def total(l2) -> jax.Array:
 
 
 class LayerCost(NamedTuple):
-    """One weight's norm path: T positions, d inputs, p outputs, and what `use_gram` chose."""
+    """One weight's norm path: T positions, d inputs, p outputs, what `use_gram` chose, and its op."""
 
     name: str
     positions: int
     d: int
     p: int
     gram: bool
+    op: str = "conv2d"
 
 
 def norm_costs(model: models.Model, input_shape: tuple[int, ...] | None = None) -> list[LayerCost]:
@@ -589,16 +606,16 @@ def norm_costs(model: models.Model, input_shape: tuple[int, ...] | None = None) 
     def conv2d(x, w, **settings):
         y = RULES.conv2d(x, w, **settings)
         kh, kw, c_in, c_out = w.shape
-        seen.append((y.shape[1] * y.shape[2], kh * kw * c_in, c_out))
+        seen.append((y.shape[1] * y.shape[2], kh * kw * c_in, c_out, "conv2d"))
         return y
 
     def dense(x, w, b):
-        seen.append((x.size // (x.shape[0] * x.shape[-1]), *w.shape))
+        seen.append((x.size // (x.shape[0] * x.shape[-1]), *w.shape, "dense"))
         return RULES.dense(x, w, b)
 
     def projection(x, w, **settings):
         y = RULES.projection(x, w, **settings)
-        seen.append((y.shape[1] * y.shape[2], *w.shape))
+        seen.append((y.shape[1] * y.shape[2], *w.shape, "projection"))
         return y
 
     ops = RULES._replace(conv2d=conv2d, dense=dense, projection=projection)
@@ -608,7 +625,7 @@ def norm_costs(model: models.Model, input_shape: tuple[int, ...] | None = None) 
     names = [name for name, _ in model.spec.weight_paths()]
     if len(names) != len(seen):
         raise AssertionError(f"norm_costs: {len(seen)} kernels ran, but weight_paths names {len(names)}")
-    return [LayerCost(n, t, d, p, use_gram(t, d, p)) for n, (t, d, p) in zip(names, seen)]
+    return [LayerCost(n, t, d, p, use_gram(t, d, p), op) for n, (t, d, p, op) in zip(names, seen)]
 
 
 # ---------------------------------------------------------------------- DP-SGD
@@ -636,50 +653,61 @@ def clip_factors(norms, clip):
     return jnp.where(norms > clip, clip / jnp.where(norms > 0, norms, 1), 1.0).astype(norms.dtype)
 
 
-def gram_kernels(model: models.Model, input_shape: tuple[int, ...], norm_path: str = "auto") -> frozenset:
-    """The paths (as `spec.weight_paths()` writes them) of the kernels whose norms take the
-    Gram form for examples of `input_shape`; shapes only (`norm_costs`)."""
+def gram_kernels(model: models.Model, input_shape: tuple[int, ...], norm_path: str = "auto") -> dict:
+    """{path: LayerCost} of the kernels whose norms take the Gram form for examples of
+    `input_shape`, paths as `spec.weight_paths()` writes them; shapes only (`norm_costs`)."""
     if norm_path == "grads":
-        return frozenset()
+        return {}
     paths = [path for _, path in model.spec.weight_paths()]
     costs = norm_costs(model, input_shape)
-    return frozenset(p for p, c in zip(paths, costs) if use_gram(c.positions, c.d, c.p, norm_path))
+    return {p: c for p, c in zip(paths, costs) if use_gram(c.positions, c.d, c.p, norm_path)}
 
 
 def clipped_grad_sum(model: models.Model, params, state, x, y, clip: float, *, norm_path="auto") -> ClippedSum:
-    """Σ_i min(1, C/‖g_i‖)·g_i from one forward and one backward pass, and for the
-    Gram-form kernels a second backward that reaches no further down than they do.
+    """Σ_i min(1, C/‖g_i‖)·g_i from one forward and one backward pass (book-keeping), and
+    for Gram-form convolutions a second backward that reaches no further down than they do.
 
     The forward runs once (`jax.vjp` with taps). The backward, with the loss's
     cotangent at the logits, gives each example's squared norm layer by layer
-    (`batch_l2`) and keeps each example's contribution G_i for every parameter
-    whose norm it forms by instantiating G_i anyway (book-keeping, Bu et al.
-    2023): their clipped sum is Σ_i c_i·G_i, c_i = min(1, C/‖g_i‖), once the
-    norms are known. The kernels that take the Gram form (`gram_kernels`) never
-    hold G_i; theirs come from the backward again, its cotangent's row i scaled
-    by c_i (the gradient of Σ_i c_i·ℓ_i / B), of which XLA keeps only the part
-    above the lowest such kernel. `norm_path="gram"` is the two-backward method
-    for every kernel, "grads" book-keeping for every one.
+    (`batch_l2`) and keeps what each parameter's clipped sum needs once the clip
+    factors c_i = min(1, C/‖g_i‖) are known (book-keeping, Bu et al. 2023):
+    where it instantiates the contributions G_i for the norm, G_i (the sum is
+    Σ_i c_i·G_i); for a Gram-form dense or projection kernel, its inputs a and
+    output cotangents δ (the sum is aᵀ(c ⊙ δ)). A Gram-form convolution
+    (`gram_kernels`) keeps neither; its sum comes from the backward again, the
+    cotangent's row i scaled by c_i (the gradient of Σ_i c_i·ℓ_i / B), of which
+    XLA keeps only the part above the lowest such convolution. `norm_path`
+    "gram" and "grads" force the form of every kernel's norm, and so of its sum.
 
     Derivation: derivations/per_example.md#dp-sgd
     """
     batch = check_batch(x, y)
     gram = gram_kernels(model, x.shape[1:], norm_path)
-    kinds = lambda path: ("l2",) if path in gram else ("grad", "l2")
-    logits, vjp = logits_vjp(model, params, state, x, kinds, norm_path)
+    io = {path: c.positions for path, c in gram.items() if c.op != "conv2d"}
+
+    def kinds(path):
+        return ("l2", "io") if path in io else ("l2",) if path in gram else ("grad", "l2")
+
+    logits, vjp = logits_vjp(model, params, state, x, kinds, norm_path, io)
     loss, ct_logits = loss_cotangent(logits, y)
     taps = split(vjp(ct_logits)[0])[1]
     l2 = jax.tree.map(lambda q: q.l2, taps, is_leaf=_is_quantities)
     norms = jnp.sqrt(batch * batch * total(l2))
     factors = clip_factors(norms, clip)
-    kept = jax.tree.map(
-        lambda q: None if q.grad is None else batch * jnp.tensordot(factors, q.grad, 1), taps, is_leaf=_is_quantities
-    )
-    again = split(vjp(ct_logits * factors[:, None])[0])[0] if gram else None
-    clipped = jax.tree_util.tree_map_with_path(
-        lambda path, p: batch * _at(again, _path(path)) if _path(path) in gram else _at(kept, _path(path)), params
-    )
-    return ClippedSum(loss, logits, clipped, norms)
+
+    def book_kept(q):
+        if q.io is not None:
+            return batch * jnp.einsum("btd,b,btp->dp", q.io[0], factors, q.io[1])
+        return None if q.grad is None else batch * jnp.tensordot(factors, q.grad, 1)
+
+    kept = jax.tree.map(book_kept, taps, is_leaf=_is_quantities)
+    again = split(vjp(ct_logits * factors[:, None])[0])[0] if len(gram) > len(io) else None
+
+    def clipped(key_path, _):
+        path = _path(key_path)
+        return batch * _at(again, path) if path in gram and path not in io else _at(kept, path)
+
+    return ClippedSum(loss, logits, jax.tree_util.tree_map_with_path(clipped, params), norms)
 
 
 def _at(tree, path: tuple):
