@@ -36,8 +36,9 @@ inputs at T positions and two T×T matrices per example); `norm_path` chooses:
 "auto" takes the Gram form when T·d + 2·T² ≤ d·p (`use_gram`).
 
 DP-SGD's clipped sum (`clipped_grad_sum`) keeps each example's contribution
-where the backward instantiates it anyway and sums them with the clip factors
-once the norms are known (book-keeping); the Gram-form kernels get theirs
+where the backward instantiates it anyway, and a Gram-form dense or projection
+kernel's inputs and output cotangents, and sums them with the clip factors
+once the norms are known (book-keeping); Gram-form convolutions get theirs
 from a second backward that XLA cuts off below them.
 
 BatchNorm in training mode normalises with statistics of the whole batch, so
