@@ -250,10 +250,10 @@ def _conv2d_batch_grad(config: conv.ConvConfig, x, ct_y, kernel_hw):
     partitioner (jax 0.10, CPU) gets this grouped convolution wrong, as it does
     the one `jax.vmap` of the kernel cotangent writes: values off by up to 24
     for values of order 10, measured on 8 simulated devices. Run per-example
-    work on a sharded batch under `jax.shard_map`, as the DP step does
-    (`step.dp_update_fn`). The batch-grouped form (`batch_group_count = B`) was
-    partitioned right but took over 10 minutes per ResNet-20-GN step on the CPU
-    against about 10 s, measured."""
+    work on a sharded batch under `jax.shard_map`, as the DP step
+    (`step.dp_update_fn`) and `quantities(..., mesh=)` do. The batch-grouped
+    form (`batch_group_count = B`) was partitioned right but took over 10
+    minutes per ResNet-20-GN step on the CPU against about 10 s, measured."""
     n, c = x.shape[0], x.shape[-1]
     (kh, kw), (ho, wo, o) = kernel_hw, ct_y.shape[1:]
     rhs = ct_y.transpose(1, 2, 0, 3).reshape(ho, wo, 1, n * o)  # [Ho, Wo, 1, B·O]: group i's O kernels
@@ -528,18 +528,25 @@ _KIND = {"batch_grad": ("grad", 1), "batch_l2": ("l2", 2), "sum_grad_squared": (
 
 
 def quantities(
-    model: models.Model, params, state, x, y, which=QUANTITIES, *, norm_path: str = "auto"
+    model: models.Model, params, state, x, y, which=QUANTITIES, *, norm_path: str = "auto", mesh=None
 ) -> tuple[jax.Array, Any, dict[str, Any]]:
     """(loss, grads, {name: tree}) for each name in `which` (a subset of QUANTITIES), all
     from one forward and one backward pass; `grads` is `jax.grad` of the mean loss.
 
     `norm_path` (batch_l2): "auto" (the cost model, `use_gram`), "gram" or "grads" (forced).
+    `mesh`: a `jax.sharding.Mesh` with axis "data" over which x and y are split in equal
+    shares: each device computes its own examples' quantities under `jax.shard_map`
+    and the sums and means are combined across devices. Use it for a batch-sharded
+    convolutional model: on a batch-sharded `jit` without it, XLA's partitioner gets
+    the per-example convolution wrong (`_conv2d_batch_grad`).
     """
     which = tuple(which)
     unknown = [w for w in which if w not in QUANTITIES]
     if unknown or not which:
         raise ValueError(f"per-example quantities: `which` must name some of {QUANTITIES}, got {which!r}")
     batch = check_batch(x, y, least=2 if "variance" in which else 1)
+    if mesh is not None and mesh.size > 1:
+        return _per_device_quantities(model, params, state, x, y, which, norm_path, mesh)
     kinds = tuple(k for k in KINDS if any(_KIND[w][0] == k for w in which))
     loss, grads, taps = _backward(model, params, state, x, y, kinds, norm_path)
     out = {}
@@ -549,6 +556,33 @@ def quantities(
         if name == "variance":
             out[name] = jax.tree.map(lambda s, g: s / batch - g * g, out[name], grads)
     return loss, grads, out
+
+
+def _per_device_quantities(model, params, state, x, y, which, norm_path, mesh):
+    """`quantities` on each device's share under `jax.shard_map`: per-example ones stay
+    split along the batch, sums are added, means averaged (equal shares), and the
+    variance is formed from the combined sum of squares and mean gradient."""
+    P = jax.sharding.PartitionSpec
+    local_which = tuple(dict.fromkeys("sum_grad_squared" if w == "variance" else w for w in which))
+
+    def local(params, state, x, y):
+        loss, grads, out = quantities(model, params, state, x, y, local_which, norm_path=norm_path)
+        mean = lambda t: jax.tree.map(lambda v: lax.pmean(v, "data"), t)
+        out = {
+            k: jax.tree.map(lambda v: lax.psum(v, "data"), v) if k == "sum_grad_squared" else v for k, v in out.items()
+        }
+        return mean(loss), mean(grads), out
+
+    specs = {k: P() if k == "sum_grad_squared" else P("data") for k in local_which}
+    # check_vma=False: the rules' custom_vjp backward passes return cotangents without
+    # shard_map's per-axis type annotations.
+    run = jax.shard_map(
+        local, mesh=mesh, in_specs=(P(), P(), P("data"), P("data")), out_specs=(P(), P(), specs), check_vma=False
+    )
+    loss, grads, out = run(params, state, x, y)
+    if "variance" in which:
+        out["variance"] = jax.tree.map(lambda s, g: s / x.shape[0] - g * g, out["sum_grad_squared"], grads)
+    return loss, grads, {name: out[name] for name in which}
 
 
 def _one(name: str, model, params, state, x, y, norm_path="auto") -> PerExample:

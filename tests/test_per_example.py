@@ -289,12 +289,20 @@ quantities = functools.partial(per_example.quantities, model, which=("batch_grad
 _, _, out = jax.jit(quantities, in_shardings=(replicated, replicated, batch, batch))(params, state, xs, ys)
 for leaf in jax.tree.leaves(out):
     assert leaf.sharding.spec == jax.sharding.PartitionSpec("data"), leaf.sharding
-# The DP step on a GroupNorm ResNet: per device under shard_map (XLA's partitioner gets the
-# per-example convolution wrong on a batch-sharded jit: off by up to 24, measured).
+# A GroupNorm ResNet's quantities and DP step: per device under shard_map (XLA's partitioner
+# gets the per-example convolution wrong on a batch-sharded jit: off by up to 24, measured).
 model = models.cifar_resnet(8, num_classes=3, in_channels=1, norm="group", norm_groups=2, widths=(2, 4), shortcut="B")
 params, state = model.init(jax.random.key(0))
 x = rng.standard_normal((16, 4, 4, 1)).astype(np.float32)
 xs = jax.device_put(x, batch)
+which = ("batch_grad", "variance")  # per-example, and from a sum and a mean across devices
+everything = functools.partial(per_example.quantities, model, which=which, mesh=mesh)
+q8 = jax.jit(everything, in_shardings=(replicated, replicated, batch, batch))(params, state, xs, ys)
+q1 = jax.jit(functools.partial(per_example.quantities, model, which=which))(params, state, x, y)
+for a, b in zip(jax.tree.leaves(q8), jax.tree.leaves(q1)):
+    assert np.allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6), float(np.max(np.abs(a - b)))
+for leaf in jax.tree.leaves(q8[2]["batch_grad"]):
+    assert leaf.sharding.spec == jax.sharding.PartitionSpec("data"), leaf.sharding
 opt, dp, key = optax.sgd(0.1), step.DPSettings(1.0, 1.0), jax.random.key(3)
 p1 = step.make_dp_train_step(model, opt, dp)(params, state, opt.init(params), x, y, key)[0]
 p8 = step.make_dp_train_step(model, opt, dp, mesh=mesh)(params, state, opt.init(params), xs, ys, key)[0]
