@@ -87,7 +87,7 @@ import jaxlib
 import optax
 from flax import nnx
 
-from jax_resnet import blocks, models
+from jax_resnet import blocks, models, per_example
 from jax_resnet import step as step_lib
 
 METHODS = ("rules", "autodiff", "flax")
@@ -786,8 +786,11 @@ def benchmark(
 # against DP-SGD the way JAX code usually gets it (jax_privacy, optax): per-example
 # gradients from `jax.vmap(jax.grad)` (here of the library's own rules, so the
 # comparison is of the method, not of the rules), clipped and noised by
-# `optax.contrib.differentially_private_aggregate`. Same optimizer, batch and clip.
-DP_METHODS = ("non_private", "dp", "vmap_clip")
+# `optax.contrib.differentially_private_aggregate`; and jax_privacy's `clipped_grad`
+# (its per-example gradients by `jax.vmap` too; the optional extra `peers`, skipped
+# with the reason logged where it is not installed), noised and averaged as the DP
+# step does. Same optimizer, batch and clip.
+DP_METHODS = ("non_private", "dp", "vmap_clip", "jax_privacy")
 DP_SETTINGS = step_lib.DPSettings(clip=1.0, noise=1.0)
 
 
@@ -845,6 +848,24 @@ def dp_method_step(method: str, model: models.Model, tx: optax.GradientTransform
 
         return dp
     loss = step_lib.loss_fn(model, "rules")
+    if method == "jax_privacy":
+        from jax_privacy import clipping
+
+        clip, noise = DP_SETTINGS
+        # Each example is handed to the loss as a batch of one (keep_batch_dim), so
+        # its mean loss is that example's loss.
+        clipped_sum = clipping.clipped_grad(
+            lambda p, s, x, y: loss(p, s, x, y)[0], l2_clip_norm=clip, batch_argnums=(2, 3)
+        )
+
+        def jax_privacy(carry, x, y, key):
+            params, state, opt_state = carry
+            noise_key = jax.random.fold_in(key, step_lib.DP_NOISE_STREAM)
+            grads = per_example.noisy_mean(clipped_sum(params, state, x, y), noise_key, clip, noise, x.shape[0])
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return (optax.apply_updates(params, updates), state, opt_state), jnp.zeros(())
+
+        return jax_privacy
 
     def vmap_clip(carry, x, y, key):
         params, state, opt_state = carry
@@ -863,12 +884,23 @@ def _dp_tx(method: str, tx: optax.GradientTransformation, key) -> optax.Gradient
     return optax.chain(optax.contrib.differentially_private_aggregate(clip, noise, key=key), tx)
 
 
+def dp_methods(log: Callable[[str], None] = lambda s: None) -> tuple[str, ...]:
+    """The DP_METHODS that can run here: "jax_privacy" only where the package imports (the reason logged if not)."""
+    try:
+        import jax_privacy  # noqa: F401
+    except ImportError as e:
+        log(f"bench --dp: skipping jax_privacy ({e}; pip install 'jax-resnet[peers]')")
+        return tuple(m for m in DP_METHODS if m != "jax_privacy")
+    return DP_METHODS
+
+
 def bench_dp(quick: bool = False, rounds: int | None = None, log: Callable[[str], None] = lambda s: None) -> list[dict]:
     """Rows of `DP_WORKLOADS`, one per workload and method: step time (interleaved
     rounds, as `bench_workload`), its ratio to the non-private step in the same
     round, and compiled scratch memory (`memory_analysis`)."""
     rounds = rounds if rounds is not None else (3 if quick else 7)
     env = environment(quick)
+    methods = dp_methods(log)
     rows = []
     for w in DP_WORKLOADS:
         log(f"bench --dp: {w.name} — {w.description}")
@@ -879,7 +911,7 @@ def bench_dp(quick: bool = False, rounds: int | None = None, log: Callable[[str]
         model = w.model()
         params, state = init_library(model, k_init)
         prepared = []
-        for method in DP_METHODS:
+        for method in methods:
             tx = _dp_tx(method, optimizer(), jax.random.key(1))  # its own key: the carry is donated
             carry = jax.device_put((params, state, tx.init(params)))
             compiled, seconds = _compile(dp_method_step(method, model, tx), carry, (x, y, k_noise))

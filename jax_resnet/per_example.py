@@ -28,11 +28,18 @@ Inside a backward, a layer sees a = its inputs at T positions (T = 1 for a
 dense layer on [B, d], the output pixels for a convolution, whose a_{i,t} is
 the im2col patch) and δ = the cotangent of its outputs, which carries the
 loss's 1/B. Its weight's contribution from example i is Σ_t a_{i,t}ᵀ δ_{i,t}
-= g_i / B. Squared norms take the cheaper (in memory) of two forms per layer:
-instantiating the B contributions (d·p numbers per example) or the Gram form
-‖Σ_t a_tᵀδ_t‖² = Σ_{t,t'} (a_t·a_t')(δ_t·δ_t') (two T×T matrices per example);
-`norm_path` chooses: "auto" takes the Gram form when 2·T² ≤ d·p. Only one
-layer's per-example gradients exist at a time.
+= g_i / B (for a convolution formed without patches, by one convolution with
+the examples as feature groups). Squared norms take the cheaper (in memory)
+of two forms per layer: instantiating the B contributions (d·p numbers per
+example) or the Gram form ‖Σ_t a_tᵀδ_t‖² = Σ_{t,t'} (a_t·a_t')(δ_t·δ_t') (the
+inputs at T positions and two T×T matrices per example); `norm_path` chooses:
+"auto" takes the Gram form when T·d + 2·T² ≤ d·p (`use_gram`).
+
+DP-SGD's clipped sum (`clipped_grad_sum`) keeps each example's contribution
+where the backward instantiates it anyway, and a Gram-form dense or projection
+kernel's inputs and output cotangents, and sums them with the clip factors
+once the norms are known (book-keeping); Gram-form convolutions get theirs
+from a second backward that XLA cuts off below them.
 
 BatchNorm in training mode normalises with statistics of the whole batch, so
 an example's gradient depends on the other examples: asking for per-example
@@ -88,18 +95,21 @@ class Tapped(NamedTuple):
     tap: jax.Array
 
 
-KINDS = ("grad", "l2", "sum_sq")
+KINDS = ("grad", "l2", "sum_sq", "io")
 
 
 class Quantities(NamedTuple):
     """One leaf's tap (zeros) or its cotangent: a field per kind asked for, None for the others.
 
-    grad: [B, *shape], example i's contribution G_i; l2: [B], ‖G_i‖²; sum_sq: shape, Σ_i G_i².
+    grad: [B, *shape], example i's contribution G_i; l2: [B], ‖G_i‖²; sum_sq: shape, Σ_i G_i²;
+    io: (a [B, T, d], δ [B, T, p]), a dense or projection kernel's inputs and output
+    cotangents at its T positions, G_i = Σ_t a_{i,t}ᵀ δ_{i,t} (DP-SGD's book-keeping).
     """
 
     grad: jax.Array | None = None
     l2: jax.Array | None = None
     sum_sq: jax.Array | None = None
+    io: tuple[jax.Array, jax.Array] | None = None
 
 
 class TapConfig(NamedTuple):
@@ -113,44 +123,52 @@ class TapConfig(NamedTuple):
 def use_gram(positions: int, d: int, p: int, norm_path: str = "auto") -> bool:
     """Whether a weight [d, p] used at `positions` (T) positions takes the Gram form for its norms.
 
-    Memory per example: Gram 2·T² (the a·a and δ·δ matrices), instantiated d·p
-    (the example's gradient). "auto" takes the Gram form when 2·T² ≤ d·p.
-    (Multiply-adds per example: T²·(d + p) against T·d·p: the same winner
-    unless d and p are far apart.)
+    Memory per example, beyond what the backward holds anyway: the Gram form
+    needs the layer's inputs at the T positions (for a convolution the im2col
+    patches, a new array) and the a·a and δ·δ matrices, T·d + 2·T²; the
+    instantiated form holds the example's gradient, d·p. "auto" takes the Gram
+    form when T·d + 2·T² ≤ d·p. (Multiply-adds per example: T²·(d + p) against
+    T·d·p: the same winner unless d and p are far apart.)
     """
     if norm_path == "auto":
-        return 2 * positions * positions <= d * p
+        return positions * d + 2 * positions * positions <= d * p
     return norm_path == "gram"
 
 
-def _weight_quantity(a, delta, config: TapConfig, shape=None) -> Quantities:
+def _weight_quantity(a, delta, config: TapConfig, grads=None) -> Quantities:
     """The per-example quantities of W [d, p] in y_t = a_t·W at T positions.
 
-    a: [B, T, d], δ: [B, T, p]; example i contributes G_i = Σ_t a_{i,t}ᵀ δ_{i,t}.
-    `shape(G)` maps [..., d, p] to the kernel's layout (None: [d, p] is it).
+    a: [B, T, d], or a function giving it, called only where a form needs it (a
+    convolution's patches are a new array); δ: [B, T, p]. Example i contributes
+    G_i = Σ_t a_{i,t}ᵀ δ_{i,t}, [d, p]; `grads`, if given, is a function giving
+    the contributions in the kernel's layout without a (a convolution's:
+    `_conv2d_batch_grad`).
     """
-    _, t, d = a.shape
+    a_of = a if callable(a) else lambda: a
+    _, t, d = jax.eval_shape(a_of).shape
     p = delta.shape[-1]
     gram = "l2" in config.kinds and use_gram(t, d, p, config.norm_path)
-    rest = tuple(k for k in config.kinds if not (gram and k == "l2"))
-    out = Quantities()
+    rest = tuple(k for k in config.kinds if not (gram and k == "l2") and k != "io")
+    out = Quantities(io=(a_of(), delta) if "io" in config.kinds else None)
     if rest:
-        g = jnp.einsum("btd,btp->bdp", a, delta)
-        out = _vector_quantity(g if shape is None else shape(g), config._replace(kinds=rest))
+        g, axis = grads() if grads is not None else (jnp.einsum("btd,btp->bdp", a_of(), delta), 0)
+        out = _vector_quantity(g, config._replace(kinds=rest), axis)
     if gram:
+        a = a_of()
         gram_a = jnp.einsum("btd,bsd->bts", a, a)
         gram_delta = jnp.einsum("btp,bsp->bts", delta, delta)
         out = out._replace(l2=jnp.sum(gram_a * gram_delta, axis=(1, 2)))
     return out
 
 
-def _vector_quantity(g, config: TapConfig) -> Quantities:
-    """The quantities from instantiated per-example contributions g [B, ...]."""
+def _vector_quantity(g, config: TapConfig, batch_axis: int = 0) -> Quantities:
+    """The quantities from instantiated per-example contributions g, examples along `batch_axis`."""
     kinds = config.kinds
+    rest = tuple(i for i in range(g.ndim) if i != batch_axis)
     return Quantities(
-        grad=g if "grad" in kinds else None,
-        l2=jnp.sum(g * g, axis=tuple(range(1, g.ndim))) if "l2" in kinds else None,
-        sum_sq=jnp.sum(g * g, axis=0) if "sum_sq" in kinds else None,
+        grad=jnp.moveaxis(g, batch_axis, 0) if "grad" in kinds else None,
+        l2=jnp.sum(g * g, axis=rest) if "l2" in kinds else None,
+        sum_sq=jnp.sum(g * g, axis=batch_axis) if "sum_sq" in kinds else None,
     )
 
 
@@ -161,21 +179,21 @@ def _positions(a):
 
 # ------------------------------------------------------------------- dense
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _dense_tapped(x, w, b, w_tap, b_tap, config):
+def _dense_tapped(x, w, b, w_tap, b_tap, configs):
     return linear._dense_fwd(x, w, b)[0]
 
 
-# _dense_tapped_fwd :: (x, w, b, w_tap, b_tap, TapConfig) -> (y, DenseResiduals)
-def _dense_tapped_fwd(x, w, b, w_tap, b_tap, config):
+# _dense_tapped_fwd :: (x, w, b, w_tap, b_tap, (TapConfig, TapConfig)) -> (y, DenseResiduals)
+def _dense_tapped_fwd(x, w, b, w_tap, b_tap, configs):
     return linear._dense_fwd(x, w, b)
 
 
-# _dense_tapped_bwd :: (TapConfig, DenseResiduals, ct_y) -> (ct_x, ct_w, ct_b, q_w, q_b)
-def _dense_tapped_bwd(config, res, ct_y):
+# _dense_tapped_bwd :: ((TapConfig, TapConfig), DenseResiduals, ct_y) -> (ct_x, ct_w, ct_b, q_w, q_b)
+def _dense_tapped_bwd(configs, res, ct_y):
     ct_x, ct_w, ct_b = linear._dense_bwd(res, ct_y)
     delta = _positions(ct_y)
-    q_w = _weight_quantity(_positions(res.x), delta, config)
-    q_b = _vector_quantity(jnp.sum(delta, axis=1), config)
+    q_w = _weight_quantity(_positions(res.x), delta, configs[0])
+    q_b = _vector_quantity(jnp.sum(delta, axis=1), configs[1])
     return ct_x, ct_w, ct_b, q_w, q_b
 
 
@@ -222,13 +240,51 @@ def _conv2d_tapped_fwd(x, w, w_tap, conv_config, config):
     return conv._conv2d_fwd(x, w, conv_config)
 
 
+def _conv2d_batch_grad(config: conv.ConvConfig, x, ct_y, kernel_hw):
+    """Each example's kernel gradient, (g [kh, kw, C, B, O], 3), without patches: the kernel
+    cotangent's correlation (`conv._conv2d_bwd`, x's channels as the batch, its
+    examples as the features) with the examples kept apart as B feature groups,
+    example i's group pairing x_i with δ_i alone. (groups = 1 only.)
+
+    Under a `jit` whose batch is sharded over several devices, XLA's SPMD
+    partitioner (jax 0.10, CPU) gets this grouped convolution wrong, as it does
+    the one `jax.vmap` of the kernel cotangent writes: values off by up to 24
+    for values of order 10, measured on 8 simulated devices. Run per-example
+    work on a sharded batch under `jax.shard_map`, as the DP step
+    (`step.dp_update_fn`) and `quantities(..., mesh=)` do. The batch-grouped
+    form (`batch_group_count = B`) was partitioned right but took over 10
+    minutes per ResNet-20-GN step on the CPU against about 10 s, measured."""
+    n, c = x.shape[0], x.shape[-1]
+    (kh, kw), (ho, wo, o) = kernel_hw, ct_y.shape[1:]
+    rhs = ct_y.transpose(1, 2, 0, 3).reshape(ho, wo, 1, n * o)  # [Ho, Wo, 1, B·O]: group i's O kernels
+    g = lax.conv_general_dilated(
+        x,
+        rhs,
+        window_strides=config.dilation,
+        padding=config.padding,
+        rhs_dilation=config.stride,
+        dimension_numbers=("CHWN", "HWIO", "HWNC"),
+        feature_group_count=n,
+    )
+    return g[:kh, :kw].reshape(kh, kw, c, n, o), 3
+
+
 # _conv2d_tapped_bwd :: (ConvConfig, TapConfig, Conv2dResiduals, ct_y) -> (ct_x, ct_w, q_w)
 def _conv2d_tapped_bwd(conv_config, config, res, ct_y):
     ct_x, ct_w = conv._conv2d_bwd(conv_config, res, ct_y)
-    kh, kw, c_in, c_out = res.w.shape
-    a = _positions(_patches(res.x, (kh, kw), conv_config))
-    hwio = lambda g: g.reshape(*g.shape[:-2], kh, kw, c_in, c_out)
-    return ct_x, ct_w, _weight_quantity(a, _positions(ct_y), config, hwio)
+    kernel_hw = res.w.shape[:2]
+
+    def patches():
+        # Behind the barrier the patches depend on ct_y, so XLA cannot form them in
+        # the forward pass and hold every layer's until its backward (it did: 1.6 GiB
+        # for ResNet-20-GN at batch 256).
+        x, _ = lax.optimization_barrier((res.x, ct_y))
+        return _positions(_patches(x, kernel_hw, conv_config))
+
+    grads = lambda: _conv2d_batch_grad(conv_config, res.x, ct_y, kernel_hw)
+    if "io" in config.kinds:
+        raise PerExampleError("per-example quantities: conv2d keeps no inputs and cotangents (kind 'io')")
+    return ct_x, ct_w, _weight_quantity(patches, _positions(ct_y), config, grads=grads)
 
 
 _conv2d_tapped.defvjp(_conv2d_tapped_fwd, _conv2d_tapped_bwd)
@@ -257,29 +313,29 @@ _projection_tapped.defvjp(_projection_tapped_fwd, _projection_tapped_bwd)
 # ------------------------------------------------- group_norm and layer_norm
 # Both save x_hat; an example's gamma and beta contributions are Σ over its
 # positions of δ·x_hat and δ: [B, C], cheap enough to instantiate always.
-def _scale_shift_quantities(x_hat, ct_y, config: TapConfig):
+def _scale_shift_quantities(x_hat, ct_y, configs: tuple[TapConfig, TapConfig]):
     delta = _positions(ct_y)
-    q_gamma = _vector_quantity(jnp.sum(delta * _positions(x_hat), axis=1), config)
-    q_beta = _vector_quantity(jnp.sum(delta, axis=1), config)
+    q_gamma = _vector_quantity(jnp.sum(delta * _positions(x_hat), axis=1), configs[0])
+    q_beta = _vector_quantity(jnp.sum(delta, axis=1), configs[1])
     return q_gamma, q_beta
 
 
 def _tapped_norm(fwd, bwd):
     """A normalisation rule with zero taps for its scale and shift:
-    `(x, gamma, beta, gamma_tap, beta_tap, norm_config, config) -> y`, the norm's
+    `(x, gamma, beta, gamma_tap, beta_tap, norm_config, configs) -> y`, the norm's
     own forward and backward, with the per-example quantities of gamma and beta
     as the taps' cotangents."""
 
     @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-    def tapped(x, gamma, beta, gamma_tap, beta_tap, norm_config, config):
+    def tapped(x, gamma, beta, gamma_tap, beta_tap, norm_config, configs):
         return fwd(x, gamma, beta, norm_config)[0]
 
-    def tapped_fwd(x, gamma, beta, gamma_tap, beta_tap, norm_config, config):
+    def tapped_fwd(x, gamma, beta, gamma_tap, beta_tap, norm_config, configs):
         return fwd(x, gamma, beta, norm_config)
 
-    # (norm_config, TapConfig, residuals, ct_y) -> (ct_x, ct_gamma, ct_beta, q_gamma, q_beta)
-    def tapped_bwd(norm_config, config, res, ct_y):
-        return (*bwd(norm_config, res, ct_y), *_scale_shift_quantities(res.x_hat, ct_y, config))
+    # (norm_config, (TapConfig, TapConfig), residuals, ct_y) -> (ct_x, ct_gamma, ct_beta, q_gamma, q_beta)
+    def tapped_bwd(norm_config, configs, res, ct_y):
+        return (*bwd(norm_config, res, ct_y), *_scale_shift_quantities(res.x_hat, ct_y, configs))
 
     tapped.defvjp(tapped_fwd, tapped_bwd)
     return tapped
@@ -312,18 +368,26 @@ def _untapped(name: str, rule: Callable) -> Callable:
     return op
 
 
-@functools.lru_cache(maxsize=16)
-def per_example_ops(config: TapConfig) -> OpSet:
+def _config(*tapped: Tapped, norm_path: str):
+    """Each parameter's TapConfig: the kinds its tap asks for (its fields that are not None)."""
+    configs = tuple(TapConfig(tuple(k for k in KINDS if getattr(t.tap, k) is not None), norm_path) for t in tapped)
+    return configs if len(configs) > 1 else configs[0]
+
+
+@functools.lru_cache(maxsize=8)
+def per_example_ops(norm_path: str = "auto") -> OpSet:
     """The rules, with dense, conv2d, projection, group_norm and layer_norm accepting
     `Tapped` parameters (plain arrays run the ordinary rule); every other op
-    raises `PerExampleError` when handed a `Tapped` one (BatchNorm: why)."""
+    raises `PerExampleError` when handed a `Tapped` one (BatchNorm: why). Each
+    parameter's tap says which kinds it carries; `norm_path` as in `use_gram`."""
+    config = functools.partial(_config, norm_path=norm_path)
 
     def dense(x, w, b):
         if not _is_tapped(w, b):
             return RULES.dense(x, w, b)
         jax.eval_shape(RULES.dense, *_values(x, w, b))  # the rule's checks, at no runtime cost
         w, b = _tapped_pair(w, b)
-        return _dense_tapped(x, w.value, b.value, w.tap, b.tap, config)
+        return _dense_tapped(x, w.value, b.value, w.tap, b.tap, config(w, b))
 
     def conv2d(x, w, **settings):
         if not isinstance(w, Tapped):
@@ -331,26 +395,27 @@ def per_example_ops(config: TapConfig) -> OpSet:
         conv_config = conv.conv2d_config(x, w.value, **settings)
         if conv_config.groups != 1:
             raise PerExampleError(f"per-example quantities: conv2d supports groups=1 only, got {conv_config.groups}")
-        return _conv2d_tapped(x, w.value, w.tap, conv_config, config)
+        return _conv2d_tapped(x, w.value, w.tap, conv_config, config(w))
 
     def projection(x, w, **settings):
         if not isinstance(w, Tapped):
             return RULES.projection(x, w, **settings)
-        return _projection_tapped(x, w.value, w.tap, shortcut.projection_config(x, w.value, **settings), config)
+        proj_config = shortcut.projection_config(x, w.value, **settings)
+        return _projection_tapped(x, w.value, w.tap, proj_config, config(w))
 
     def group_norm(x, gamma, beta, **settings):
         if not _is_tapped(gamma, beta):
             return RULES.group_norm(x, gamma, beta, **settings)
         gamma, beta = _tapped_pair(gamma, beta)
         norm_config = norm.group_norm_config(x, gamma.value, beta.value, **settings)
-        return _group_norm_tapped(x, gamma.value, beta.value, gamma.tap, beta.tap, norm_config, config)
+        return _group_norm_tapped(x, gamma.value, beta.value, gamma.tap, beta.tap, norm_config, config(gamma, beta))
 
     def layer_norm(x, gamma, beta, **settings):
         if not _is_tapped(gamma, beta):
             return RULES.layer_norm(x, gamma, beta, **settings)
         gamma, beta = _tapped_pair(gamma, beta)
         norm_config = norm.layer_norm_config(x, gamma.value, beta.value, **settings)
-        return _layer_norm_tapped(x, gamma.value, beta.value, gamma.tap, beta.tap, norm_config, config)
+        return _layer_norm_tapped(x, gamma.value, beta.value, gamma.tap, beta.tap, norm_config, config(gamma, beta))
 
     aware = {"dense": dense, "conv2d": conv2d, "projection": projection, "group_norm": group_norm}
     aware["layer_norm"] = layer_norm
@@ -376,14 +441,32 @@ def _is_tap(node) -> bool:
     return isinstance(node, Tapped)
 
 
-def _taps(p, batch: int, kinds) -> Quantities:
-    shapes = {"grad": (batch, *p.shape), "l2": (batch,), "sum_sq": p.shape}
-    return Quantities(**{kind: jnp.zeros(shapes[kind], p.dtype) for kind in kinds})
+def _taps(p, batch: int, kinds, positions: int | None = None) -> Quantities:
+    zeros = lambda shape: jnp.zeros(shape, p.dtype)
+    taps = {"grad": (batch, *p.shape), "l2": (batch,), "sum_sq": p.shape}
+    taps = {kind: zeros(shape) for kind, shape in taps.items() if kind in kinds}
+    if "io" in kinds:  # a [d, p] kernel at `positions` positions
+        taps["io"] = (zeros((batch, positions, p.shape[0])), zeros((batch, positions, p.shape[1])))
+    return Quantities(**taps)
 
 
-def tap(params, batch: int, kinds: tuple[str, ...]):
-    """Every leaf p of `params` as `Tapped(p, Quantities of zeros)`, one field per kind, for `batch` examples."""
-    return jax.tree.map(lambda p: Tapped(p, _taps(p, batch, kinds)), params)
+def tap(params, batch: int, kinds, positions: dict | None = None):
+    """Every leaf p of `params` as `Tapped(p, Quantities of zeros)`, one field per kind, for `batch`
+    examples; `kinds` is a tuple of KINDS for every leaf, or a function of a leaf's path
+    (a tuple of dict keys and list indices, as `spec.weight_paths()` writes them) giving its
+    tuple; `positions` maps the path of each leaf tapped for "io" to its layer's T."""
+    kinds_of = kinds if callable(kinds) else lambda path: kinds
+    positions = positions or {}
+
+    def one(key_path, p):
+        path = _path(key_path)
+        return Tapped(p, _taps(p, batch, kinds_of(path), positions.get(path)))
+
+    return jax.tree_util.tree_map_with_path(one, params)
+
+
+def _path(key_path) -> tuple:
+    return tuple(getattr(k, "key", getattr(k, "idx", k)) for k in key_path)
 
 
 def split(tapped):
@@ -405,17 +488,18 @@ def check_batch(x, y, *, least: int = 1) -> int:
     return x.shape[0]
 
 
-def logits_vjp(model: models.Model, params, state, x, kinds: tuple[str, ...], norm_path: str = "auto"):
-    """One forward pass with taps: (logits, vjp), vjp(ct_logits) -> tree of `Tapped(ct_param, Quantities)`.
+def logits_vjp(model: models.Model, params, state, x, kinds, norm_path: str = "auto", positions=None):
+    """One forward pass with taps: (logits, vjp), vjp(ct_logits) -> tree of `Tapped(ct_param, Quantities)`;
+    `kinds` and `positions` as in `tap`.
 
     The quantities are those of the loss whose cotangent at the logits is
     ct_logits (per example: its row of ct_logits), before any rescaling by B.
     """
     if norm_path not in NORM_PATHS:
         raise ValueError(f"per-example quantities: `norm_path` must be one of {NORM_PATHS}, got {norm_path!r}")
-    ops = per_example_ops(TapConfig(tuple(kinds), norm_path))
+    ops = per_example_ops(norm_path)
     forward = lambda tapped: model.apply(tapped, state, x, train=True, grad=ops)[0]
-    return jax.vjp(forward, tap(params, x.shape[0], kinds))
+    return jax.vjp(forward, tap(params, x.shape[0], kinds, positions))
 
 
 def loss_cotangent(logits, y):
@@ -444,18 +528,25 @@ _KIND = {"batch_grad": ("grad", 1), "batch_l2": ("l2", 2), "sum_grad_squared": (
 
 
 def quantities(
-    model: models.Model, params, state, x, y, which=QUANTITIES, *, norm_path: str = "auto"
+    model: models.Model, params, state, x, y, which=QUANTITIES, *, norm_path: str = "auto", mesh=None
 ) -> tuple[jax.Array, Any, dict[str, Any]]:
     """(loss, grads, {name: tree}) for each name in `which` (a subset of QUANTITIES), all
     from one forward and one backward pass; `grads` is `jax.grad` of the mean loss.
 
     `norm_path` (batch_l2): "auto" (the cost model, `use_gram`), "gram" or "grads" (forced).
+    `mesh`: a `jax.sharding.Mesh` with axis "data" over which x and y are split in equal
+    shares: each device computes its own examples' quantities under `jax.shard_map`
+    and the sums and means are combined across devices. Use it for a batch-sharded
+    convolutional model: on a batch-sharded `jit` without it, XLA's partitioner gets
+    the per-example convolution wrong (`_conv2d_batch_grad`).
     """
     which = tuple(which)
     unknown = [w for w in which if w not in QUANTITIES]
     if unknown or not which:
         raise ValueError(f"per-example quantities: `which` must name some of {QUANTITIES}, got {which!r}")
     batch = check_batch(x, y, least=2 if "variance" in which else 1)
+    if mesh is not None and mesh.size > 1:
+        return _per_device_quantities(model, params, state, x, y, which, norm_path, mesh)
     kinds = tuple(k for k in KINDS if any(_KIND[w][0] == k for w in which))
     loss, grads, taps = _backward(model, params, state, x, y, kinds, norm_path)
     out = {}
@@ -465,6 +556,33 @@ def quantities(
         if name == "variance":
             out[name] = jax.tree.map(lambda s, g: s / batch - g * g, out[name], grads)
     return loss, grads, out
+
+
+def _per_device_quantities(model, params, state, x, y, which, norm_path, mesh):
+    """`quantities` on each device's share under `jax.shard_map`: per-example ones stay
+    split along the batch, sums are added, means averaged (equal shares), and the
+    variance is formed from the combined sum of squares and mean gradient."""
+    P = jax.sharding.PartitionSpec
+    local_which = tuple(dict.fromkeys("sum_grad_squared" if w == "variance" else w for w in which))
+
+    def local(params, state, x, y):
+        loss, grads, out = quantities(model, params, state, x, y, local_which, norm_path=norm_path)
+        mean = lambda t: jax.tree.map(lambda v: lax.pmean(v, "data"), t)
+        out = {
+            k: jax.tree.map(lambda v: lax.psum(v, "data"), v) if k == "sum_grad_squared" else v for k, v in out.items()
+        }
+        return mean(loss), mean(grads), out
+
+    specs = {k: P() if k == "sum_grad_squared" else P("data") for k in local_which}
+    # check_vma=False: the rules' custom_vjp backward passes return cotangents without
+    # shard_map's per-axis type annotations.
+    run = jax.shard_map(
+        local, mesh=mesh, in_specs=(P(), P(), P("data"), P("data")), out_specs=(P(), P(), specs), check_vma=False
+    )
+    loss, grads, out = run(params, state, x, y)
+    if "variance" in which:
+        out["variance"] = jax.tree.map(lambda s, g: s / x.shape[0] - g * g, out["sum_grad_squared"], grads)
+    return loss, grads, {name: out[name] for name in which}
 
 
 def _one(name: str, model, params, state, x, y, norm_path="auto") -> PerExample:
@@ -512,13 +630,14 @@ def total(l2) -> jax.Array:
 
 
 class LayerCost(NamedTuple):
-    """One weight's norm path: T positions, d inputs, p outputs, and what `use_gram` chose."""
+    """One weight's norm path: T positions, d inputs, p outputs, what `use_gram` chose, and its op."""
 
     name: str
     positions: int
     d: int
     p: int
     gram: bool
+    op: str = "conv2d"
 
 
 def norm_costs(model: models.Model, input_shape: tuple[int, ...] | None = None) -> list[LayerCost]:
@@ -531,16 +650,16 @@ def norm_costs(model: models.Model, input_shape: tuple[int, ...] | None = None) 
     def conv2d(x, w, **settings):
         y = RULES.conv2d(x, w, **settings)
         kh, kw, c_in, c_out = w.shape
-        seen.append((y.shape[1] * y.shape[2], kh * kw * c_in, c_out))
+        seen.append((y.shape[1] * y.shape[2], kh * kw * c_in, c_out, "conv2d"))
         return y
 
     def dense(x, w, b):
-        seen.append((x.size // (x.shape[0] * x.shape[-1]), *w.shape))
+        seen.append((x.size // (x.shape[0] * x.shape[-1]), *w.shape, "dense"))
         return RULES.dense(x, w, b)
 
     def projection(x, w, **settings):
         y = RULES.projection(x, w, **settings)
-        seen.append((y.shape[1] * y.shape[2], *w.shape))
+        seen.append((y.shape[1] * y.shape[2], *w.shape, "projection"))
         return y
 
     ops = RULES._replace(conv2d=conv2d, dense=dense, projection=projection)
@@ -550,7 +669,7 @@ def norm_costs(model: models.Model, input_shape: tuple[int, ...] | None = None) 
     names = [name for name, _ in model.spec.weight_paths()]
     if len(names) != len(seen):
         raise AssertionError(f"norm_costs: {len(seen)} kernels ran, but weight_paths names {len(names)}")
-    return [LayerCost(n, t, d, p, use_gram(t, d, p)) for n, (t, d, p) in zip(names, seen)]
+    return [LayerCost(n, t, d, p, use_gram(t, d, p), op) for n, (t, d, p, op) in zip(names, seen)]
 
 
 # ---------------------------------------------------------------------- DP-SGD
@@ -578,25 +697,67 @@ def clip_factors(norms, clip):
     return jnp.where(norms > clip, clip / jnp.where(norms > 0, norms, 1), 1.0).astype(norms.dtype)
 
 
-def clipped_grad_sum(model: models.Model, params, state, x, y, clip: float, *, norm_path="auto") -> ClippedSum:
-    """Σ_i min(1, C/‖g_i‖)·g_i from one forward and two backward passes, no per-example gradient kept.
+def gram_kernels(model: models.Model, input_shape: tuple[int, ...], norm_path: str = "auto") -> dict:
+    """{path: LayerCost} of the kernels whose norms take the Gram form for examples of
+    `input_shape`, paths as `spec.weight_paths()` writes them; shapes only (`norm_costs`)."""
+    if norm_path == "grads":
+        return {}
+    paths = [path for _, path in model.spec.weight_paths()]
+    costs = norm_costs(model, input_shape)
+    return {p: c for p, c in zip(paths, costs) if use_gram(c.positions, c.d, c.p, norm_path)}
 
-    The forward runs once (`jax.vjp` with taps). Backward 1, with the loss's
-    cotangent at the logits, gives each example's squared norm layer by
-    layer (`batch_l2`); backward 2 reuses the same forward, its cotangent's
-    row i scaled by min(1, C/‖g_i‖), which is the gradient of Σ_i c_i·ℓ_i / B
-    (its taps are unused, so XLA drops their work under `jit`).
+
+def clipped_grad_sum(model: models.Model, params, state, x, y, clip: float, *, norm_path="auto") -> ClippedSum:
+    """Σ_i min(1, C/‖g_i‖)·g_i from one forward and one backward pass (book-keeping), and
+    for Gram-form convolutions a second backward that reaches no further down than they do.
+
+    The forward runs once (`jax.vjp` with taps). The backward, with the loss's
+    cotangent at the logits, gives each example's squared norm layer by layer
+    (`batch_l2`) and keeps what each parameter's clipped sum needs once the clip
+    factors c_i = min(1, C/‖g_i‖) are known (book-keeping, Bu et al. 2023):
+    where it instantiates the contributions G_i for the norm, G_i (the sum is
+    Σ_i c_i·G_i); for a Gram-form dense or projection kernel, its inputs a and
+    output cotangents δ (the sum is aᵀ(c ⊙ δ)). A Gram-form convolution
+    (`gram_kernels`) keeps neither; its sum comes from the backward again, the
+    cotangent's row i scaled by c_i (the gradient of Σ_i c_i·ℓ_i / B), of which
+    XLA keeps only the part above the lowest such convolution. `norm_path`
+    "gram" and "grads" force the form of every kernel's norm, and so of its sum.
 
     Derivation: derivations/per_example.md#dp-sgd
     """
     batch = check_batch(x, y)
-    logits, vjp = logits_vjp(model, params, state, x, ("l2",), norm_path)
+    gram = gram_kernels(model, x.shape[1:], norm_path)
+    io = {path: c.positions for path, c in gram.items() if c.op != "conv2d"}
+
+    def kinds(path):
+        return ("l2", "io") if path in io else ("l2",) if path in gram else ("grad", "l2")
+
+    logits, vjp = logits_vjp(model, params, state, x, kinds, norm_path, io)
     loss, ct_logits = loss_cotangent(logits, y)
-    l2 = jax.tree.map(lambda q: q.l2, split(vjp(ct_logits)[0])[1], is_leaf=_is_quantities)
+    taps = split(vjp(ct_logits)[0])[1]
+    l2 = jax.tree.map(lambda q: q.l2, taps, is_leaf=_is_quantities)
     norms = jnp.sqrt(batch * batch * total(l2))
     factors = clip_factors(norms, clip)
-    clipped, _ = split(vjp(ct_logits * factors[:, None])[0])
-    return ClippedSum(loss, logits, jax.tree.map(lambda g: batch * g, clipped), norms)
+
+    def book_kept(q):
+        if q.io is not None:
+            return batch * jnp.einsum("btd,b,btp->dp", q.io[0], factors, q.io[1])
+        return None if q.grad is None else batch * jnp.tensordot(factors, q.grad, 1)
+
+    kept = jax.tree.map(book_kept, taps, is_leaf=_is_quantities)
+    again = split(vjp(ct_logits * factors[:, None])[0])[0] if len(gram) > len(io) else None
+
+    def clipped(key_path, _):
+        path = _path(key_path)
+        return batch * _at(again, path) if path in gram and path not in io else _at(kept, path)
+
+    return ClippedSum(loss, logits, jax.tree_util.tree_map_with_path(clipped, params), norms)
+
+
+def _at(tree, path: tuple):
+    for key in path:
+        tree = tree[key]
+    return tree
 
 
 def noisy_mean(clipped_sum, key, clip: float, noise: float, batch: int):

@@ -278,24 +278,51 @@ class DPSettings(NamedTuple):
 DP_NOISE_STREAM = 1  # noise key = fold_in(step key, 1); augmentation uses the step key itself
 
 
-def dp_update_fn(model: models.Model, optimizer: optax.GradientTransformation, dp: DPSettings) -> Callable:
+def dp_update_fn(
+    model: models.Model, optimizer: optax.GradientTransformation, dp: DPSettings, mesh: jax.sharding.Mesh | None = None
+) -> Callable:
     """The pure DP-SGD update, not compiled:
     update(params, state, opt_state, x, y, key) -> (params, opt_state, per_example.ClippedSum).
 
     Clipped sum (`per_example.clipped_grad_sum`), noise with key
     `fold_in(key, DP_NOISE_STREAM)` and the mean (`per_example.noisy_mean`),
-    then `optimizer`.
+    then `optimizer`. With a `mesh` of several devices, each device forms the
+    clipped sum of its own examples (`jax.shard_map` over axis "data") and the
+    sums are added across devices: per-example work never crosses devices, and
+    XLA's SPMD partitioner never sees the per-example convolution (whose
+    batch-grouped form it partitions wrongly, `per_example._conv2d_batch_grad`).
     """
     per_example.check_dp(dp.clip, dp.noise)
+    clipped_sum = functools.partial(per_example.clipped_grad_sum, model, clip=dp.clip)
+    if mesh is not None and mesh.size > 1:
+        clipped_sum = _per_device_clipped_sum(clipped_sum, mesh)
 
     def update(params, state, opt_state, x, y, key):
-        out = per_example.clipped_grad_sum(model, params, state, x, y, dp.clip)
+        out = clipped_sum(params, state, x, y)
         noise_key = jax.random.fold_in(key, DP_NOISE_STREAM)
         grads = per_example.noisy_mean(out.clipped_sum, noise_key, dp.clip, dp.noise, x.shape[0])
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, out
 
     return update
+
+
+def _per_device_clipped_sum(clipped_sum: Callable, mesh: jax.sharding.Mesh) -> Callable:
+    """`clipped_sum(params, state, x, y)` run on each device's share of the batch: the
+    clipped sums added across devices, the losses averaged (equal shares), logits
+    and norms left split along the batch."""
+    P = jax.sharding.PartitionSpec
+
+    def local(params, state, x, y):
+        out = clipped_sum(params, state, x, y)
+        summed = jax.tree.map(lambda g: jax.lax.psum(g, "data"), out.clipped_sum)
+        return out._replace(loss=jax.lax.pmean(out.loss, "data"), clipped_sum=summed)
+
+    out_specs = per_example.ClippedSum(loss=P(), logits=P("data"), clipped_sum=P(), norms=P("data"))
+    # check_vma=False: the rules' custom_vjp backward passes return cotangents without
+    # shard_map's per-axis type annotations.
+    specs = {"in_specs": (P(), P(), P("data"), P("data")), "out_specs": out_specs}
+    return jax.shard_map(local, mesh=mesh, check_vma=False, **specs)
 
 
 def make_dp_train_step(
@@ -310,8 +337,8 @@ def make_dp_train_step(
     step(params, state, opt_state, x, y, key) -> (params, state, opt_state, metrics).
 
     Each example's gradient is clipped to norm C, the clipped gradients summed
-    (`per_example.clipped_grad_sum`: one forward, two backward passes, no
-    per-example gradient kept), Gaussian noise of std σ·C added, the sum
+    (`per_example.clipped_grad_sum`: one forward and one backward pass,
+    book-keeping; with a `mesh`, per device, see `dp_update_fn`), Gaussian noise of std σ·C added, the sum
     divided by the batch size (`per_example.noisy_mean`, noise key
     `fold_in(key, DP_NOISE_STREAM)`), and the result handed to `optimizer`.
     With `augment`, the batch is first augmented with `key`. Metrics as
@@ -319,7 +346,7 @@ def make_dp_train_step(
     norm exceeded C). A model with BatchNorm raises `per_example.PerExampleError`
     when the step is traced.
     """
-    update = dp_update_fn(model, optimizer, dp)
+    update = dp_update_fn(model, optimizer, dp, mesh)
 
     def step(params, state, opt_state, x, y, key):
         if augment is not None:

@@ -3,6 +3,7 @@ architectures (equal parameter counts; equal outputs and BatchNorm updates from
 equal weights). No timing is asserted: the numbers depend on the machine."""
 
 import json
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +12,7 @@ import pytest
 from flax import nnx
 
 from jax_resnet import bench, cli, models
+from jax_resnet._compile import run_once
 
 ROW_FIELDS = {
     "workload",
@@ -156,3 +158,32 @@ def test_peer_with_the_library_weights_computes_the_library_forward(name, exampl
     assert jax.tree.structure(peer_stats) == jax.tree.structure(expected_stats)
     for got, want in zip(jax.tree.leaves(peer_stats), jax.tree.leaves(expected_stats)):
         np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
+
+
+# ------------------------------------------------------------------ bench --dp
+def test_dp_methods_skip_jax_privacy_with_the_reason_when_it_is_absent(monkeypatch):
+    monkeypatch.setitem(sys.modules, "jax_privacy", None)  # `import jax_privacy` raises ImportError
+    logged = []
+    assert bench.dp_methods(logged.append) == ("non_private", "dp", "vmap_clip")
+    assert "skipping jax_privacy" in logged[0] and "jax-resnet[peers]" in logged[0]
+
+
+# jax_privacy 2.0 calls optax.global_norm, which optax 0.2.8 deprecates.
+@pytest.mark.filterwarnings("ignore:optax.global_norm is deprecated:DeprecationWarning")
+def test_jax_privacy_peer_takes_the_dp_steps_update():
+    # The peer's clipped sum (jax_privacy.clipping.clipped_grad) with the DP step's
+    # noise and optimizer gives the DP step's parameters: the benchmark compares
+    # two ways of computing one update.
+    pytest.importorskip("jax_privacy")
+    import optax
+
+    model = models.residual_mlp(in_features=6, width=8, depth=2, out_features=3)
+    params, state = model.init(jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (5, 6), jnp.float32)
+    y, key, tx = jnp.arange(5) % 3, jax.random.key(2), optax.sgd(0.1)
+    carry = (params, state, tx.init(params))
+    new = {
+        m: run_once(jax.jit(bench.dp_method_step(m, model, tx)), carry, x, y, key)[0][0] for m in ("dp", "jax_privacy")
+    }
+    for a, b in zip(jax.tree.leaves(new["dp"]), jax.tree.leaves(new["jax_privacy"])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

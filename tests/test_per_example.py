@@ -42,6 +42,16 @@ CASES = {
 }
 
 
+# DP-SGD's clipped sum on one of the cases, against optax's per-example clipping of
+# the reference gradients, by the cost model's choices ("auto": the convolutions' and
+# norms' from their kept per-example contributions, the dense head's from its kept
+# inputs and cotangents, one backward) and with every kernel in the Gram form
+# ("gram": the convolutions' from the second backward, the dense head's and the
+# projection's from their inputs and cotangents). C = 2 clips one of two examples.
+NORM_PATHS, CLIP = ("auto", "gram"), 2.0
+CLIPPED_MODEL = CASES["gn_basic_B"][0]()
+
+
 def _data(model, shape, seed=0):
     params, state = model.init(jax.random.key(seed), jnp.float64)
     rng = np.random.default_rng(seed)
@@ -75,13 +85,15 @@ def _everything(model, full, params, state, x, y):
     )
     for path in ("gram", "grads") if full else ():
         out[f"l2_{path}"] = per_example.batch_l2(model, params, state, x, y, norm_path=path).value
+    for path in NORM_PATHS if model is CLIPPED_MODEL else ():
+        out[f"clipped_{path}"] = per_example.clipped_grad_sum(model, params, state, x, y, CLIP, norm_path=path)
     return out
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_per_example_quantities_equal_vmap_of_grad(name):
     make, shape, full = CASES[name]
-    model = make()
+    model = CLIPPED_MODEL if name == "gn_basic_B" else make()
     args = _data(model, shape)
     out = compile_once(jax.jit(functools.partial(_everything, model, full)), *args)(*args)
     ref = out["reference"]
@@ -103,6 +115,13 @@ def test_per_example_quantities_equal_vmap_of_grad(name):
         assert max_leaf_error(out["sum_grad_squared"], jax.tree.map(lambda g: jnp.sum(g * g, 0), ref))[0] <= TOL
         # (1/B)Σg² − ḡ² cancels: its error is relative to Σg²/B, not to the (smaller) variance.
         assert max_leaf_error(out["variance"], jax.tree.map(lambda g: jnp.var(g, 0), ref))[0] <= 1e-8
+    if model is CLIPPED_MODEL:
+        clipped = optax.per_example_global_norm_clip(jax.tree.leaves(ref), CLIP)[0]
+        norms = jnp.sqrt(sum(jnp.sum(g.reshape(shape[0], -1) ** 2, 1) for g in jax.tree.leaves(ref)))
+        assert 0 < int(jnp.sum(norms > CLIP)) < shape[0]  # some examples clipped, some not
+        for path in NORM_PATHS:
+            err, where = max_leaf_error(jax.tree.leaves(out[f"clipped_{path}"].clipped_sum), clipped)
+            assert err <= TOL, (path, where, err)
 
 
 class _LayerNormNet:
@@ -147,15 +166,32 @@ def test_gram_and_instantiated_norms_of_one_layer_agree():
 
 
 # The cost model's choices, as derivations/per_example.md tabulates them: memory per
-# example, Gram 2·T² against instantiated d·p. ResNet-20 (32x32): stages 1 and 2
-# (T = 1024, 256) instantiate, stage 3 (T = 64: 8,192 < 36,864) and the head take the Gram form.
-def test_cost_model_choices_for_resnet20_gn():
+# example, Gram T·d + 2·T² (the patches and two Gram matrices) against instantiated d·p.
+# ResNet-20 (32x32): every convolution instantiates (stage 3, T = 64: 45,056 > 36,864),
+# the head takes the Gram form; ResNet-18 (224x224): the late stages take the Gram form.
+def test_cost_model_choices_for_resnet20_gn_and_resnet18_gn():
     costs = {c.name: c for c in per_example.norm_costs(models.resnet20_gn())}
-    assert [n for n, c in costs.items() if c.gram] == [f"block{b}.conv{j}" for b in (6, 7, 8) for j in (0, 1)] + [
-        "head"
-    ]
-    assert (costs["block6.conv0"].positions, costs["block6.conv0"].d, costs["block6.conv0"].p) == (64, 288, 64)
-    assert per_example.use_gram(1, 1, 2) and not per_example.use_gram(1, 1, 1)
+    assert [n for n, c in costs.items() if c.gram] == ["head"]
+    assert (costs["block6.conv1"].positions, costs["block6.conv1"].d, costs["block6.conv1"].p) == (64, 576, 64)
+    gram18 = [c.name for c in per_example.norm_costs(models.resnet18_gn()) if c.gram]
+    late = [f"block{b}.{layer}" for b in (6, 7) for layer in ("conv0", "conv1", "proj") if (b, layer) != (7, "proj")]
+    assert gram18 == ["block4.conv1", "block5.conv0", "block5.conv1", *late, "head"]
+    assert per_example.use_gram(1, 1, 3) and not per_example.use_gram(1, 1, 2)
+
+
+@pytest.mark.parametrize("settings", [{"dilation": 2}, {"stride": 3, "padding": ((1, 0), (2, 1))}])
+def test_conv_per_example_gradients_by_grouped_convolution(settings):
+    # Example i's kernel gradient from one convolution with B feature groups, against
+    # vmap of jax.grad of the reference convolution on that example alone.
+    from jax_resnet.ops import conv
+
+    rng = np.random.default_rng(4)
+    x, w = jnp.asarray(rng.standard_normal((3, 9, 9, 2))), jnp.asarray(rng.standard_normal((3, 3, 2, 4)))
+    config = conv.conv2d_config(x, w, **settings)
+    ct_y = jnp.asarray(rng.standard_normal(conv.conv2d_reference(x, w, **settings).shape))
+    g, axis = per_example._conv2d_batch_grad(config, x, ct_y, (3, 3))
+    one = lambda xi, ci: jax.grad(lambda w: jnp.sum(conv.conv2d_reference(xi[None], w, **settings) * ci[None]))(w)
+    np.testing.assert_allclose(jnp.moveaxis(g, axis, 0), jax.vmap(one)(x, ct_y), rtol=1e-12, atol=1e-12)
 
 
 # ----------------------------------------------------------------------- DP-SGD
@@ -252,6 +288,20 @@ xs, ys = jax.device_put(x, batch), jax.device_put(y, batch)
 quantities = functools.partial(per_example.quantities, model, which=("batch_grad", "batch_l2"))
 _, _, out = jax.jit(quantities, in_shardings=(replicated, replicated, batch, batch))(params, state, xs, ys)
 for leaf in jax.tree.leaves(out):
+    assert leaf.sharding.spec == jax.sharding.PartitionSpec("data"), leaf.sharding
+# A GroupNorm ResNet's quantities and DP step: per device under shard_map (XLA's partitioner
+# gets the per-example convolution wrong on a batch-sharded jit: off by up to 24, measured).
+model = models.cifar_resnet(8, num_classes=3, in_channels=1, norm="group", norm_groups=2, widths=(2, 4), shortcut="B")
+params, state = model.init(jax.random.key(0))
+x = rng.standard_normal((16, 4, 4, 1)).astype(np.float32)
+xs = jax.device_put(x, batch)
+which = ("batch_grad", "variance")  # per-example, and from a sum and a mean across devices
+everything = functools.partial(per_example.quantities, model, which=which, mesh=mesh)
+q8 = jax.jit(everything, in_shardings=(replicated, replicated, batch, batch))(params, state, xs, ys)
+q1 = jax.jit(functools.partial(per_example.quantities, model, which=which))(params, state, x, y)
+for a, b in zip(jax.tree.leaves(q8), jax.tree.leaves(q1)):
+    assert np.allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6), float(np.max(np.abs(a - b)))
+for leaf in jax.tree.leaves(q8[2]["batch_grad"]):
     assert leaf.sharding.spec == jax.sharding.PartitionSpec("data"), leaf.sharding
 opt, dp, key = optax.sgd(0.1), step.DPSettings(1.0, 1.0), jax.random.key(3)
 p1 = step.make_dp_train_step(model, opt, dp)(params, state, opt.init(params), x, y, key)[0]

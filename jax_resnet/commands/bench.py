@@ -39,7 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add(
         "--dp",
         action="store_true",
-        help="instead: the DP-SGD step vs the non-private step vs jax.vmap(jax.grad) + optax clipping (bench.bench_dp)",
+        help="instead: the DP-SGD step vs the non-private step, jax.vmap(jax.grad) + optax clipping, and jax_privacy "
+        "where installed (bench.bench_dp)",
     )
     add_json_flag(parser, "the rows")
     add("--markdown", type=out_file, metavar="FILE", help="also write a Markdown table with the goals, for the README")
