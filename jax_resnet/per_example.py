@@ -585,43 +585,44 @@ def _per_device_quantities(model, params, state, x, y, which, norm_path, mesh):
     return loss, grads, {name: out[name] for name in which}
 
 
-def _one(name: str, model, params, state, x, y, norm_path="auto") -> PerExample:
-    loss, grads, out = quantities(model, params, state, x, y, (name,), norm_path=norm_path)
+def _one(name: str, model, params, state, x, y, norm_path="auto", mesh=None) -> PerExample:
+    loss, grads, out = quantities(model, params, state, x, y, (name,), norm_path=norm_path, mesh=mesh)
     return PerExample(loss, grads, out[name])
 
 
-def batch_grad(model: models.Model, params, state, x, y) -> PerExample:
+def batch_grad(model: models.Model, params, state, x, y, *, mesh=None) -> PerExample:
     """Per-example gradients g_i = ∇ℓ_i, each leaf [B, *shape]; `grads` = Σ_i g_i / B = jax.grad of the mean loss.
 
     Derivation: derivations/per_example.md#batch_grad
     """
-    return _one("batch_grad", model, params, state, x, y)
+    return _one("batch_grad", model, params, state, x, y, mesh=mesh)
 
 
-def batch_l2(model: models.Model, params, state, x, y, *, norm_path: str = "auto") -> PerExample:
+def batch_l2(model: models.Model, params, state, x, y, *, norm_path: str = "auto", mesh=None) -> PerExample:
     """Per-example squared gradient norms ‖g_i‖² per leaf, each [B]; `total(value)` sums the leaves.
 
     `norm_path`: "auto" (the cost model, `use_gram`), "gram" or "grads" (forced).
+    `mesh`: for a batch split over devices, as in `quantities` (each of these takes it).
 
     Derivation: derivations/per_example.md#batch_l2
     """
-    return _one("batch_l2", model, params, state, x, y, norm_path)
+    return _one("batch_l2", model, params, state, x, y, norm_path, mesh)
 
 
-def sum_grad_squared(model: models.Model, params, state, x, y) -> PerExample:
+def sum_grad_squared(model: models.Model, params, state, x, y, *, mesh=None) -> PerExample:
     """Σ_i g_i², elementwise, each leaf shaped like its parameter.
 
     Derivation: derivations/per_example.md#sum_grad_squared
     """
-    return _one("sum_grad_squared", model, params, state, x, y)
+    return _one("sum_grad_squared", model, params, state, x, y, mesh=mesh)
 
 
-def variance(model: models.Model, params, state, x, y) -> PerExample:
+def variance(model: models.Model, params, state, x, y, *, mesh=None) -> PerExample:
     """(1/B) Σ_i (g_i − ḡ)² elementwise, ḡ = `grads`; needs B ≥ 2.
 
     Derivation: derivations/per_example.md#variance
     """
-    return _one("variance", model, params, state, x, y)
+    return _one("variance", model, params, state, x, y, mesh=mesh)
 
 
 def total(l2) -> jax.Array:

@@ -301,6 +301,9 @@ q8 = jax.jit(everything, in_shardings=(replicated, replicated, batch, batch))(pa
 q1 = jax.jit(functools.partial(per_example.quantities, model, which=which))(params, state, x, y)
 for a, b in zip(jax.tree.leaves(q8), jax.tree.leaves(q1)):
     assert np.allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6), float(np.max(np.abs(a - b)))
+l2 = [jax.jit(functools.partial(per_example.batch_l2, model, mesh=m))(params, state, a, b)[2] for m, a, b in ((mesh, xs, ys), (None, x, y))]
+for a, b in zip(*map(jax.tree.leaves, l2)):  # the convenience functions take the mesh too
+    assert np.allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6), float(np.max(np.abs(a - b)))
 for leaf in jax.tree.leaves(q8[2]["batch_grad"]):
     assert leaf.sharding.spec == jax.sharding.PartitionSpec("data"), leaf.sharding
 opt, dp, key = optax.sgd(0.1), step.DPSettings(1.0, 1.0), jax.random.key(3)
