@@ -223,6 +223,19 @@ def test_leaky_relu_derivative_at_zero_is_the_slope():
     np.testing.assert_allclose(jax.grad(lambda x: leaky_relu(x, 0.2).sum())(x), [0.2, 0.2, 1.0])
 
 
+def test_tanh_derivative_is_accurate_where_the_output_saturates():
+    """derivations/activations.md#tanh: sech² x from x, not 1 − y² from the output."""
+    from jax_resnet.ops import tanh
+
+    x = np.linspace(-12.0, 12.0, 4801).astype(np.float32)
+    exact = 1.0 / np.cosh(x.astype(np.float64)) ** 2  # float64, from the float32 points themselves
+    rule = np.asarray(jax.jit(jax.grad(lambda x: tanh(x).sum()))(x), np.float64)
+    y = np.asarray(jax.jit(jnp.tanh)(x), np.float64)
+    from_output = (1.0 - y) * (1.0 + y)  # JAX's own derivative of jnp.tanh, float32 output
+    assert np.max(np.abs(rule - exact) / exact) <= 1e-6  # a few float32 roundings, everywhere
+    assert np.max(np.abs(from_output - exact) / exact) > 1e-2  # the cancellation the rule avoids
+
+
 def test_registry_names_are_unique_and_lookup_explains_misses():
     assert len(rules.REGISTRY) == len(RULES)
     with pytest.raises(KeyError, match="registered"):
