@@ -479,6 +479,24 @@ def spread(values: Sequence[float]) -> tuple[float, float, float]:
     return min(values), statistics.median(values), max(values)
 
 
+def spread_fields(name: str, values: Sequence[float], scale: float = 1.0) -> dict:
+    """Row fields `name` (the median), `name_min` and `name_max` of `values`, each times `scale`."""
+    low, median, high = spread(values)
+    return {name: median * scale, f"{name}_min": low * scale, f"{name}_max": high * scale}
+
+
+def _round_fields(times: Sequence[float], steps: int, batch_size: int, example_shape, num_params: int) -> dict:
+    """The row fields every timed method shares: sizes and the rounds' step times."""
+    return {
+        "batch_size": batch_size,
+        "example_shape": list(example_shape),
+        "num_params": num_params,
+        "rounds": len(times),
+        "steps_per_round": steps,
+        "round_step_times_ms": [t * 1e3 for t in times],
+    }
+
+
 def environment(quick: bool) -> dict:
     """Where and when the numbers were taken; stored with every row."""
     device = jax.devices()[0]
@@ -514,30 +532,17 @@ def bench_workload(
     rows = []
     for p in prepared:
         times = per_round[p.method]
-        t_min, t_median, t_max = spread(times)
-        r_min, r_median, r_max = spread([t / base for t, base in zip(times, per_round["autodiff"])])
-        c_min, c_median, c_max = spread(p.compile_times_s)
+        ratios = [t / base for t, base in zip(times, per_round["autodiff"])]
         rows.append(
             {
                 "workload": workload.name,
                 "method": p.method,
-                "step_time_ms": t_median * 1e3,
-                "step_time_ms_min": t_min * 1e3,
-                "step_time_ms_max": t_max * 1e3,
-                "ratio_to_autodiff": r_median,
-                "ratio_to_autodiff_min": r_min,
-                "ratio_to_autodiff_max": r_max,
-                "compile_time_s": c_median,
-                "compile_time_s_min": c_min,
-                "compile_time_s_max": c_max,
+                **spread_fields("step_time_ms", times, 1e3),
+                **spread_fields("ratio_to_autodiff", ratios),
+                **spread_fields("compile_time_s", p.compile_times_s),
                 "temp_memory_bytes": p.temp_memory_bytes,
-                "examples_per_second": batch_size / t_median,
-                "batch_size": batch_size,
-                "example_shape": list(example_shape),
-                "num_params": p.num_params,
-                "rounds": len(times),
-                "steps_per_round": steps,
-                "round_step_times_ms": [t * 1e3 for t in times],
+                "examples_per_second": batch_size / statistics.median(times),
+                **_round_fields(times, steps, batch_size, example_shape, p.num_params),
                 "compile_times_s": list(p.compile_times_s),
                 "environment": env,
             }
@@ -923,30 +928,19 @@ def bench_dp(quick: bool = False, rounds: int | None = None, log: Callable[[str]
         for p in prepared:
             times = per_round[p.method]
             ratios = [t / base for t, base in zip(times, per_round["non_private"])]
-            t_min, t_median, t_max = spread(times)
-            r_min, r_median, r_max = spread(ratios)
             base_memory = prepared[0].temp_memory_bytes
             rows.append(
                 {
                     "workload": w.name,
                     "method": p.method,
-                    "step_time_ms": t_median * 1e3,
-                    "step_time_ms_min": t_min * 1e3,
-                    "step_time_ms_max": t_max * 1e3,
-                    "ratio_to_non_private": r_median,
-                    "ratio_to_non_private_min": r_min,
-                    "ratio_to_non_private_max": r_max,
+                    **spread_fields("step_time_ms", times, 1e3),
+                    **spread_fields("ratio_to_non_private", ratios),
                     "temp_memory_bytes": p.temp_memory_bytes,
                     "memory_ratio_to_non_private": (
                         None if not (base_memory and p.temp_memory_bytes) else p.temp_memory_bytes / base_memory
                     ),
                     "compile_time_s": p.compile_times_s[0],
-                    "batch_size": batch_size,
-                    "example_shape": list(example_shape),
-                    "num_params": p.num_params,
-                    "rounds": len(times),
-                    "steps_per_round": steps,
-                    "round_step_times_ms": [t * 1e3 for t in times],
+                    **_round_fields(times, steps, batch_size, example_shape, p.num_params),
                     "environment": env,
                 }
             )
