@@ -403,19 +403,20 @@ def per_example_ops(norm_path: str = "auto") -> OpSet:
         proj_config = shortcut.projection_config(x, w.value, **settings)
         return _projection_tapped(x, w.value, w.tap, proj_config, config(w))
 
-    def group_norm(x, gamma, beta, **settings):
-        if not _is_tapped(gamma, beta):
-            return RULES.group_norm(x, gamma, beta, **settings)
-        gamma, beta = _tapped_pair(gamma, beta)
-        norm_config = norm.group_norm_config(x, gamma.value, beta.value, **settings)
-        return _group_norm_tapped(x, gamma.value, beta.value, gamma.tap, beta.tap, norm_config, config(gamma, beta))
+    def norm_op(name, make_config, tapped_rule):
+        """group_norm or layer_norm: the same wrapper around its own config and tapped rule."""
 
-    def layer_norm(x, gamma, beta, **settings):
-        if not _is_tapped(gamma, beta):
-            return RULES.layer_norm(x, gamma, beta, **settings)
-        gamma, beta = _tapped_pair(gamma, beta)
-        norm_config = norm.layer_norm_config(x, gamma.value, beta.value, **settings)
-        return _layer_norm_tapped(x, gamma.value, beta.value, gamma.tap, beta.tap, norm_config, config(gamma, beta))
+        def op(x, gamma, beta, **settings):
+            if not _is_tapped(gamma, beta):
+                return getattr(RULES, name)(x, gamma, beta, **settings)
+            gamma, beta = _tapped_pair(gamma, beta)
+            norm_config = make_config(x, gamma.value, beta.value, **settings)
+            return tapped_rule(x, gamma.value, beta.value, gamma.tap, beta.tap, norm_config, config(gamma, beta))
+
+        return op
+
+    group_norm = norm_op("group_norm", norm.group_norm_config, _group_norm_tapped)
+    layer_norm = norm_op("layer_norm", norm.layer_norm_config, _layer_norm_tapped)
 
     aware = {"dense": dense, "conv2d": conv2d, "projection": projection, "group_norm": group_norm}
     aware["layer_norm"] = layer_norm
