@@ -87,7 +87,8 @@ import jaxlib
 import optax
 from flax import nnx
 
-from jax_resnet import blocks, models, per_example
+from jax_resnet import blocks, models
+from jax_resnet import dp as dp_lib
 from jax_resnet import step as step_lib
 
 METHODS = ("rules", "autodiff", "flax")
@@ -794,9 +795,16 @@ def benchmark(
 # `optax.contrib.differentially_private_aggregate`; and jax_privacy's `clipped_grad`
 # (its per-example gradients by `jax.vmap` too; the optional extra `peers`, skipped
 # with the reason logged where it is not installed), noised and averaged as the DP
-# step does. Same optimizer, batch and clip.
+# step does. Same optimizer, batch and clip. The DP step runs as `jax-resnet train`
+# runs it under Poisson sampling: the expected batch of real rows, padded to
+# `dp.physical_batch_size` rows labelled `dp.PAD_LABEL`; the others see the b rows alone.
 DP_METHODS = ("non_private", "dp", "vmap_clip", "jax_privacy")
-DP_SETTINGS = step_lib.DPSettings(clip=1.0, noise=1.0)
+DP_CLIP, DP_NOISE = 1.0, 1.0
+
+
+def dp_config(batch: int) -> dp_lib.DPConfig:
+    """The benchmark's DP settings (C = 1, σ = 1) for an expected batch of `batch`."""
+    return dp_lib.DPConfig(l2_norm_clip=DP_CLIP, noise_multiplier=DP_NOISE, expected_batch_size=batch)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -838,13 +846,15 @@ DP_WORKLOADS: list[DPWorkload] = [
 ]
 
 
-def dp_method_step(method: str, model: models.Model, tx: optax.GradientTransformation) -> Callable:
+def dp_method_step(
+    method: str, model: models.Model, tx: optax.GradientTransformation, config: dp_lib.DPConfig
+) -> Callable:
     """step(carry, x, y, key) -> (carry, loss) of one DP_METHODS entry; carry = (params, state, opt_state)."""
     if method == "non_private":
         plain = library_step(model, "rules", tx)
         return lambda carry, x, y, key: plain(carry, x, y)
     if method == "dp":
-        update = step_lib.dp_update_fn(model, tx, DP_SETTINGS)
+        update = dp_lib.update_fn(model, tx, config, chunk=None)
 
         def dp(carry, x, y, key):
             params, state, opt_state = carry
@@ -856,7 +866,7 @@ def dp_method_step(method: str, model: models.Model, tx: optax.GradientTransform
     if method == "jax_privacy":
         from jax_privacy import clipping
 
-        clip, noise = DP_SETTINGS
+        clip, noise = config.l2_norm_clip, config.noise_multiplier
         # Each example is handed to the loss as a batch of one (keep_batch_dim), so
         # its mean loss is that example's loss.
         clipped_sum = clipping.clipped_grad(
@@ -865,8 +875,8 @@ def dp_method_step(method: str, model: models.Model, tx: optax.GradientTransform
 
         def jax_privacy(carry, x, y, key):
             params, state, opt_state = carry
-            noise_key = jax.random.fold_in(key, step_lib.DP_NOISE_STREAM)
-            grads = per_example.noisy_mean(clipped_sum(params, state, x, y), noise_key, clip, noise, x.shape[0])
+            noise_key = jax.random.fold_in(key, dp_lib.NOISE_STREAM)
+            grads = dp_lib.noisy_mean(clipped_sum(params, state, x, y), noise_key, clip, noise, x.shape[0])
             updates, opt_state = tx.update(grads, opt_state, params)
             return (optax.apply_updates(params, updates), state, opt_state), jnp.zeros(())
 
@@ -885,8 +895,7 @@ def dp_method_step(method: str, model: models.Model, tx: optax.GradientTransform
 def _dp_tx(method: str, tx: optax.GradientTransformation, key) -> optax.GradientTransformation:
     if method != "vmap_clip":
         return tx
-    clip, noise = DP_SETTINGS
-    return optax.chain(optax.contrib.differentially_private_aggregate(clip, noise, key=key), tx)
+    return optax.chain(optax.contrib.differentially_private_aggregate(DP_CLIP, DP_NOISE, key=key), tx)
 
 
 def dp_methods(log: Callable[[str], None] = lambda s: None) -> tuple[str, ...]:
@@ -899,32 +908,55 @@ def dp_methods(log: Callable[[str], None] = lambda s: None) -> tuple[str, ...]:
     return DP_METHODS
 
 
-def bench_dp(quick: bool = False, rounds: int | None = None, log: Callable[[str], None] = lambda s: None) -> list[dict]:
-    """Rows of `DP_WORKLOADS`, one per workload and method: step time (interleaved
-    rounds, as `bench_workload`), its ratio to the non-private step in the same
-    round, and compiled scratch memory (`memory_analysis`)."""
+def bench_dp(
+    names: Sequence[str] | None = None,
+    *,
+    quick: bool = False,
+    rounds: int | None = None,
+    round_seconds: float | None = None,
+    log: Callable[[str], None] = lambda s: None,
+) -> list[dict]:
+    """Rows of the named `DP_WORKLOADS` (default: all), one per workload and method: step
+    time (interleaved rounds, as `bench_workload`), its ratio to the non-private step in
+    the same round, and compiled scratch memory (`memory_analysis`).
+
+    Every method sees the same b real rows; the DP step's batch is padded to
+    `dp.physical_batch_size` rows as a Poisson run pads it, so the padding's cost is
+    in its time. `rounds` defaults to 7 (3 when `quick`), `round_seconds` to 0.5 (0.01).
+    """
+    by_name = {w.name: w for w in DP_WORKLOADS}
+    unknown = [n for n in names or () if n not in by_name]
+    if unknown:
+        raise ValueError(f"unknown DP workload {unknown[0]!r}; choose one of: {', '.join(by_name)}")
+    selected = [by_name[n] for n in names] if names else list(DP_WORKLOADS)
     rounds = rounds if rounds is not None else (3 if quick else 7)
+    min_round_s = round_seconds if round_seconds is not None else (0.01 if quick else 0.5)
     env = environment(quick)
     methods = dp_methods(log)
     rows = []
-    for w in DP_WORKLOADS:
+    for w in selected:
         log(f"bench --dp: {w.name} — {w.description}")
         batch_size, example_shape = w.sizes(quick)
+        config = dp_config(batch_size)
         k_x, k_y, k_init, k_noise = jax.random.split(jax.random.key(0), 4)
         x = jax.random.normal(k_x, (batch_size, *example_shape), jnp.float32)
         y = jax.random.randint(k_y, (batch_size,), 0, w.num_classes, jnp.int32)
+        padding = dp_lib.physical_batch_size(config) - batch_size
+        x_padded = jnp.concatenate([x, jnp.zeros((padding, *example_shape), x.dtype)])
+        y_padded = jnp.concatenate([y, jnp.full((padding,), dp_lib.PAD_LABEL, y.dtype)])
         model = w.model()
         params, state = init_library(model, k_init)
         prepared = []
         for method in methods:
             tx = _dp_tx(method, optimizer(), jax.random.key(1))  # its own key: the carry is donated
             carry = jax.device_put((params, state, tx.init(params)))
-            compiled, seconds = _compile(dp_method_step(method, model, tx), carry, (x, y, k_noise))
+            batch = (x_padded, y_padded, k_noise) if method == "dp" else (x, y, k_noise)
+            compiled, seconds = _compile(dp_method_step(method, model, tx, config), carry, batch)
             memory = compiled.memory_analysis()
             temp = None if memory is None else int(memory.temp_size_in_bytes)
             n = models.num_params(params)
-            prepared.append(Prepared(method, compiled, carry, (x, y, k_noise), [seconds], temp, n))
-        per_round, steps = time_interleaved(prepared, rounds, 0.01 if quick else 0.5, 5.0 if quick else 120.0)
+            prepared.append(Prepared(method, compiled, carry, batch, [seconds], temp, n))
+        per_round, steps = time_interleaved(prepared, rounds, min_round_s, 5.0 if quick else 120.0)
         for p in prepared:
             times = per_round[p.method]
             ratios = [t / base for t, base in zip(times, per_round["non_private"])]
@@ -940,11 +972,66 @@ def bench_dp(quick: bool = False, rounds: int | None = None, log: Callable[[str]
                         None if not (base_memory and p.temp_memory_bytes) else p.temp_memory_bytes / base_memory
                     ),
                     "compile_time_s": p.compile_times_s[0],
+                    "padded_rows": padding if p.method == "dp" else 0,
                     **_round_fields(times, steps, batch_size, example_shape, p.num_params),
                     "environment": env,
                 }
             )
     return rows
+
+
+# (label, the largest ratio that meets it): the DP step against the non-private step.
+DP_GOALS = (("time ≤ 1.3× non-private", "ratio_to_non_private", 1.3), ("memory ≤ 1.2× non-private", None, 1.2))
+
+
+def dp_goals(rows: list[dict]) -> list[dict]:
+    """Per DP workload: the DP step's time and memory against DP_GOALS, and against each vmap peer
+    (faster when the DP step's slowest round ratio is below the peer's fastest); verdicts as `goals`."""
+    out = []
+    for name in dict.fromkeys(r["workload"] for r in rows):
+        by_method = {r["method"]: r for r in rows if r["workload"] == name}
+        dp = by_method["dp"]
+        for label, field, limit in DP_GOALS:
+            if field is None:
+                low = high = dp["memory_ratio_to_non_private"]
+            else:
+                low, high = dp[f"{field}_min"], dp[f"{field}_max"]
+            verdict = "n/a" if low is None else "met" if high <= limit else "missed" if low > limit else "within noise"
+            out.append({"workload": name, "goal": label, "low": low, "high": high, "verdict": verdict})
+        for peer in ("vmap_clip", "jax_privacy"):
+            if peer not in by_method:
+                continue
+            p = by_method[peer]
+            verdict = (
+                "met"
+                if dp["ratio_to_non_private_max"] < p["ratio_to_non_private_min"]
+                else "missed"
+                if dp["ratio_to_non_private_min"] > p["ratio_to_non_private_max"]
+                else "within noise"
+            )
+            out.append(
+                {
+                    "workload": name,
+                    "goal": f"faster than {peer} (whole range below)",
+                    "low": dp["ratio_to_non_private_min"],
+                    "high": dp["ratio_to_non_private_max"],
+                    "verdict": verdict,
+                }
+            )
+    return out
+
+
+def format_dp_markdown(rows: list[dict]) -> str:
+    """The DP table (`format_dp_table`) and its goals (`dp_goals`), for the README."""
+    lines = ["### Benchmark: the DP-SGD step", ""]
+    if rows:
+        lines += [f"Measured on {_env_line(rows[0]['environment'])}. Command: `jax-resnet bench --dp`.", ""]
+    lines.append(format_dp_table(rows))
+    lines += ["| workload | goal | DP step (range) | verdict |", "|---|---|---|---|"]
+    for g in dp_goals(rows):
+        span = "n/a" if g["low"] is None else f"{g['low']:.2f}–{g['high']:.2f}×"
+        lines.append(f"| {g['workload']} | {g['goal']} | {span} | {g['verdict']} |")
+    return "\n".join(lines) + "\n"
 
 
 def format_dp_table(rows: list[dict]) -> str:

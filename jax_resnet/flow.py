@@ -332,9 +332,10 @@ def train_compare(
         model, params, state = variant.build(depth, width, jax.random.key(seed), dtype)
         opt = _optimizer(optimizer, lr)
         train_step, opt_state = step.make_train_step(model, opt, grad, dtype=jnp.dtype(dtype).name), opt.init(params)
-        losses = []
+        losses, key = [], step.step_key(seed, 0)  # the step takes a key; without augmentation it reads none
         for xb, yb in itertools.islice(_batch_stream(ds, batch_size, seed), steps):
-            params, state, opt_state, m = train_step(params, state, opt_state, jnp.asarray(xb, dtype), jnp.asarray(yb))
+            batch = (jnp.asarray(xb, dtype), jnp.asarray(yb), key)
+            params, state, opt_state, m = train_step(params, state, opt_state, *batch)
             loss = m["loss"]
             if not math.isfinite(float(loss)):
                 losses.append(None)

@@ -35,7 +35,7 @@ example) or the Gram form ‖Σ_t a_tᵀδ_t‖² = Σ_{t,t'} (a_t·a_t')(δ_t·
 inputs at T positions and two T×T matrices per example); `norm_path` chooses:
 "auto" takes the Gram form when T·d + 2·T² ≤ d·p (`use_gram`).
 
-DP-SGD's clipped sum (`clipped_grad_sum`) keeps each example's contribution
+DP-SGD's clipped sum (`jax_resnet.dp.clipped_grad_sum`) keeps each example's contribution
 where the backward instantiates it anyway, and a Gram-form dense or projection
 kernel's inputs and output cotangents, and sums them with the clip factors
 once the norms are known (book-keeping); Gram-form convolutions get theirs
@@ -61,7 +61,6 @@ Derivation: derivations/per_example.md.
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -250,8 +249,8 @@ def _conv2d_batch_grad(config: conv.ConvConfig, x, ct_y, kernel_hw):
     partitioner (jax 0.10, CPU) gets this grouped convolution wrong, as it does
     the one `jax.vmap` of the kernel cotangent writes: values off by up to 24
     for values of order 10, measured on 8 simulated devices. Run per-example
-    work on a sharded batch under `jax.shard_map`, as the DP step
-    (`step.dp_update_fn`) and `quantities(..., mesh=)` do. The batch-grouped
+    work on a sharded batch under `jax.shard_map` (`per_device`), as the DP step
+    (`dp.update_fn`) and `quantities(..., mesh=)` do. The batch-grouped
     form (`batch_group_count = B`) was partitioned right but took over 10
     minutes per ResNet-20-GN step on the CPU against about 10 s, measured."""
     n, c = x.shape[0], x.shape[-1]
@@ -460,13 +459,14 @@ def tap(params, batch: int, kinds, positions: dict | None = None):
     positions = positions or {}
 
     def one(key_path, p):
-        path = _path(key_path)
+        path = path_of(key_path)
         return Tapped(p, _taps(p, batch, kinds_of(path), positions.get(path)))
 
     return jax.tree_util.tree_map_with_path(one, params)
 
 
-def _path(key_path) -> tuple:
+def path_of(key_path) -> tuple:
+    """A `jax.tree_util` key path as a tuple of dict keys and list indices (`spec.weight_paths()`'s form)."""
     return tuple(getattr(k, "key", getattr(k, "idx", k)) for k in key_path)
 
 
@@ -516,11 +516,12 @@ def _backward(model, params, state, x, y, kinds, norm_path):
     return (
         loss,
         grads,
-        {kind: jax.tree.map(lambda q, k=kind: getattr(q, k), taps, is_leaf=_is_quantities) for kind in kinds},
+        {kind: jax.tree.map(lambda q, k=kind: getattr(q, k), taps, is_leaf=is_quantities) for kind in kinds},
     )
 
 
-def _is_quantities(node) -> bool:
+def is_quantities(node) -> bool:
+    """Whether `node` is a tap's `Quantities` (the leaves of a tree of taps)."""
     return isinstance(node, Quantities)
 
 
@@ -575,15 +576,26 @@ def _per_device_quantities(model, params, state, x, y, which, norm_path, mesh):
         return mean(loss), mean(grads), out
 
     specs = {k: P() if k == "sum_grad_squared" else P("data") for k in local_which}
-    # check_vma=False: the rules' custom_vjp backward passes return cotangents without
-    # shard_map's per-axis type annotations.
-    run = jax.shard_map(
-        local, mesh=mesh, in_specs=(P(), P(), P("data"), P("data")), out_specs=(P(), P(), specs), check_vma=False
-    )
+    run = per_device(local, mesh, in_specs=(P(), P(), P("data"), P("data")), out_specs=(P(), P(), specs))
     loss, grads, out = run(params, state, x, y)
     if "variance" in which:
         out["variance"] = jax.tree.map(lambda s, g: s / x.shape[0] - g * g, out["sum_grad_squared"], grads)
     return loss, grads, {name: out[name] for name in which}
+
+
+def per_device(fn: Callable, mesh: jax.sharding.Mesh, *, in_specs, out_specs) -> Callable:
+    """`fn` run on each device's share of the arguments, `jax.shard_map` over `mesh`: the one
+    wrapper for per-example work on a batch split along axis "data" (`quantities(mesh=)`,
+    the DP step). check_vma=False: the rules' custom_vjp backward passes return
+    cotangents without shard_map's per-axis type annotations."""
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+
+
+def subtree(tree, path: tuple):
+    """`tree[path[0]][path[1]]...`: the node at a path as `path_of` writes it."""
+    for key in path:
+        tree = tree[key]
+    return tree
 
 
 def _one(name: str, model, params, state, x, y, norm_path="auto", mesh=None) -> PerExample:
@@ -674,31 +686,6 @@ def norm_costs(model: models.Model, input_shape: tuple[int, ...] | None = None) 
     return [LayerCost(n, t, d, p, use_gram(t, d, p), op) for n, (t, d, p, op) in zip(names, seen)]
 
 
-# ---------------------------------------------------------------------- DP-SGD
-class ClippedSum(NamedTuple):
-    """loss and logits of the batch; clipped_sum: Σ_i min(1, C/‖g_i‖)·g_i per leaf; norms: ‖g_i‖ [B]."""
-
-    loss: jax.Array
-    logits: jax.Array
-    clipped_sum: Any
-    norms: jax.Array
-
-
-def check_dp(clip, noise, delta=None) -> None:
-    """ValueError naming the argument unless clip C > 0, noise σ ≥ 0 and 0 < δ < 1 (all finite)."""
-    if not (isinstance(clip, (int, float)) and math.isfinite(clip) and clip > 0):
-        raise ValueError(f"DP-SGD: the clipping norm C (--dp-clip) must be a finite number > 0, got {clip!r}")
-    if not (isinstance(noise, (int, float)) and math.isfinite(noise) and noise >= 0):
-        raise ValueError(f"DP-SGD: the noise multiplier σ (--dp-noise) must be a finite number ≥ 0, got {noise!r}")
-    if delta is not None and not (isinstance(delta, (int, float)) and 0 < delta < 1):
-        raise ValueError(f"DP-SGD: δ (--dp-delta) must lie in (0, 1), got {delta!r}")
-
-
-def clip_factors(norms, clip):
-    """min(1, C/‖g_i‖), 1 where ‖g_i‖ = 0 (as optax's per-example clipping)."""
-    return jnp.where(norms > clip, clip / jnp.where(norms > 0, norms, 1), 1.0).astype(norms.dtype)
-
-
 def gram_kernels(model: models.Model, input_shape: tuple[int, ...], norm_path: str = "auto") -> dict:
     """{path: LayerCost} of the kernels whose norms take the Gram form for examples of
     `input_shape`, paths as `spec.weight_paths()` writes them; shapes only (`norm_costs`)."""
@@ -707,95 +694,6 @@ def gram_kernels(model: models.Model, input_shape: tuple[int, ...], norm_path: s
     paths = [path for _, path in model.spec.weight_paths()]
     costs = norm_costs(model, input_shape)
     return {p: c for p, c in zip(paths, costs) if use_gram(c.positions, c.d, c.p, norm_path)}
-
-
-def clipped_grad_sum(model: models.Model, params, state, x, y, clip: float, *, norm_path="auto") -> ClippedSum:
-    """Σ_i min(1, C/‖g_i‖)·g_i from one forward and one backward pass (book-keeping), and
-    for Gram-form convolutions a second backward that reaches no further down than they do.
-
-    The forward runs once (`jax.vjp` with taps). The backward, with the loss's
-    cotangent at the logits, gives each example's squared norm layer by layer
-    (`batch_l2`) and keeps what each parameter's clipped sum needs once the clip
-    factors c_i = min(1, C/‖g_i‖) are known (book-keeping, Bu et al. 2023):
-    where it instantiates the contributions G_i for the norm, G_i (the sum is
-    Σ_i c_i·G_i); for a Gram-form dense or projection kernel, its inputs a and
-    output cotangents δ (the sum is aᵀ(c ⊙ δ)). A Gram-form convolution
-    (`gram_kernels`) keeps neither; its sum comes from the backward again, the
-    cotangent's row i scaled by c_i (the gradient of Σ_i c_i·ℓ_i / B), of which
-    XLA keeps only the part above the lowest such convolution. `norm_path`
-    "gram" and "grads" force the form of every kernel's norm, and so of its sum.
-
-    Derivation: derivations/per_example.md#dp-sgd
-    """
-    batch = check_batch(x, y)
-    gram = gram_kernels(model, x.shape[1:], norm_path)
-    io = {path: c.positions for path, c in gram.items() if c.op != "conv2d"}
-
-    def kinds(path):
-        return ("l2", "io") if path in io else ("l2",) if path in gram else ("grad", "l2")
-
-    logits, vjp = logits_vjp(model, params, state, x, kinds, norm_path, io)
-    loss, ct_logits = loss_cotangent(logits, y)
-    taps = split(vjp(ct_logits)[0])[1]
-    l2 = jax.tree.map(lambda q: q.l2, taps, is_leaf=_is_quantities)
-    norms = jnp.sqrt(batch * batch * total(l2))
-    factors = clip_factors(norms, clip)
-
-    def book_kept(q):
-        if q.io is not None:
-            return batch * jnp.einsum("btd,b,btp->dp", q.io[0], factors, q.io[1])
-        return None if q.grad is None else batch * jnp.tensordot(factors, q.grad, 1)
-
-    kept = jax.tree.map(book_kept, taps, is_leaf=_is_quantities)
-    again = split(vjp(ct_logits * factors[:, None])[0])[0] if len(gram) > len(io) else None
-
-    def clipped(key_path, _):
-        path = _path(key_path)
-        return batch * _at(again, path) if path in gram and path not in io else _at(kept, path)
-
-    return ClippedSum(loss, logits, jax.tree_util.tree_map_with_path(clipped, params), norms)
-
-
-def _at(tree, path: tuple):
-    for key in path:
-        tree = tree[key]
-    return tree
-
-
-def noisy_mean(clipped_sum, key, clip: float, noise: float, batch: int):
-    """(Σ_i clipped g_i + N(0, σ²C²·I)) / B per leaf.
-
-    The leaves, flattened in `jax.tree` order, draw their noise from keys
-    `jax.random.split(key, n + 1)[1:]`, as `optax.contrib.differentially_private_aggregate`
-    does, so the two agree for one key (tests/test_per_example.py).
-    """
-    leaves, treedef = jax.tree.flatten(clipped_sum)
-    _, *keys = jax.random.split(key, len(leaves) + 1)
-    noised = [(g + noise * clip * jax.random.normal(k, g.shape, g.dtype)) / batch for g, k in zip(leaves, keys)]
-    return jax.tree.unflatten(treedef, noised)
-
-
-RDP_ORDERS = (*range(2, 65), 128, 256, 512)
-
-
-def epsilon(noise: float, sampling_rate: float, steps: int, delta: float) -> float:
-    """ε of `steps` Poisson-subsampled Gaussian mechanisms (noise σ, rate q) at δ, by
-    Google's `dp_accounting` (RDP accountant, orders `RDP_ORDERS`); inf when σ = 0.
-
-    Example:
-      >>> round(epsilon(1.1, 256 / 60000, 60 * 234, 1e-5), 2)
-      2.59
-    """
-    if noise == 0:
-        return float("inf")
-    from dp_accounting import dp_event, rdp
-
-    # Integer Rényi orders: the accountant's fractional orders below 2 fail to converge
-    # (and log warnings) at small σ, and were never the minimising ones in the runs here.
-    accountant = rdp.RdpAccountant(orders=RDP_ORDERS)
-    event = dp_event.PoissonSampledDpEvent(sampling_rate, dp_event.GaussianDpEvent(noise))
-    accountant.compose(event, steps)
-    return float(accountant.get_epsilon(delta))
 
 
 def check_model(model: models.Model) -> None:

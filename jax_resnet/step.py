@@ -12,7 +12,8 @@ loss or the update reaches every one of them.
     >>> params, state = model.init(jax.random.key(0))
     >>> opt = step.make_optimizer("adam", 1e-2)
     >>> train_step = step.make_train_step(model, opt)
-    >>> params, state, opt_state, m = train_step(params, state, opt.init(params), ds.x_train[:32], ds.y_train[:32])
+    >>> x, y, key = ds.x_train[:32], ds.y_train[:32], step.step_key(0, 0)
+    >>> params, state, opt_state, m = train_step(params, state, opt.init(params), x, y, key)
     >>> bool(m["loss"] > 0)
     True
 """
@@ -22,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
-from typing import NamedTuple
 
 import dm_pix as pix
 import jax
@@ -30,7 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jax_resnet import data, models, per_example
+from jax_resnet import data, models
+from jax_resnet import dp as dp_lib
 from jax_resnet._compile import run_once
 from jax_resnet._x64 import enable_x64
 from jax_resnet.gradcheck import max_leaf_error
@@ -190,16 +191,19 @@ def augment_batch(key: jax.Array, x: jax.Array, augmentation: data.Augmentation)
 
 @functools.lru_cache(maxsize=8)
 def _fold_in(mesh):
-    fold = lambda seed, step: jax.random.fold_in(jax.random.key(seed), step)
+    fold = lambda root, step: jax.random.fold_in(root, step)
     return jax.jit(fold) if mesh is None else jax.jit(fold, out_shardings=shardings(mesh)[0])
 
 
-def augment_key(seed: int, step: int, mesh: jax.sharding.Mesh | None = None) -> jax.Array:
-    """The key of the augmentation at global step `step` (0-based) of a run
-    with `seed`: `fold_in(key(seed), step)`, replicated over `mesh`. It
-    depends on these two numbers alone, so a resumed run augments exactly as
-    an uninterrupted one."""
-    return _fold_in(mesh)(seed, step)
+def step_key(root: int | jax.Array, step: int, mesh: jax.sharding.Mesh | None = None) -> jax.Array:
+    """The key of global step `step` (0-based): `fold_in(root, step)`, replicated over `mesh`.
+
+    `root` is a seed (`key(seed)`: a run's augmentation) or a key (a DP run's secret
+    root, `dp.DPRandomness.root_key`). It depends on these alone, so a resumed run
+    augments exactly as an uninterrupted one; a DP step's noise key is
+    `fold_in(step key, dp.NOISE_STREAM)`."""
+    root = jax.random.key(root) if isinstance(root, int) else root
+    return _fold_in(mesh)(root, step)
 
 
 # ----------------------------------------------------------------------- mesh
@@ -224,6 +228,11 @@ def shardings(mesh: jax.sharding.Mesh) -> tuple[jax.sharding.NamedSharding, jax.
     return jax.sharding.NamedSharding(mesh, P()), jax.sharding.NamedSharding(mesh, P("data"))
 
 
+def _finite(params) -> jax.Array:
+    # A NaN need not show in the loss (a ReLU mask can hide it), so the parameters are checked too.
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]))
+
+
 def make_train_step(
     model: models.Model,
     optimizer: optax.GradientTransformation,
@@ -232,130 +241,52 @@ def make_train_step(
     dtype: str = "float32",
     mesh: jax.sharding.Mesh | None = None,
     augment: data.Augmentation | None = None,
+    dp: dp_lib.DPConfig | None = None,
 ) -> Callable:
-    """One jitted optimizer step.
+    """One jitted optimizer step, whatever the options:
+    step(params, state, opt_state, x, y, key) -> (params, state, opt_state, metrics).
 
-    step(params, state, opt_state, x, y) -> (params, state, opt_state, metrics),
     metrics = {"loss", "accuracy"} of the batch (before the update) and
     "params_finite" (no NaN/inf in the updated parameters). With a mesh, x
     and y are split over its "data" axis and everything else is replicated;
     the result equals the single-device step (global-batch BatchNorm
-    statistics, all-reduced gradients).
+    statistics, all-reduced gradients). `key` is the step's randomness
+    (`step_key`); a step with neither option ignores it.
 
-    With `augment`, the step takes a key as well,
-    step(params, state, opt_state, x, y, key), and trains on
-    `augment_batch(key, x, augment)`: the batch is augmented on the device,
-    and the metrics are those of the augmented batch. A training loop passes
-    `augment_key(seed, global_step)`.
+    Options:
+      augment: train on `augment_batch(key, x, augment)`, augmented on the
+        device; the metrics are those of the augmented batch.
+      dp: DP-SGD (`dp.update_fn`, float32, hand-derived rules): rows labelled
+        `dp.PAD_LABEL` are padding and contribute nothing; the noise key is
+        `fold_in(key, dp.NOISE_STREAM)`. Metrics over the real rows, plus
+        "clipped" (the fraction of them whose gradient norm exceeded C). A
+        model with BatchNorm raises `per_example.PerExampleError` when the
+        step is traced.
     """
-    update = update_fn(model, optimizer, grad, dtype)
+    if dp is None:
+        update = update_fn(model, optimizer, grad, dtype)
 
-    def step(params, state, opt_state, x, y):
-        params, new_state, opt_state, loss, logits = update(params, state, opt_state, x, y)
-        accuracy = jnp.mean((jnp.argmax(logits, axis=-1) == y).astype(jnp.float32))
-        # A NaN need not show in the loss (a ReLU mask can hide it), so the parameters are checked too.
-        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]))
-        return params, new_state, opt_state, {"loss": loss, "accuracy": accuracy, "params_finite": finite}
+        def private_or_not(params, state, opt_state, x, y, key):
+            params, state, opt_state, loss, logits = update(params, state, opt_state, x, y)
+            return params, state, opt_state, loss, logits, {}
 
-    def augmented_step(params, state, opt_state, x, y, key):
-        return step(params, state, opt_state, augment_batch(key, x, augment), y)
+    else:
+        dp_update = dp_lib.update_fn(model, optimizer, dp, mesh)
 
-    fn = step if augment is None else augmented_step
-    if mesh is None:
-        return jax.jit(fn)
-    replicated, batch = shardings(mesh)
-    key = () if augment is None else (replicated,)
-    return jax.jit(fn, in_shardings=(replicated,) * 3 + (batch,) * 2 + key, out_shardings=replicated)
-
-
-class DPSettings(NamedTuple):
-    """DP-SGD's settings: clipping norm C and noise multiplier σ (noise std σ·C on the sum)."""
-
-    clip: float
-    noise: float
-
-
-DP_NOISE_STREAM = 1  # noise key = fold_in(step key, 1); augmentation uses the step key itself
-
-
-def dp_update_fn(
-    model: models.Model, optimizer: optax.GradientTransformation, dp: DPSettings, mesh: jax.sharding.Mesh | None = None
-) -> Callable:
-    """The pure DP-SGD update, not compiled:
-    update(params, state, opt_state, x, y, key) -> (params, opt_state, per_example.ClippedSum).
-
-    Clipped sum (`per_example.clipped_grad_sum`), noise with key
-    `fold_in(key, DP_NOISE_STREAM)` and the mean (`per_example.noisy_mean`),
-    then `optimizer`. With a `mesh` of several devices, each device forms the
-    clipped sum of its own examples (`jax.shard_map` over axis "data") and the
-    sums are added across devices: per-example work never crosses devices, and
-    XLA's SPMD partitioner never sees the per-example convolution (whose
-    batch-grouped form it partitions wrongly, `per_example._conv2d_batch_grad`).
-    """
-    per_example.check_dp(dp.clip, dp.noise)
-    clipped_sum = functools.partial(per_example.clipped_grad_sum, model, clip=dp.clip)
-    if mesh is not None and mesh.size > 1:
-        clipped_sum = _per_device_clipped_sum(clipped_sum, mesh)
-
-    def update(params, state, opt_state, x, y, key):
-        out = clipped_sum(params, state, x, y)
-        noise_key = jax.random.fold_in(key, DP_NOISE_STREAM)
-        grads = per_example.noisy_mean(out.clipped_sum, noise_key, dp.clip, dp.noise, x.shape[0])
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, out
-
-    return update
-
-
-def _per_device_clipped_sum(clipped_sum: Callable, mesh: jax.sharding.Mesh) -> Callable:
-    """`clipped_sum(params, state, x, y)` run on each device's share of the batch: the
-    clipped sums added across devices, the losses averaged (equal shares), logits
-    and norms left split along the batch."""
-    P = jax.sharding.PartitionSpec
-
-    def local(params, state, x, y):
-        out = clipped_sum(params, state, x, y)
-        summed = jax.tree.map(lambda g: jax.lax.psum(g, "data"), out.clipped_sum)
-        return out._replace(loss=jax.lax.pmean(out.loss, "data"), clipped_sum=summed)
-
-    out_specs = per_example.ClippedSum(loss=P(), logits=P("data"), clipped_sum=P(), norms=P("data"))
-    # check_vma=False: the rules' custom_vjp backward passes return cotangents without
-    # shard_map's per-axis type annotations.
-    specs = {"in_specs": (P(), P(), P("data"), P("data")), "out_specs": out_specs}
-    return jax.shard_map(local, mesh=mesh, check_vma=False, **specs)
-
-
-def make_dp_train_step(
-    model: models.Model,
-    optimizer: optax.GradientTransformation,
-    dp: DPSettings,
-    *,
-    mesh: jax.sharding.Mesh | None = None,
-    augment: data.Augmentation | None = None,
-) -> Callable:
-    """One jitted DP-SGD step (Abadi et al. 2016), float32, hand-derived rules:
-    step(params, state, opt_state, x, y, key) -> (params, state, opt_state, metrics).
-
-    Each example's gradient is clipped to norm C, the clipped gradients summed
-    (`per_example.clipped_grad_sum`: one forward and one backward pass,
-    book-keeping; with a `mesh`, per device, see `dp_update_fn`), Gaussian noise of std σ·C added, the sum
-    divided by the batch size (`per_example.noisy_mean`, noise key
-    `fold_in(key, DP_NOISE_STREAM)`), and the result handed to `optimizer`.
-    With `augment`, the batch is first augmented with `key`. Metrics as
-    `make_train_step`'s, plus "clipped" (the fraction of examples whose
-    norm exceeded C). A model with BatchNorm raises `per_example.PerExampleError`
-    when the step is traced.
-    """
-    update = dp_update_fn(model, optimizer, dp, mesh)
+        def private_or_not(params, state, opt_state, x, y, key):
+            params, opt_state, out = dp_update(params, state, opt_state, x, y, key)
+            real = dp_lib.real_rows(y)
+            clipped = jnp.sum(real * (out.norms > dp.l2_norm_clip)) / jnp.maximum(jnp.sum(real), 1.0)
+            return params, state, opt_state, out.loss, out.logits, {"clipped": clipped}
 
     def step(params, state, opt_state, x, y, key):
         if augment is not None:
             x = augment_batch(key, x, augment)
-        params, opt_state, out = update(params, state, opt_state, x, y, key)
-        accuracy = jnp.mean((jnp.argmax(out.logits, axis=-1) == y).astype(jnp.float32))
-        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]))
-        clipped = jnp.mean((out.norms > dp.clip).astype(jnp.float32))
-        metrics = {"loss": out.loss, "accuracy": accuracy, "params_finite": finite, "clipped": clipped}
+        params, state, opt_state, loss, logits, extra = private_or_not(params, state, opt_state, x, y, key)
+        real = (y != dp_lib.PAD_LABEL).astype(jnp.float32)
+        hits = (jnp.argmax(logits, axis=-1) == y).astype(jnp.float32)
+        accuracy = jnp.sum(real * hits) / jnp.maximum(jnp.sum(real), 1.0)
+        metrics = {"loss": loss, "accuracy": accuracy, "params_finite": _finite(params), **extra}
         return params, state, opt_state, metrics
 
     if mesh is None:
@@ -366,9 +297,8 @@ def make_dp_train_step(
 
 @functools.lru_cache(maxsize=8)
 def compiled_train_step(model, optimizer, grad, dtype, mesh, x_shape, augment=None, dp=None):
-    """`make_train_step` (or, with `dp`, `make_dp_train_step`, which takes a
-    key) compiled ahead for float32 inputs of `x_shape`, cached per settings
-    (a notebook that trains twice compiles once)."""
+    """`make_train_step` compiled ahead for float32 inputs of `x_shape`, cached per
+    settings (a notebook that trains twice compiles once)."""
     replicated, batch = shardings(mesh)
     params, state = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.float32))
     opt_state = jax.eval_shape(optimizer.init, params)
@@ -376,12 +306,8 @@ def compiled_train_step(model, optimizer, grad, dtype, mesh, x_shape, augment=No
     args = [place(params, replicated), place(state, replicated), place(opt_state, replicated)]
     args.append(jax.ShapeDtypeStruct(x_shape, jnp.float32, sharding=batch))
     args.append(jax.ShapeDtypeStruct(x_shape[:1], jnp.int32, sharding=batch))
-    if augment is not None or dp is not None:
-        args.append(place(jax.eval_shape(lambda: jax.random.key(0)), replicated))
-    if dp is not None:
-        step = make_dp_train_step(model, optimizer, dp, mesh=mesh, augment=augment)
-    else:
-        step = make_train_step(model, optimizer, grad, dtype=dtype, mesh=mesh, augment=augment)
+    args.append(place(jax.eval_shape(lambda: jax.random.key(0)), replicated))
+    step = make_train_step(model, optimizer, grad, dtype=dtype, mesh=mesh, augment=augment, dp=dp)
     return step.lower(*args).compile()
 
 

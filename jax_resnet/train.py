@@ -105,6 +105,7 @@ import optax
 from tqdm.auto import tqdm
 
 from jax_resnet import checkpoints, data, models, per_example
+from jax_resnet import dp as dp_lib
 from jax_resnet import step as step_lib
 from jax_resnet.step import OPTIMIZERS, SCHEDULES
 
@@ -125,6 +126,10 @@ RESUME_MUST_MATCH = (
     "seed",
     "dp_clip",
     "dp_noise",
+    "dp_sampler",
+    "dp_max_batch",
+    "dp_accountant",
+    "dp_insecure_seed",
 )
 
 
@@ -181,12 +186,23 @@ class TrainConfig:
       skip_grad_check: train even without (or despite) the gradient check [--no-grad-check].
       progress: show a tqdm progress bar [--no-progress turns it off].
       max_to_keep: how many checkpoints to keep.
-      dp_clip, dp_noise, dp_delta: DP-SGD (`step.make_dp_train_step`) when
-        dp_clip is set: each example's gradient clipped to norm C = dp_clip,
-        Gaussian noise of std σ·C (σ = dp_noise) on the sum; the ε reached
-        at δ = dp_delta is printed and recorded (metrics.json "dp"). Needs a
-        model without BatchNorm (resnet20_gn, resnet18_gn, the MLPs),
-        grad "rules" and float32 [--dp-clip, --dp-noise, --dp-delta].
+      dp_clip, dp_noise, dp_delta: DP-SGD (`jax_resnet.dp`) when dp_clip is
+        set: each example's gradient clipped to norm C = dp_clip, Gaussian
+        noise of std σ·C (σ = dp_noise) on the sum; the ε reached at
+        δ = dp_delta is printed and recorded per epoch (metrics.jsonl
+        "epsilon") and at the end (metrics.json "dp"). Needs a model without
+        BatchNorm (resnet20_gn, resnet18_gn, the MLPs), grad "rules" and
+        float32 [--dp-clip, --dp-noise, --dp-delta].
+      dp_sampler: "poisson" (each example joins each step with probability
+        batch_size / n; what ε accounts for) or "shuffle" (fixed-size batches
+        of a shuffled epoch: no ε is computed) [--dp-sampler].
+      dp_max_batch: cap on a Poisson batch (truncated Poisson sampling,
+        accounted with PLD); None: no cap [--dp-max-batch].
+      dp_accountant: "rdp" or "pld"; None: "pld" with a cap, "rdp" without [--dp-accountant].
+      dp_insecure_seed: derive the DP noise and sampling from `seed`, so the
+        run is reproducible and NOT private (metrics.json "private": false);
+        by default they come from the operating system's entropy and are
+        written nowhere [--dp-insecure-seed].
     """
 
     model: str = "resnet8"
@@ -214,10 +230,24 @@ class TrainConfig:
     dp_clip: float | None = None
     dp_noise: float | None = None
     dp_delta: float = 1e-5
+    dp_sampler: str = "poisson"
+    dp_max_batch: int | None = None
+    dp_accountant: str | None = None
+    dp_insecure_seed: bool = False
 
     @property
-    def dp(self) -> step_lib.DPSettings | None:
-        return None if self.dp_clip is None else step_lib.DPSettings(self.dp_clip, self.dp_noise)
+    def dp(self) -> dp_lib.DPConfig | None:
+        if self.dp_clip is None:
+            return None
+        return dp_lib.DPConfig(
+            l2_norm_clip=self.dp_clip,
+            noise_multiplier=self.dp_noise,
+            expected_batch_size=self.batch_size,
+            delta=self.dp_delta,
+            sampler=self.dp_sampler,
+            truncated_batch_size=self.dp_max_batch,
+            accountant=self.dp_accountant,
+        )
 
     def __post_init__(self):
         choices = {
@@ -248,12 +278,18 @@ class TrainConfig:
 
     def _check_dp(self):
         if self.dp_clip is None:
-            if self.dp_noise is not None:
-                raise ValueError("--dp-noise needs --dp-clip C (the clipping norm) to train with DP-SGD")
+            defaults = TrainConfig.__dataclass_fields__
+            stray = [
+                "--" + name.replace("_", "-")
+                for name in ("dp_noise", "dp_max_batch", "dp_accountant", "dp_insecure_seed", "dp_sampler")
+                if getattr(self, name) != defaults[name].default
+            ]
+            if stray:
+                raise ValueError(f"{', '.join(stray)} needs --dp-clip C (the clipping norm) to train with DP-SGD")
             return
         if self.dp_noise is None:
             raise ValueError("--dp-clip needs --dp-noise σ (the noise multiplier; 0 clips without noise)")
-        per_example.check_dp(self.dp_clip, self.dp_noise, self.dp_delta)
+        dp_lib.check(self.dp)  # every DP setting, each error naming its flag
         if self.grad != "rules" or self.dtype != "float32":
             raise ValueError(
                 f"DP-SGD runs the hand-derived rules in float32; got --grad {self.grad} --dtype {self.dtype}"
@@ -381,12 +417,24 @@ def _gradient_gate(config: TrainConfig, model, tree, x, y, log) -> step_lib.Grad
     return check
 
 
-def _train_epoch(config: TrainConfig, ds, epoch: int, step_fn, tree: dict, mesh) -> tuple[dict, dict]:
+def _epoch_batches(config: TrainConfig, ds, epoch: int, randomness, devices: int):
+    """Epoch `epoch`'s host batches: a DP run's Poisson batches (`dp.poisson_batch`, padded to
+    whole chunks), or else fixed-size batches of a permutation seeded by (seed, epoch)."""
+    steps = data.num_batches(len(ds.x_train), config.batch_size)
+    if config.dp is not None and config.dp_sampler == "poisson":
+        for i in range(steps):
+            yield dp_lib.poisson_batch(ds.x_train, ds.y_train, config.dp, randomness, epoch * steps + i, devices)
+        return
+    yield from data.batches(ds.x_train, ds.y_train, config.batch_size, key_or_seed=(config.seed, epoch))
+
+
+def _train_epoch(config: TrainConfig, ds, epoch: int, step_for, tree: dict, mesh, randomness) -> tuple[dict, dict]:
     """One epoch of steps; returns (tree, row of metrics).
 
     Metrics are read one step late, so the host queues step t while step t−1
     runs; a non-finite loss or parameter stops the run and names its step.
-    With `config.augment` each step also gets its augmentation key.
+    Each step gets its key (`step.step_key`: from the seed, or from a DP run's
+    secret root) and the compiled step for its batch's shape (`step_for`).
     """
     batch_sharding = step_lib.shardings(mesh)[1]
     steps_per_epoch = data.num_batches(len(ds.x_train), config.batch_size)
@@ -398,7 +446,7 @@ def _train_epoch(config: TrainConfig, ds, epoch: int, step_fn, tree: dict, mesh)
         disable=not (config.progress and jax.process_index() == 0),
         dynamic_ncols=True,
     )
-    losses, accuracies = [], []
+    losses, accuracies, clipped = [], [], []
     t0 = time.perf_counter()
 
     def read(step: int, m: dict) -> None:
@@ -412,6 +460,8 @@ def _train_epoch(config: TrainConfig, ds, epoch: int, step_fn, tree: dict, mesh)
             )
         losses.append(loss)
         accuracies.append(accuracy)
+        if "clipped" in m:
+            clipped.append(step_lib.host(m["clipped"]))
         rate = len(losses) * config.batch_size / (time.perf_counter() - t0)
         bar.set_postfix(
             loss=f"{np.mean(losses):.4f}", acc=f"{np.mean(accuracies):.4f}", ex_s=f"{rate:,.0f}", refresh=False
@@ -419,15 +469,14 @@ def _train_epoch(config: TrainConfig, ds, epoch: int, step_fn, tree: dict, mesh)
         bar.update(1)
 
     params, state, opt_state = tree["params"], tree["state"], tree["opt_state"]
+    root = config.seed if randomness is None else randomness.root_key()
     pending = None
     with bar:
-        batches = data.batches(ds.x_train, ds.y_train, config.batch_size, key_or_seed=(config.seed, epoch))
-        for i, (xb, yb) in enumerate(batches):
+        for i, (xb, yb) in enumerate(_epoch_batches(config, ds, epoch, randomness, mesh.size)):
             global_step = epoch * steps_per_epoch + i
             batch = [step_lib.put_batch(xb, batch_sharding), step_lib.put_batch(yb, batch_sharding)]
-            if config.augment or config.dp is not None:
-                batch.append(step_lib.augment_key(config.seed, global_step, mesh))
-            params, state, opt_state, m = step_fn(params, state, opt_state, *batch)
+            key = step_lib.step_key(root, global_step, mesh)
+            params, state, opt_state, m = step_for(xb.shape)(params, state, opt_state, *batch, key)
             if pending is not None:
                 read(*pending)
             pending = (global_step + 1, m)
@@ -441,6 +490,8 @@ def _train_epoch(config: TrainConfig, ds, epoch: int, step_fn, tree: dict, mesh)
         "epoch_time_s": seconds,
         "examples_per_second": steps_per_epoch * config.batch_size / seconds,
     }
+    if clipped:
+        row["clipped"] = float(np.mean(clipped))
     return {"params": params, "state": state, "opt_state": opt_state}, row
 
 
@@ -573,6 +624,25 @@ def _device_name(mesh) -> str:
     return f"{mesh.size} x {d.device_kind} ({d.platform})"
 
 
+def _dp_line(config: dp_lib.DPConfig, dp: dict, devices: int) -> str:
+    """The console's account of a DP run (`dp`: `dp.summary`): settings, sampler, ε, and what is not protected."""
+    line = f"DP-SGD: clip C = {dp['clip']:g}, noise σ = {dp['noise']:g}, "
+    if dp["sampler"] == "shuffle":
+        return line + (
+            f"fixed batches of {dp['expected_batch_size']} from a shuffled epoch: NO DP GUARANTEE is computed "
+            "for this sampler (--dp-sampler poisson gives one)"
+        )
+    cap = "" if dp["truncated_batch_size"] is None else f", capped at {dp['truncated_batch_size']}"
+    line += (
+        f"Poisson sampling q = {dp['sampling_rate']:.4g} (expected batch {dp['expected_batch_size']}{cap}, "
+        f"padded to {dp_lib.physical_batch_size(config, devices)} rows); after {dp['steps']} steps "
+        f"ε = {dp['epsilon']:.3g} at δ = {dp['delta']:g} ({dp['accountant'].upper()}, {dp['neighbouring_relation']})"
+    )
+    if not dp["private"]:
+        line += "; --dp-insecure-seed: noise and batches follow from --seed, so this run is NOT private"
+    return line + "; released without noise: training loss, accuracy and clipped fraction per epoch"
+
+
 class _Log:
     """Human-readable lines, through tqdm so they do not break a progress bar;
     on stderr when stdout carries the JSON, and from process 0 only."""
@@ -614,13 +684,18 @@ def train(config: TrainConfig = TrainConfig()) -> dict[str, Any]:
     if log.on:
         _make_writable(out)
     model = models.get(config.model).for_data(ds.image_shape, ds.num_classes)
+    randomness = None
     if config.dp is not None:
         per_example.check_model(model)
+        if config.dp_insecure_seed:
+            randomness = dp_lib.DPRandomness.insecure(config.seed)
+        else:
+            randomness = dp_lib.DPRandomness.new()
     steps_per_epoch = data.num_batches(len(ds.x_train), config.batch_size)
     total_steps = steps_per_epoch * config.epochs
     optimizer = _optimizer(model, config.optimizer, config.schedule, config.lr, total_steps, config.weight_decay)
     tree = step_lib.init_train_state(model, optimizer, config.seed, mesh)
-    run = _Run(config, ds, model, optimizer, mesh, out, log)
+    run = _Run(config, ds, model, optimizer, mesh, out, log, randomness)
 
     try:
         with checkpoints.manager(out / "checkpoints", config.max_to_keep) as mngr:
@@ -629,13 +704,14 @@ def train(config: TrainConfig = TrainConfig()) -> dict[str, Any]:
             if log.on:
                 _write_json(out / "config.json", dataclasses.asdict(config))
             run.header(models.num_params(tree["params"]))
-            check, step_fn, compile_time = run.prepare(tree, start_epoch)
+            check, step_for, compile_time = run.prepare(tree, start_epoch)
             history = _read_history(out / "metrics.jsonl", start_epoch)
             run.write_history(history)
             try:
                 for epoch in range(start_epoch, config.epochs):
-                    tree, row = _train_epoch(config, ds, epoch, step_fn, tree, mesh)
+                    tree, row = _train_epoch(config, ds, epoch, step_for, tree, mesh, randomness)
                     row.update(run.test(tree, row["step"]))
+                    row.update(run.privacy(row["step"]))
                     history.append(row)
                     run.report_epoch(row)
                     checkpoints.save(mngr, row["step"], tree, run.meta(row))
@@ -668,6 +744,7 @@ class _Run:
     mesh: jax.sharding.Mesh
     out: Path
     log: _Log
+    randomness: dp_lib.DPRandomness | None = None  # a DP run's: secret unless --dp-insecure-seed
     n_params: int = 0
     confusion: np.ndarray | None = None  # of the latest test evaluation
 
@@ -684,33 +761,20 @@ class _Run:
             f"batch {c.batch_size}, {c.dtype}, grad={c.grad}{self.augmentation_note} -> {self.out}"
         )
         if c.dp is not None:
-            dp = self.dp_summary(self.steps_per_epoch * c.epochs)
-            self.log(
-                f"DP-SGD: clip C = {c.dp_clip:g}, noise σ = {c.dp_noise:g}, sampling rate q = {dp['sampling_rate']:.4g}; "
-                f"after {dp['steps']} steps ε = {dp['epsilon']:.3g} at δ = {c.dp_delta:g}"
-            )
+            self.log(_dp_line(c.dp, self.dp_summary(self.steps_per_epoch * c.epochs), self.mesh.size))
 
     def dp_summary(self, steps: int) -> dict | None:
-        """{"clip", "noise", "delta", "sampling_rate", "steps", "epsilon"} of `steps` DP-SGD steps, or None.
-
-        ε is `per_example.epsilon`, which assumes Poisson sampling at rate
-        q = batch / n; the loop draws fixed-size batches of a shuffled epoch
-        instead, as most DP-SGD code does (the accountant's figure is then
-        the customary approximation, not a proof for this sampler).
-        """
+        """`dp.summary` of `steps` DP-SGD steps of this run (settings, sampler, event,
+        accountant, ε, whether it is private), or None without DP."""
         c = self.config
         if c.dp is None:
             return None
-        q = c.batch_size / len(self.ds.x_train)
-        eps = per_example.epsilon(c.dp_noise, q, steps, c.dp_delta)
-        return {
-            "clip": c.dp_clip,
-            "noise": c.dp_noise,
-            "delta": c.dp_delta,
-            "sampling_rate": q,
-            "steps": steps,
-            "epsilon": eps,
-        }
+        return dp_lib.summary(c.dp, len(self.ds.x_train), steps, self.randomness)
+
+    def privacy(self, step: int) -> dict:
+        """An epoch row's DP field: {"epsilon": ε after `step` steps}, or nothing without DP."""
+        c = self.config
+        return {} if c.dp is None else {"epsilon": dp_lib.epsilon(c.dp, len(self.ds.x_train), step)}
 
     @property
     def augmentation(self) -> data.Augmentation | None:
@@ -723,8 +787,16 @@ class _Run:
             return ""
         return f", augment: shift ±{a.pad}" + (" and flips" if a.flip else "")
 
+    def step_for(self, x_shape: tuple[int, ...]):
+        """The compiled step for batches of `x_shape` (cached: a DP run's rare batch of two chunks compiles once)."""
+        c = self.config
+        return step_lib.compiled_train_step(
+            self.model, self.optimizer, c.grad, c.dtype, self.mesh, x_shape, self.augmentation, c.dp
+        )
+
     def prepare(self, tree: dict, start_epoch: int):
-        """(gradient check, compiled step, compile seconds), or Nones when nothing is left to train."""
+        """(gradient check, `step_for`, compile seconds), or Nones when nothing is left to train;
+        the step for the usual batch shape is compiled here."""
         c = self.config
         if start_epoch >= c.epochs:
             self.log(
@@ -736,11 +808,9 @@ class _Run:
         check = _gradient_gate(c, self.model, tree, x0, y0, self.log)
         # Compiled ahead of the loop, so that throughput excludes compilation.
         t = time.perf_counter()
-        x_shape = (c.batch_size, *self.ds.image_shape)
-        step_fn = step_lib.compiled_train_step(
-            self.model, self.optimizer, c.grad, c.dtype, self.mesh, x_shape, self.augmentation, c.dp
-        )
-        return check, step_fn, time.perf_counter() - t
+        rows = c.batch_size if c.dp is None else dp_lib.physical_batch_size(c.dp, self.mesh.size)
+        self.step_for((rows, *self.ds.image_shape))
+        return check, self.step_for, time.perf_counter() - t
 
     def write_history(self, history: list[dict]) -> None:
         if self.log.on:
@@ -775,7 +845,14 @@ class _Run:
             "step": row["step"],
             "seed": self.config.seed,
             "data_order": "epoch e: numpy permutation seeded by (seed, e); see jax_resnet.data.batches",
-            "augmentation": "step t (0-based): key fold_in(key(seed), t); see jax_resnet.step.augment_key",
+            "step_keys": (
+                "step t (0-based): key fold_in(key(seed), t); see jax_resnet.step.step_key"
+                if self.randomness is None
+                else "DP run: step t's key fold_in(root, t) and its Poisson batch from a secret root "
+                "(operating-system entropy), not recorded"
+                if self.randomness.private
+                else "DP run, --dp-insecure-seed: step t's key fold_in(DPRandomness.insecure(seed).root_key(), t)"
+            ),
             "config": dataclasses.asdict(self.config),
         }
 
@@ -843,9 +920,10 @@ class _Run:
             _write_json(Path(self.config.json), metrics)
         rate = metrics["examples_per_second"]
         throughput = "" if rate is None else f", {rate:,.0f} examples/s"
-        if metrics["dp"] is not None:
-            dp = metrics["dp"]
-            self.log(f"DP-SGD: ε = {dp['epsilon']:.3g} at δ = {dp['delta']:g} after {dp['steps']} steps")
+        dp = metrics["dp"]
+        if dp is not None and dp["epsilon"] is not None:
+            private = "" if dp["private"] else " (NOT private: --dp-insecure-seed)"
+            self.log(f"DP-SGD: ε = {dp['epsilon']:.3g} at δ = {dp['delta']:g} after {dp['steps']} steps{private}")
         self.log(
             f"done: test accuracy {metrics['test_accuracy']:.4f}, {metrics['wall_time_s']:.1f} s wall "
             f"({metrics['compile_time_s']:.1f} s compiling){throughput} -> {self.out}"

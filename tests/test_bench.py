@@ -182,8 +182,10 @@ def test_jax_privacy_peer_takes_the_dp_steps_update():
     x = jax.random.normal(jax.random.key(1), (5, 6), jnp.float32)
     y, key, tx = jnp.arange(5) % 3, jax.random.key(2), optax.sgd(0.1)
     carry = (params, state, tx.init(params))
+    config = bench.dp_config(5)
     new = {
-        m: run_once(jax.jit(bench.dp_method_step(m, model, tx)), carry, x, y, key)[0][0] for m in ("dp", "jax_privacy")
+        m: run_once(jax.jit(bench.dp_method_step(m, model, tx, config)), carry, x, y, key)[0][0]
+        for m in ("dp", "jax_privacy")
     }
     for a, b in zip(jax.tree.leaves(new["dp"]), jax.tree.leaves(new["jax_privacy"])):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

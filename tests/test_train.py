@@ -309,7 +309,8 @@ def test_bfloat16_computes_in_bfloat16_and_keeps_float32_parameters():
     tree = step.init_train_state(model, opt)
     params, state = tree["params"], tree["state"]
     loss = {"float32": float(jax.jit(step.loss_fn(model, "rules", "float32"))(params, state, x, y)[0])}
-    p, s, o, m = step.make_train_step(model, opt, dtype="bfloat16")(params, state, tree["opt_state"], x, y)
+    key = step.step_key(0, 0)
+    p, s, o, m = step.make_train_step(model, opt, dtype="bfloat16")(params, state, tree["opt_state"], x, y, key)
     assert {a.dtype for a in jax.tree.leaves((p, s, o)) if jnp.issubdtype(a.dtype, jnp.floating)} == {
         jnp.dtype("float32")
     }
@@ -451,8 +452,8 @@ SHARDED = textwrap.dedent(
     tree = step.init_train_state(model, opt, seed=0)
     params, state, opt_state = tree["params"], tree["state"], tree["opt_state"]
 
-    one = step.make_train_step(model, opt, "rules")
-    p1, s1, o1, m1 = one(params, state, opt_state, x, y)
+    one, key = step.make_train_step(model, opt, "rules"), step.step_key(0, 0)
+    p1, s1, o1, m1 = one(params, state, opt_state, x, y, key)
 
     mesh = step.make_mesh()
     assert mesh.size == 8
@@ -460,9 +461,9 @@ SHARDED = textwrap.dedent(
     replicated, batch = step.shardings(mesh)
     xs, ys = jax.device_put(x, batch), jax.device_put(y, batch)
     assert len(xs.addressable_shards) == 8 and xs.addressable_shards[0].data.shape == (8, 8, 8, 1)
-    hlo = eight.lower(params, state, opt_state, xs, ys).compile().as_text()
+    hlo = eight.lower(params, state, opt_state, xs, ys, key).compile().as_text()
     assert "all-reduce" in hlo
-    p8, s8, o8, m8 = eight(params, state, opt_state, xs, ys)
+    p8, s8, o8, m8 = eight(params, state, opt_state, xs, ys, key)
 
     def err(a, b):
         pairs = [(np.asarray(u, np.float64), np.asarray(v, np.float64)) for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b))]
@@ -545,10 +546,10 @@ def test_augmentation_is_a_function_of_the_key():
     x = np.random.default_rng(0).standard_normal((8, 8, 8, 1)).astype(np.float32)
     augmentation = data.load("synthetic").augmentation
     augment = jax.jit(step.augment_batch, static_argnums=2)
-    a, b = (augment(step.augment_key(0, 5), x, augmentation) for _ in range(2))
+    a, b = (augment(step.step_key(0, 5), x, augmentation) for _ in range(2))
     np.testing.assert_array_equal(a, b)
-    assert not np.array_equal(a, augment(step.augment_key(0, 6), x, augmentation))
-    assert not np.array_equal(a, augment(step.augment_key(1, 5), x, augmentation))
+    assert not np.array_equal(a, augment(step.step_key(0, 6), x, augmentation))
+    assert not np.array_equal(a, augment(step.step_key(1, 5), x, augmentation))
 
 
 def test_augmented_steps_are_deterministic_in_the_seed():
@@ -564,7 +565,7 @@ def test_augmented_steps_are_deterministic_in_the_seed():
         tree = step.init_train_state(model, opt)
         params, state, opt_state = tree["params"], tree["state"], tree["opt_state"]
         for t, (x, y) in zip(range(3), data.batches(ds.x_train, ds.y_train, 64, key_or_seed=(0, 0))):
-            params, state, opt_state, _ = train_step(params, state, opt_state, x, y, step.augment_key(seed, t))
+            params, state, opt_state, _ = train_step(params, state, opt_state, x, y, step.step_key(seed, t))
         return params
 
     first, again, other = run(0), run(0), run(1)

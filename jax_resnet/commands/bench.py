@@ -12,14 +12,14 @@ from jax_resnet.commands import add_json_flag, human, out_file, positive_float, 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    names = [w.name for w in bench.WORKLOADS]
+    names = [w.name for w in bench.WORKLOADS] + [w.name for w in bench.DP_WORKLOADS]
     add = parser.add_argument
     add(
         "--workload",
         action="append",
         choices=names,
         metavar="NAME",
-        help=f"run only this workload (repeatable): {', '.join(names)}",
+        help=f"run only this workload (repeatable): {', '.join(names)} (the dp_ ones with --dp, the others without)",
     )
     add("--quick", action="store_true", help="tiny sizes and few rounds (a smoke test; the numbers mean nothing)")
     add(
@@ -48,10 +48,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     log = functools.partial(print, file=sys.stderr, flush=True)
+    dp_names = {w.name for w in bench.DP_WORKLOADS}
+    wrong = [n for n in args.workload or () if (n in dp_names) != args.dp]
+    if wrong:
+        raise ValueError(
+            f"--workload {wrong[0]}: the dp_ workloads run with --dp, the others without; "
+            f"{'drop --dp' if args.dp else 'add --dp'} or choose another"
+        )
     if args.dp:
-        rows = bench.bench_dp(quick=args.quick, rounds=args.rounds, log=log)
+        rows = bench.bench_dp(
+            args.workload, quick=args.quick, rounds=args.rounds, round_seconds=args.round_seconds, log=log
+        )
         print(bench.format_dp_table(rows), file=human(args))
         write_json(rows, args.json)
+        if args.markdown:
+            Path(args.markdown).write_text(bench.format_dp_markdown(rows))
         return 0
     rows = bench.benchmark(
         args.workload, quick=args.quick, rounds=args.rounds, round_seconds=args.round_seconds, log=log

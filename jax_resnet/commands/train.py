@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from jax_resnet import data, models, train
+from jax_resnet import data, dp, models, train
 from jax_resnet.commands import (
     nonnegative_float,
     nonnegative_int,
@@ -117,6 +117,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=d.dp_delta,
         metavar="DELTA",
         help=f"δ of the reported ε (default {d.dp_delta:g})",
+    )
+    add(
+        "--dp-sampler",
+        choices=dp.SAMPLERS,
+        default=d.dp_sampler,
+        help="DP-SGD batches: poisson (each example joins each step with probability batch/n; what ε accounts "
+        "for; the default) or shuffle (fixed batches of a shuffled epoch: no ε is computed)",
+    )
+    add(
+        "--dp-max-batch",
+        type=positive_int,
+        default=d.dp_max_batch,
+        metavar="M",
+        help="cap a Poisson batch at M examples (truncated Poisson sampling, accounted with PLD)",
+    )
+    add(
+        "--dp-accountant",
+        choices=dp.ACCOUNTANTS,
+        default=d.dp_accountant,
+        help="privacy accountant for ε (default: rdp; pld with --dp-max-batch)",
+    )
+    add(
+        "--dp-insecure-seed",
+        action="store_true",
+        help="derive DP noise and batches from --seed: reproducible, NOT private (for tests and debugging)",
     )
 
 
