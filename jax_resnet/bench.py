@@ -64,7 +64,9 @@ Command (the full run takes about 6 minutes on 2 CPU cores):
 
 A new workload (a reversible stack, per-example gradients) is one more entry
 in `WORKLOADS`; one whose step differs from the plain training step passes its
-own `library_step` / `peer_step` builders.
+own `library_step` / `peer_step` builders. The DP-SGD workloads (`dp=True`,
+`jax-resnet bench --dp`) are entries too: their methods are `DP_METHODS`,
+their baseline the non-private step, and every flag works for them as for the others.
 """
 
 from __future__ import annotations
@@ -289,24 +291,33 @@ def peer_step(graphdef) -> Callable:
 # ------------------------------------------------------------------ workloads
 @dataclasses.dataclass(frozen=True)
 class Workload:
-    """One benchmark: a library model, its Flax peer, and the batch they train on.
+    """One benchmark: a library model, the batch it trains on, and the methods compared.
 
-    `peer(dtype, rngs)` builds the nnx module, which has `load(params, state)`
-    to take the library model's weights. `batch`/`example_shape` are the full
-    run's sizes, `quick_batch`/`quick_example_shape` those of `--quick`.
+    A training-step workload (`dp=False`) compares `METHODS` against "autodiff":
+    `peer(dtype, rngs)` builds the Flax nnx module, which has `load(params, state)`
+    to take the library model's weights. A DP workload (`dp=True`, `jax-resnet
+    bench --dp`) compares `DP_METHODS` against "non_private" and has no peer.
+    `batch`/`example_shape` are the full run's sizes, `quick_batch`/`quick_example_shape`
+    those of `--quick`.
     """
 
     name: str
     description: str
     model: Callable[[], models.Model]
-    peer: Callable[..., nnx.Module]
     num_classes: int
     batch: int
     example_shape: tuple[int, ...]
     quick_batch: int
     quick_example_shape: tuple[int, ...]
+    peer: Callable[..., nnx.Module] | None = None
     library_step: Callable = library_step
     peer_step: Callable = peer_step
+    dp: bool = False
+
+    @property
+    def baseline(self) -> str:
+        """The method every ratio is taken against."""
+        return "non_private" if self.dp else "autodiff"
 
     def sizes(self, quick: bool) -> tuple[int, tuple[int, ...]]:
         return (self.quick_batch, self.quick_example_shape) if quick else (self.batch, self.example_shape)
@@ -349,6 +360,28 @@ WORKLOADS: list[Workload] = [
         example_shape=(64, 64, 3),
         quick_batch=2,
         quick_example_shape=(32, 32, 3),
+    ),
+    Workload(
+        name="dp_residual_mlp",
+        description="DP-SGD step: the seed's residual MLP, 64 -> 64 x 2 hidden -> 10, expected batch 256",
+        model=lambda: models.residual_mlp(in_features=64, width=64, depth=2, out_features=10),
+        num_classes=10,
+        batch=256,
+        example_shape=(64,),
+        quick_batch=16,
+        quick_example_shape=(64,),
+        dp=True,
+    ),
+    Workload(
+        name="dp_resnet20_gn",
+        description="DP-SGD step: CIFAR ResNet-20 with GroupNorm (16 groups), 32x32x3, expected batch 256",
+        model=lambda: models.resnet20_gn(num_classes=10),
+        num_classes=10,
+        batch=256,
+        example_shape=(32, 32, 3),
+        quick_batch=4,
+        quick_example_shape=(8, 8, 3),
+        dp=True,
     ),
 ]
 
@@ -404,6 +437,21 @@ def build_peer(workload: Workload, params, state, dtype=jnp.float32) -> nnx.Modu
 
 
 def prepare(
+    workload: Workload,
+    quick: bool,
+    seed: int = 0,
+    dtype=jnp.float32,
+    compile_repeats: int = 1,
+    log: Callable[[str], None] = lambda s: None,
+) -> list[Prepared]:
+    """Build, initialise and compile the workload's methods on one random batch (`prepare_dp`
+    for a DP workload; the baseline first)."""
+    if workload.dp:
+        return prepare_dp(workload, quick, seed, compile_repeats, log)
+    return prepare_step(workload, quick, seed, dtype, compile_repeats)
+
+
+def prepare_step(
     workload: Workload, quick: bool, seed: int = 0, dtype=jnp.float32, compile_repeats: int = 1
 ) -> list[Prepared]:
     """Build, initialise and compile the three methods' steps on one random batch.
@@ -525,30 +573,44 @@ def bench_workload(
     budget_s: float,
     env: dict,
     compile_repeats: int = 1,
+    log: Callable[[str], None] = lambda s: None,
 ) -> list[dict]:
-    """Rows (one per method) for one workload; field names are a stable contract."""
-    prepared = prepare(workload, quick, compile_repeats=compile_repeats)
+    """Rows (one per method) for one workload; field names are a stable contract.
+
+    Ratios are to the workload's baseline (`ratio_to_autodiff`, or for a DP
+    workload `ratio_to_non_private`, with `memory_ratio_to_non_private` and the
+    DP step's `padded_rows`)."""
+    prepared = prepare(workload, quick, compile_repeats=compile_repeats, log=log)
     per_round, steps = time_interleaved(prepared, rounds, min_round_s, budget_s)
     batch_size, example_shape = workload.sizes(quick)
+    base = next(p for p in prepared if p.method == workload.baseline)
     rows = []
-    for p in prepared:
+    for p in [p for m in _methods(workload) for p in prepared if p.method == m]:
         times = per_round[p.method]
-        ratios = [t / base for t, base in zip(times, per_round["autodiff"])]
-        rows.append(
-            {
-                "workload": workload.name,
-                "method": p.method,
-                **spread_fields("step_time_ms", times, 1e3),
-                **spread_fields("ratio_to_autodiff", ratios),
-                **spread_fields("compile_time_s", p.compile_times_s),
-                "temp_memory_bytes": p.temp_memory_bytes,
-                "examples_per_second": batch_size / statistics.median(times),
-                **_round_fields(times, steps, batch_size, example_shape, p.num_params),
-                "compile_times_s": list(p.compile_times_s),
-                "environment": env,
-            }
-        )
+        ratios = [t / b for t, b in zip(times, per_round[base.method])]
+        row = {
+            "workload": workload.name,
+            "method": p.method,
+            **spread_fields("step_time_ms", times, 1e3),
+            **spread_fields(f"ratio_to_{base.method}", ratios),
+            **spread_fields("compile_time_s", p.compile_times_s),
+            "temp_memory_bytes": p.temp_memory_bytes,
+            "examples_per_second": batch_size / statistics.median(times),
+            **_round_fields(times, steps, batch_size, example_shape, p.num_params),
+            "compile_times_s": list(p.compile_times_s),
+            "environment": env,
+        }
+        if workload.dp:
+            memory = None if not (base.temp_memory_bytes and p.temp_memory_bytes) else p.temp_memory_bytes
+            row["memory_ratio_to_non_private"] = None if memory is None else memory / base.temp_memory_bytes
+            row["padded_rows"] = len(p.batch[0]) - batch_size
+        rows.append(row)
     return rows
+
+
+def _methods(workload: Workload) -> tuple[str, ...]:
+    """The order a workload's rows come in."""
+    return DP_METHODS if workload.dp else METHODS
 
 
 # -------------------------------------------------------------------- reports
@@ -755,18 +817,25 @@ COMPILE_REPEATS = 3  # compilations per method, in a full run; 1 with `quick`
 def benchmark(
     names: Sequence[str] | None = None,
     *,
+    dp: bool = False,
     quick: bool = False,
     rounds: int | None = None,
     round_seconds: float | None = None,
     log: Callable[[str], None] = lambda s: None,
 ) -> list[dict]:
-    """Rows of the named workloads (default: all), one per workload and method: `jax-resnet bench`.
+    """Rows of the named workloads (default: all of the kind), one per workload and method:
+    `jax-resnet bench`, or with `dp` the DP-SGD workloads (`jax-resnet bench --dp`).
 
     `rounds` defaults to `ROUNDS` (3 when `quick`), `round_seconds` to
     `ROUND_SECONDS` (0.01 when `quick`); a workload stops timing after at
-    least 5 rounds once it has timed for 150 s (5 s when `quick`).
+    least 5 rounds once it has timed for 150 s (5 s when `quick`). A DP
+    workload compiles each method once.
     """
-    selected = [get_workload(n) for n in names] if names else list(WORKLOADS)
+    selected = [get_workload(n) for n in names] if names else [w for w in WORKLOADS if w.dp == dp]
+    wrong = [w.name for w in selected if w.dp != dp]
+    if wrong:
+        kind = "a training-step workload; drop --dp" if dp else "a DP workload; add --dp"
+        raise ValueError(f"--workload {wrong[0]}: {kind}, or choose another")
     rounds = rounds if rounds is not None else (3 if quick else ROUNDS)
     min_round_s = round_seconds if round_seconds is not None else (0.01 if quick else ROUND_SECONDS)
     # Bounds a workload's timing when steps are slow (a loaded machine), so the full run stays within minutes.
@@ -782,7 +851,8 @@ def benchmark(
             min_round_s=min_round_s,
             budget_s=budget_s,
             env=env,
-            compile_repeats=1 if quick else COMPILE_REPEATS,
+            compile_repeats=1 if quick or workload.dp else COMPILE_REPEATS,
+            log=log,
         )
     return rows
 
@@ -805,45 +875,6 @@ DP_CLIP, DP_NOISE = 1.0, 1.0
 def dp_config(batch: int) -> dp_lib.DPConfig:
     """The benchmark's DP settings (C = 1, σ = 1) for an expected batch of `batch`."""
     return dp_lib.DPConfig(l2_norm_clip=DP_CLIP, noise_multiplier=DP_NOISE, expected_batch_size=batch)
-
-
-@dataclasses.dataclass(frozen=True)
-class DPWorkload:
-    name: str
-    description: str
-    model: Callable[[], models.Model]
-    num_classes: int
-    batch: int
-    example_shape: tuple[int, ...]
-    quick_batch: int
-    quick_example_shape: tuple[int, ...]
-
-    def sizes(self, quick: bool) -> tuple[int, tuple[int, ...]]:
-        return (self.quick_batch, self.quick_example_shape) if quick else (self.batch, self.example_shape)
-
-
-DP_WORKLOADS: list[DPWorkload] = [
-    DPWorkload(
-        "dp_residual_mlp",
-        "the seed's residual MLP, 64 -> 64 x 2 hidden -> 10, batch 256",
-        lambda: models.residual_mlp(in_features=64, width=64, depth=2, out_features=10),
-        10,
-        256,
-        (64,),
-        16,
-        (64,),
-    ),
-    DPWorkload(
-        "dp_resnet20_gn",
-        "CIFAR ResNet-20 with GroupNorm (16 groups), 32x32x3, batch 256",
-        lambda: models.resnet20_gn(num_classes=10),
-        10,
-        256,
-        (32, 32, 3),
-        4,
-        (8, 8, 3),
-    ),
-]
 
 
 def dp_method_step(
@@ -908,76 +939,35 @@ def dp_methods(log: Callable[[str], None] = lambda s: None) -> tuple[str, ...]:
     return DP_METHODS
 
 
-def bench_dp(
-    names: Sequence[str] | None = None,
-    *,
-    quick: bool = False,
-    rounds: int | None = None,
-    round_seconds: float | None = None,
-    log: Callable[[str], None] = lambda s: None,
-) -> list[dict]:
-    """Rows of the named `DP_WORKLOADS` (default: all), one per workload and method: step
-    time (interleaved rounds, as `bench_workload`), its ratio to the non-private step in
-    the same round, and compiled scratch memory (`memory_analysis`).
-
-    Every method sees the same b real rows; the DP step's batch is padded to
-    `dp.physical_batch_size` rows as a Poisson run pads it, so the padding's cost is
-    in its time. `rounds` defaults to 7 (3 when `quick`), `round_seconds` to 0.5 (0.01).
-    """
-    by_name = {w.name: w for w in DP_WORKLOADS}
-    unknown = [n for n in names or () if n not in by_name]
-    if unknown:
-        raise ValueError(f"unknown DP workload {unknown[0]!r}; choose one of: {', '.join(by_name)}")
-    selected = [by_name[n] for n in names] if names else list(DP_WORKLOADS)
-    rounds = rounds if rounds is not None else (3 if quick else 7)
-    min_round_s = round_seconds if round_seconds is not None else (0.01 if quick else 0.5)
-    env = environment(quick)
-    methods = dp_methods(log)
-    rows = []
-    for w in selected:
-        log(f"bench --dp: {w.name} — {w.description}")
-        batch_size, example_shape = w.sizes(quick)
-        config = dp_config(batch_size)
-        k_x, k_y, k_init, k_noise = jax.random.split(jax.random.key(0), 4)
-        x = jax.random.normal(k_x, (batch_size, *example_shape), jnp.float32)
-        y = jax.random.randint(k_y, (batch_size,), 0, w.num_classes, jnp.int32)
-        padding = dp_lib.physical_batch_size(config) - batch_size
-        x_padded = jnp.concatenate([x, jnp.zeros((padding, *example_shape), x.dtype)])
-        y_padded = jnp.concatenate([y, jnp.full((padding,), dp_lib.PAD_LABEL, y.dtype)])
-        model = w.model()
-        params, state = init_library(model, k_init)
-        prepared = []
-        for method in methods:
-            tx = _dp_tx(method, optimizer(), jax.random.key(1))  # its own key: the carry is donated
-            carry = jax.device_put((params, state, tx.init(params)))
-            batch = (x_padded, y_padded, k_noise) if method == "dp" else (x, y, k_noise)
+def prepare_dp(
+    workload: Workload, quick: bool, seed: int = 0, compile_repeats: int = 1, log: Callable[[str], None] = print
+) -> list[Prepared]:
+    """The DP workload's methods (`dp_methods`), compiled on one random batch of b real rows;
+    the DP step's batch is padded to `dp.physical_batch_size` rows as a Poisson run pads it,
+    so the padding's cost is in its time. Every method starts from the same weights."""
+    batch_size, example_shape = workload.sizes(quick)
+    config = dp_config(batch_size)
+    k_x, k_y, k_init, k_noise = jax.random.split(jax.random.key(seed), 4)
+    x = jax.random.normal(k_x, (batch_size, *example_shape), jnp.float32)
+    y = jax.random.randint(k_y, (batch_size,), 0, workload.num_classes, jnp.int32)
+    padding = dp_lib.physical_batch_size(config) - batch_size
+    x_padded = jnp.concatenate([x, jnp.zeros((padding, *example_shape), x.dtype)])
+    y_padded = jnp.concatenate([y, jnp.full((padding,), dp_lib.PAD_LABEL, y.dtype)])
+    model = workload.model()
+    params, state = init_library(model, k_init)
+    prepared = []
+    for method in dp_methods(log):
+        tx = _dp_tx(method, optimizer(), jax.random.key(1))  # its own key: the carry is donated
+        carry = jax.device_put((params, state, tx.init(params)))
+        batch = (x_padded, y_padded, k_noise) if method == "dp" else (x, y, k_noise)
+        times = []
+        for _ in range(compile_repeats):
             compiled, seconds = _compile(dp_method_step(method, model, tx, config), carry, batch)
-            memory = compiled.memory_analysis()
-            temp = None if memory is None else int(memory.temp_size_in_bytes)
-            n = models.num_params(params)
-            prepared.append(Prepared(method, compiled, carry, batch, [seconds], temp, n))
-        per_round, steps = time_interleaved(prepared, rounds, min_round_s, 5.0 if quick else 120.0)
-        for p in prepared:
-            times = per_round[p.method]
-            ratios = [t / base for t, base in zip(times, per_round["non_private"])]
-            base_memory = prepared[0].temp_memory_bytes
-            rows.append(
-                {
-                    "workload": w.name,
-                    "method": p.method,
-                    **spread_fields("step_time_ms", times, 1e3),
-                    **spread_fields("ratio_to_non_private", ratios),
-                    "temp_memory_bytes": p.temp_memory_bytes,
-                    "memory_ratio_to_non_private": (
-                        None if not (base_memory and p.temp_memory_bytes) else p.temp_memory_bytes / base_memory
-                    ),
-                    "compile_time_s": p.compile_times_s[0],
-                    "padded_rows": padding if p.method == "dp" else 0,
-                    **_round_fields(times, steps, batch_size, example_shape, p.num_params),
-                    "environment": env,
-                }
-            )
-    return rows
+            times.append(seconds)
+        memory = compiled.memory_analysis()
+        temp = None if memory is None else int(memory.temp_size_in_bytes)
+        prepared.append(Prepared(method, compiled, carry, batch, times, temp, models.num_params(params)))
+    return prepared
 
 
 # (label, the largest ratio that meets it): the DP step against the non-private step.
@@ -1035,7 +1025,7 @@ def format_dp_markdown(rows: list[dict]) -> str:
 
 
 def format_dp_table(rows: list[dict]) -> str:
-    """A Markdown table of `bench_dp` rows: time, its ratio (range) and memory against the non-private step."""
+    """A Markdown table of DP workload rows: time, its ratio (range) and memory against the non-private step."""
     lines = [
         "| workload | method | step time (ms) | × non-private (range) | compiled memory (MiB) | × non-private |",
         "|---|---|---:|---:|---:|---:|",

@@ -507,9 +507,10 @@ def epsilon(config: DPConfig, num_examples: int, steps: int) -> float | None:
 def summary(config: DPConfig, num_examples: int, steps: int, randomness: DPRandomness | None = None) -> dict:
     """What metrics.json records of a DP run: the settings, the sampler, the DP event, the
     accountant, the neighbouring relation, δ and ε after `steps` steps, and whether the run
-    is private (secret randomness and a sampler the accounting covers)."""
+    is private (a finite ε for the sampler that ran, and secret randomness)."""
     event = dp_event(config, num_examples)
-    private = event is not None and (randomness is None or randomness.private)
+    eps = epsilon(config, num_examples, steps)
+    private = eps is not None and math.isfinite(eps) and (randomness is None or randomness.private)
     return {
         "clip": config.l2_norm_clip,
         "noise": config.noise_multiplier,
@@ -522,7 +523,7 @@ def summary(config: DPConfig, num_examples: int, steps: int, randomness: DPRando
         "dp_event": None if event is None else repr(event),
         "accountant": None if event is None else config.accountant_name,
         "neighbouring_relation": NEIGHBOURING,
-        "epsilon": epsilon(config, num_examples, steps),
+        "epsilon": eps,
         "private": private,
         "randomness": (
             "operating-system entropy, never written"

@@ -769,6 +769,8 @@ revnet164 = _preset("revnet164", revnet, (9, 9, 9), "bottleneck", (32, 64, 128),
 # (jax_resnet.per_example). 16 groups at CIFAR widths (16, 32, 64), 32 (Wu & He 2018) at ImageNet's.
 resnet20_gn = _preset("resnet20_gn", cifar_resnet, 20, norm="group", norm_groups=16)
 resnet18_gn = _preset("resnet18_gn", imagenet_resnet, (2, 2, 2, 2), "basic", norm="group", norm_groups=32)
+# The test model's GroupNorm twin (8 groups): small enough for DP-SGD on MNIST on a CPU.
+tiny_gn = _preset("tiny_gn", cifar_resnet, 8, widths=(8, 16, 32), norm="group", norm_groups=8)
 
 
 def get(name: str, **kwargs) -> Model:

@@ -168,6 +168,24 @@ def test_dp_methods_skip_jax_privacy_with_the_reason_when_it_is_absent(monkeypat
     assert "skipping jax_privacy" in logged[0] and "jax-resnet[peers]" in logged[0]
 
 
+@pytest.mark.filterwarnings("ignore:optax.global_norm is deprecated:DeprecationWarning")
+def test_dp_quick_run_takes_the_workload_round_and_markdown_flags(tmp_path, capsys):
+    json_path, md_path = tmp_path / "dp.json", tmp_path / "dp.md"
+    argv = ["bench", "--dp", "--quick", "--workload", "dp_residual_mlp", "--rounds", "2", "--round-seconds", "0.02"]
+    assert cli.main([*argv, "--json", str(json_path), "--markdown", str(md_path)]) == 0
+    rows = json.loads(json_path.read_text())
+    assert {r["workload"] for r in rows} == {"dp_residual_mlp"} and rows[0]["method"] == "non_private"
+    assert [r["method"] for r in rows] == list(bench.dp_methods())
+    for r in rows:
+        assert r["rounds"] == 2 and r["ratio_to_non_private_min"] <= r["ratio_to_non_private_max"]
+        assert r["padded_rows"] == (16 + 8 - 16 if r["method"] == "dp" else 0)  # b + ⌈2√b⌉ = 24 rows for b = 16
+    markdown = md_path.read_text()
+    assert "time ≤ 1.3× non-private" in markdown and "| dp_residual_mlp | dp |" in markdown
+    # A workload of the other kind is refused, with the flag to change.
+    assert cli.main(["bench", "--dp", "--quick", "--workload", "resnet20"]) == 2
+    assert "drop --dp" in capsys.readouterr().err
+
+
 # jax_privacy 2.0 calls optax.global_norm, which optax 0.2.8 deprecates.
 @pytest.mark.filterwarnings("ignore:optax.global_norm is deprecated:DeprecationWarning")
 def test_jax_privacy_peer_takes_the_dp_steps_update():

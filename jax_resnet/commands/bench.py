@@ -12,7 +12,7 @@ from jax_resnet.commands import add_json_flag, human, out_file, positive_float, 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    names = [w.name for w in bench.WORKLOADS] + [w.name for w in bench.DP_WORKLOADS]
+    names = [w.name for w in bench.WORKLOADS]
     add = parser.add_argument
     add(
         "--workload",
@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--dp",
         action="store_true",
         help="instead: the DP-SGD step vs the non-private step, jax.vmap(jax.grad) + optax clipping, and jax_privacy "
-        "where installed (bench.bench_dp)",
+        "where installed (the dp_ workloads)",
     )
     add_json_flag(parser, "the rows")
     add("--markdown", type=out_file, metavar="FILE", help="also write a Markdown table with the goals, for the README")
@@ -48,27 +48,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     log = functools.partial(print, file=sys.stderr, flush=True)
-    dp_names = {w.name for w in bench.DP_WORKLOADS}
-    wrong = [n for n in args.workload or () if (n in dp_names) != args.dp]
-    if wrong:
-        raise ValueError(
-            f"--workload {wrong[0]}: the dp_ workloads run with --dp, the others without; "
-            f"{'drop --dp' if args.dp else 'add --dp'} or choose another"
-        )
-    if args.dp:
-        rows = bench.bench_dp(
-            args.workload, quick=args.quick, rounds=args.rounds, round_seconds=args.round_seconds, log=log
-        )
-        print(bench.format_dp_table(rows), file=human(args))
-        write_json(rows, args.json)
-        if args.markdown:
-            Path(args.markdown).write_text(bench.format_dp_markdown(rows))
-        return 0
     rows = bench.benchmark(
-        args.workload, quick=args.quick, rounds=args.rounds, round_seconds=args.round_seconds, log=log
+        args.workload, dp=args.dp, quick=args.quick, rounds=args.rounds, round_seconds=args.round_seconds, log=log
     )
-    print(bench.format_table(rows), file=human(args))
+    table, markdown = (
+        (bench.format_dp_table, bench.format_dp_markdown) if args.dp else (bench.format_table, bench.format_markdown)
+    )
+    print(table(rows), file=human(args))
     write_json(rows, args.json)
     if args.markdown:
-        Path(args.markdown).write_text(bench.format_markdown(rows))
+        Path(args.markdown).write_text(markdown(rows))
     return 0
