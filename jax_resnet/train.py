@@ -35,9 +35,10 @@ What a run does, in order:
    sees exactly the batches an uninterrupted one would. With `augment`, the
    step augments its batch on the device (`step.augment_batch`, what the data
    set allows: `data.AUGMENTATIONS`) with the key
-   `fold_in(key(seed), global_step)` (`step.augment_key`), which likewise
+   `fold_in(key(seed), global_step)` (`step.step_key`), which likewise
    depends on nothing else. BatchNorm running statistics are `state`,
-   updated once per step.
+   updated once per step. A DP-SGD run (`dp_clip`) draws Poisson batches
+   instead, and its step keys, from a secret root (`jax_resnet.dp`).
 4. After each epoch: test loss and accuracy with the running statistics, one
    line in `metrics.jsonl`, and an orbax checkpoint. At the end:
    `metrics.json` (with the test set's confusion matrix and per-class
