@@ -1,4 +1,7 @@
-"""Why float32 stored-activation gradients of a reversible stage can sit 1e-2 from float64: a ReLU kink.
+"""Two float32 questions about the reversible stage of `benchmarks/reversible.py`'s error table.
+
+`kink`: why the float32 stored-activation gradient can sit 1e-2 from float64 (a ReLU kink).
+`growth`: the two float64 factors of the reconstruction error's growth in depth.
 
 The stage of `benchmarks/reversible.py`'s error table (basic couplings, 16
 channels, batch 8 of 8x8, training mode, its loss), at initialisation. For
@@ -14,7 +17,13 @@ each depth this prints
     from the point the gradient is taken at (a ReLU mask flipped by one
     rounding), not from float32 arithmetic in the backward.
 
-Command (about a minute on 2 CPU cores): python benchmarks/reversible_kink.py 8 32
+`growth`, for each depth n, in float64: max|y| / max|x| of the stage (how the
+activations grow along it) and the amplification of the inverse, max|Δx| /
+max|Δy| for a small random perturbation Δy of the output rebuilt back to the
+input; a rounding of relative size u made near the output reaches the input
+multiplied by both.
+
+Command (about a minute and a half on 2 CPU cores): python benchmarks/reversible_float32.py
 """
 
 from __future__ import annotations
@@ -112,7 +121,26 @@ def kink(n: int) -> None:
         print(f"  couplings 1..{n - 1}, {name}: largest per-array error {max(e.values()):.1e}")
 
 
+def growth(n: int) -> None:
+    autodiff = ops.opset("autodiff")
+    spec, params, state, x1, x2, _ = bench_reversible._stage(n, 16, 8, 8, jax.random.key(0))
+    params, state, x1, x2 = _cast((params, state, x1, x2), jnp.float64)
+    y1, y2, _ = jax.jit(functools.partial(reversible.stage, autodiff, spec, train=True))(params, state, x1, x2)
+    rebuild = jax.jit(functools.partial(reversible.reconstruct, autodiff, spec, train=True))
+    r1, r2, _ = rebuild(params, state, y1, y2)
+    v = jax.random.normal(jax.random.key(5), (2, *y1.shape), jnp.float64)
+    eps = 1e-6
+    p1, p2, _ = rebuild(params, state, y1 + eps * v[0], y2 + eps * v[1])
+    amplification = max(float(jnp.abs(p1 - r1).max()), float(jnp.abs(p2 - r2).max())) / (eps * float(jnp.abs(v).max()))
+    size = max(float(jnp.abs(y1).max()), float(jnp.abs(y2).max())) / max(
+        float(jnp.abs(x1).max()), float(jnp.abs(x2).max())
+    )
+    print(f"{n} couplings: max|y| / max|x| {size:.2f}, inverse amplification {amplification:.2f}")
+
+
 if __name__ == "__main__":
     with enable_x64():
-        for n in [int(a) for a in sys.argv[1:]] or [8, 32]:
+        for n in (8, 32):
             kink(n)
+        for n in (8, 32, 128, 512):
+            growth(n)
