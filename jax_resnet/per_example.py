@@ -82,9 +82,11 @@ class PerExampleError(ValueError):
 
 BATCHNORM_MESSAGE = (
     "per-example quantities: the model uses BatchNorm in training mode, whose mean and variance are taken over "
-    "the whole batch, so each example's gradient depends on every other example and no per-example gradient "
-    "exists; use a GroupNorm model (presets resnet20_gn, resnet18_gn, or norm='group' on cifar_resnet / "
-    "imagenet_resnet)"
+    "the whole batch. Each example's gradient of its own loss exists, but one backward pass of the batch cannot "
+    "separate it (the cotangent reaching one example's activations carries every example's loss), and changing "
+    "one example changes every other example's gradient, so clipping each gradient does not bound one example's "
+    "influence on the step; use a GroupNorm model (presets resnet20_gn, resnet18_gn, or norm='group' on "
+    "cifar_resnet / imagenet_resnet)"
 )
 
 
