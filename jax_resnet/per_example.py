@@ -129,8 +129,12 @@ def use_gram(positions: int, d: int, p: int, norm_path: str = "auto") -> bool:
     needs the layer's inputs at the T positions (for a convolution the im2col
     patches, a new array) and the a·a and δ·δ matrices, T·d + 2·T²; the
     instantiated form holds the example's gradient, d·p. "auto" takes the Gram
-    form when T·d + 2·T² ≤ d·p. (Multiply-adds per example: T²·(d + p) against
-    T·d·p: the same winner unless d and p are far apart.)
+    form when T·d + 2·T² ≤ d·p. For a dense layer the T·d charge overcounts (its
+    input is held anyway). Multiply-adds per example, T²·(d + p) against T·d·p,
+    can disagree: the two criteria differ by 2·T² against T·p, so where 2·T > p
+    memory is the stricter (ResNet-18-GN's stage-3 first conv, T = 196, d = 1152,
+    p = 256, instantiates though the Gram form needs fewer multiply-adds);
+    "auto" follows memory (derivations/per_example.md#batch_l2).
     """
     if norm_path == "auto":
         return positions * d + 2 * positions * positions <= d * p
