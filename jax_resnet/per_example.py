@@ -81,9 +81,11 @@ class PerExampleError(ValueError):
 
 BATCHNORM_MESSAGE = (
     "per-example quantities: the model uses BatchNorm in training mode, whose mean and variance are taken over "
-    "the whole batch, so each example's gradient depends on every other example and no per-example gradient "
-    "exists; use a GroupNorm model (presets resnet20_gn, resnet18_gn, or norm='group' on cifar_resnet / "
-    "imagenet_resnet)"
+    "the whole batch. Each example's gradient of its own loss exists, but one backward pass of the batch cannot "
+    "separate it (the cotangent reaching one example's activations carries every example's loss), and changing "
+    "one example changes every other example's gradient, so clipping each gradient does not bound one example's "
+    "influence on the step; use a GroupNorm model (presets resnet20_gn, resnet18_gn, or norm='group' on "
+    "cifar_resnet / imagenet_resnet)"
 )
 
 
@@ -126,8 +128,12 @@ def use_gram(positions: int, d: int, p: int, norm_path: str = "auto") -> bool:
     needs the layer's inputs at the T positions (for a convolution the im2col
     patches, a new array) and the a·a and δ·δ matrices, T·d + 2·T²; the
     instantiated form holds the example's gradient, d·p. "auto" takes the Gram
-    form when T·d + 2·T² ≤ d·p. (Multiply-adds per example: T²·(d + p) against
-    T·d·p: the same winner unless d and p are far apart.)
+    form when T·d + 2·T² ≤ d·p. For a dense layer the T·d charge overcounts (its
+    input is held anyway). Multiply-adds per example, T²·(d + p) against T·d·p,
+    can disagree: the two criteria differ by 2·T² against T·p, so where 2·T > p
+    memory is the stricter (ResNet-18-GN's stage-3 first conv, T = 196, d = 1152,
+    p = 256, instantiates though the Gram form needs fewer multiply-adds);
+    "auto" follows memory (derivations/per_example.md#batch_l2).
     """
     if norm_path == "auto":
         return positions * d + 2 * positions * positions <= d * p

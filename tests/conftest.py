@@ -21,6 +21,7 @@ SLOW = {
     "tests/test_notebooks.py::test_notebook_runs_in_a_kernel": "each Colab notebook in a fresh Jupyter kernel",
     "tests/test_flow.py::test_plain_batchnorm_net_gradient_explodes": "two 56-layer nets per seed",
     "tests/test_flow.py::test_quick_run_writes": "the `flow` command end to end",
+    "tests/test_flow.py::test_documented_figures_match_the_whole_flow_sweep": "plain110 and resnet110 compiled",
     "tests/test_models.py::test_jit_and_nojit_agree": "a whole model's float64 gradient op by op",
     "tests/test_reversible.py::test_revnet38_passes": "the full RevNet-38, compiled twice",
     "tests/test_per_example.py::test_per_example_quantities_equal_vmap_of_grad[gn_basic_B]": "option B (A is fast)",
