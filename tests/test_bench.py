@@ -4,6 +4,7 @@ equal weights). No timing is asserted: the numbers depend on the machine."""
 
 import json
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -166,6 +167,13 @@ def test_dp_methods_skip_jax_privacy_with_the_reason_when_it_is_absent(monkeypat
     logged = []
     assert bench.dp_methods(logged.append) == ("non_private", "dp", "vmap_clip")
     assert "skipping jax_privacy" in logged[0] and "jax-resnet[peers]" in logged[0]
+
+
+def test_dp_methods_skip_a_jax_privacy_outside_the_peers_range_naming_the_version(monkeypatch):
+    monkeypatch.setitem(sys.modules, "jax_privacy", types.SimpleNamespace(__version__="1.0.0"))
+    logged = []
+    assert bench.dp_methods(logged.append) == ("non_private", "dp", "vmap_clip")
+    assert "jax-privacy 1.0.0 is installed; the peer needs jax-privacy>=2.0,<3" in logged[0]
 
 
 # jax_privacy 2.0 calls optax.global_norm, which optax 0.2.8 deprecates.
