@@ -3,12 +3,12 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo verify test test-slow lint format bench clean
+.PHONY: demo verify test test-slow test-lowest lint format bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,peers]"
 	touch $@
 
 demo: $(BIN)/.installed
@@ -34,6 +34,29 @@ test: $(BIN)/.installed $(KATEX)
 test-slow: $(BIN)/.installed $(KATEX)
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=25 -m slow
 
+# The fast suite at the bottom of pyproject.toml's ranges, in a second environment made afresh each
+# run: uv's lowest-direct resolution puts each direct dependency at its lower bound (the rest at the
+# newest that fits), and .ci/lowest_bounds.py fails where a bound is lower than what got installed.
+# The peers extra is a second resolution (jax-privacy 2.0 needs newer optax and dp-accounting than
+# the core's bounds), with the only tests that import it.
+LOWEST := .venv-lowest
+UV := $(LOWEST)/uv/bin/uv
+LOWEST_PY := $(LOWEST)/env/bin/python
+
+$(UV):
+	$(PYTHON) -m venv $(LOWEST)/uv
+	$(LOWEST)/uv/bin/python -m pip install --quiet uv
+
+test-lowest: $(UV)
+	$(UV) venv --quiet --clear --python $(PYTHON) $(LOWEST)/env
+	$(UV) pip install --quiet --python $(LOWEST_PY) --resolution lowest-direct -e ".[dev]"
+	$(LOWEST_PY) .ci/lowest_bounds.py core dev
+	$(LOWEST_PY) -m pytest -q -n 2 --dist loadgroup --durations=10 -m "not slow"
+	$(UV) venv --quiet --clear --python $(PYTHON) $(LOWEST)/env
+	$(UV) pip install --quiet --python $(LOWEST_PY) --resolution lowest-direct -e ".[dev,peers]"
+	$(LOWEST_PY) .ci/lowest_bounds.py peers
+	$(LOWEST_PY) -m pytest -q tests/test_bench.py tests/test_dp.py -k jax_privacy
+
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -46,4 +69,4 @@ bench: $(BIN)/.installed
 	$(BIN)/jax-resnet bench --json benchmarks/results.json --markdown benchmarks/results.md
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .hypothesis
+	rm -rf $(VENV) $(LOWEST) runs .pytest_cache .hypothesis

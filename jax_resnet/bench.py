@@ -930,13 +930,18 @@ def _dp_tx(method: str, tx: optax.GradientTransformation, key) -> optax.Gradient
 
 
 def dp_methods(log: Callable[[str], None] = lambda s: None) -> tuple[str, ...]:
-    """The DP_METHODS that can run here: "jax_privacy" only where the package imports (the reason logged if not)."""
+    """The DP_METHODS that can run here: "jax_privacy" only where a 2.x release imports (the reason logged if not)."""
     try:
-        import jax_privacy  # noqa: F401
+        import jax_privacy
     except ImportError as e:
-        log(f"bench --dp: skipping jax_privacy ({e}; pip install 'jax-resnet[peers]')")
-        return tuple(m for m in DP_METHODS if m != "jax_privacy")
-    return DP_METHODS
+        reason = str(e)
+    else:
+        if jax_privacy.__version__.split(".")[0] == "2":
+            return DP_METHODS
+        # jax_privacy 1.0 has no jax_privacy.clipping (bench imports it mid-run): say so up front instead.
+        reason = f"jax-privacy {jax_privacy.__version__} is installed; the peer needs jax-privacy>=2.0,<3"
+    log(f"bench --dp: skipping jax_privacy ({reason}; pip install 'jax-resnet[peers]')")
+    return tuple(m for m in DP_METHODS if m != "jax_privacy")
 
 
 def prepare_dp(

@@ -4,6 +4,7 @@ equal weights). No timing is asserted: the numbers depend on the machine."""
 
 import json
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -184,6 +185,13 @@ def test_dp_quick_run_takes_the_workload_round_and_markdown_flags(tmp_path, caps
     # A workload of the other kind is refused, with the flag to change.
     assert cli.main(["bench", "--dp", "--quick", "--workload", "resnet20"]) == 2
     assert "drop --dp" in capsys.readouterr().err
+
+
+def test_dp_methods_skip_a_jax_privacy_outside_the_peers_range_naming_the_version(monkeypatch):
+    monkeypatch.setitem(sys.modules, "jax_privacy", types.SimpleNamespace(__version__="1.0.0"))
+    logged = []
+    assert bench.dp_methods(logged.append) == ("non_private", "dp", "vmap_clip")
+    assert "jax-privacy 1.0.0 is installed; the peer needs jax-privacy>=2.0,<3" in logged[0]
 
 
 # jax_privacy 2.0 calls optax.global_norm, which optax 0.2.8 deprecates.

@@ -1058,7 +1058,16 @@ class _Checker:
 
 def _primitive_counts(closed_jaxpr) -> collections.Counter:
     """How often each primitive runs in a jaxpr, inside nested jaxprs too (containers themselves not counted)."""
-    from jax.extend.core import jaxprs_in_params
+    from jax.extend.core import ClosedJaxpr, Jaxpr
+
+    # jax.extend.core.jaxprs_in_params does this from jax 0.10; written out for older jax.
+    def jaxprs_in_params(params):
+        for value in params.values():
+            for v in value if isinstance(value, tuple) else (value,):
+                if isinstance(v, Jaxpr):
+                    yield v
+                elif isinstance(v, ClosedJaxpr):
+                    yield v.jaxpr
 
     counts: collections.Counter = collections.Counter()
 
