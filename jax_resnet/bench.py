@@ -92,6 +92,7 @@ from flax import nnx
 from jax_resnet import blocks, models
 from jax_resnet import dp as dp_lib
 from jax_resnet import step as step_lib
+from jax_resnet.ops import AUTODIFF, RULES, SPECS, OpSet
 
 METHODS = ("rules", "autodiff", "flax")
 LEARNING_RATE = 0.01
@@ -262,7 +263,7 @@ def peer_num_params(module: nnx.Module) -> int:
 
 # ---------------------------------------------------------------------- steps
 # A step is pure: step(carry, x, y) -> (carry, loss), the carry donated.
-def library_step(model: models.Model, grad: str, tx: optax.GradientTransformation) -> Callable:
+def library_step(model: models.Model, grad: str | OpSet, tx: optax.GradientTransformation) -> Callable:
     """The library's training step (`step.update_fn`); carry = (params, state, opt_state)."""
     update = step_lib.update_fn(model, tx, grad)
 
@@ -443,12 +444,45 @@ def prepare(
     dtype=jnp.float32,
     compile_repeats: int = 1,
     log: Callable[[str], None] = lambda s: None,
+    ablate: bool = False,
 ) -> list[Prepared]:
-    """Build, initialise and compile the workload's methods on one random batch (`prepare_dp`
-    for a DP workload; the baseline first)."""
+    """Build, initialise and compile the workload's methods on one random batch, in the
+    order of their rows (`prepare_dp` for a DP workload, `prepare_ablation` with `ablate`)."""
     if workload.dp:
         return prepare_dp(workload, quick, seed, compile_repeats, log)
+    if ablate:
+        return prepare_ablation(workload, quick, seed, dtype)
     return prepare_step(workload, quick, seed, dtype, compile_repeats)
+
+
+def ablation_opsets() -> dict[str, OpSet]:
+    """ "rules", then the rules with one family's ops (`ops.FAMILIES`) swapped for their
+    reference twins, one family at a time ("autodiff <family>"), then "autodiff"."""
+    variants = {"rules": RULES}
+    for family in dict.fromkeys(spec.family for spec in SPECS.values()):
+        swapped = {name: AUTODIFF._asdict()[name] for name, spec in SPECS.items() if spec.family == family}
+        variants[f"autodiff {family}"] = RULES._replace(**swapped)
+    variants["autodiff"] = AUTODIFF
+    return variants
+
+
+def prepare_ablation(workload: Workload, quick: bool, seed: int = 0, dtype=jnp.float32) -> list[Prepared]:
+    """The library's training step once per `ablation_opsets` variant (`jax-resnet bench --ablate`):
+    which rule family makes the hand-derived step faster or slower, leaner or larger, than autodiff's."""
+    batch_size, example_shape = workload.sizes(quick)
+    k_x, k_y, k_init = jax.random.split(jax.random.key(seed), 3)
+    x = jax.random.normal(k_x, (batch_size, *example_shape), dtype)
+    y = jax.random.randint(k_y, (batch_size,), 0, workload.num_classes, jnp.int32)
+    tx, model = optimizer(), workload.model()
+    params, state = init_library(model, k_init, dtype)
+    prepared = []
+    for name, ops in ablation_opsets().items():
+        carry = jax.device_put((params, state, tx.init(params)))
+        compiled, seconds = _compile(library_step(model, ops, tx), carry, (x, y))
+        memory = compiled.memory_analysis()
+        temp = None if memory is None else int(memory.temp_size_in_bytes)
+        prepared.append(Prepared(name, compiled, carry, (x, y), [seconds], temp, models.num_params(params)))
+    return prepared
 
 
 def prepare_step(
@@ -574,18 +608,20 @@ def bench_workload(
     env: dict,
     compile_repeats: int = 1,
     log: Callable[[str], None] = lambda s: None,
+    ablate: bool = False,
 ) -> list[dict]:
-    """Rows (one per method) for one workload; field names are a stable contract.
+    """Rows (one per method, or with `ablate` one per `ablation_opsets` variant) for one
+    workload; field names are a stable contract.
 
     Ratios are to the workload's baseline (`ratio_to_autodiff`, or for a DP
     workload `ratio_to_non_private`, with `memory_ratio_to_non_private` and the
     DP step's `padded_rows`)."""
-    prepared = prepare(workload, quick, compile_repeats=compile_repeats, log=log)
+    prepared = prepare(workload, quick, compile_repeats=compile_repeats, log=log, ablate=ablate)
     per_round, steps = time_interleaved(prepared, rounds, min_round_s, budget_s)
     batch_size, example_shape = workload.sizes(quick)
     base = next(p for p in prepared if p.method == workload.baseline)
     rows = []
-    for p in [p for m in _methods(workload) for p in prepared if p.method == m]:
+    for p in prepared:
         times = per_round[p.method]
         ratios = [t / b for t, b in zip(times, per_round[base.method])]
         row = {
@@ -606,11 +642,6 @@ def bench_workload(
             row["padded_rows"] = len(p.batch[0]) - batch_size
         rows.append(row)
     return rows
-
-
-def _methods(workload: Workload) -> tuple[str, ...]:
-    """The order a workload's rows come in."""
-    return DP_METHODS if workload.dp else METHODS
 
 
 # -------------------------------------------------------------------- reports
@@ -818,6 +849,7 @@ def benchmark(
     names: Sequence[str] | None = None,
     *,
     dp: bool = False,
+    ablate: bool = False,
     quick: bool = False,
     rounds: int | None = None,
     round_seconds: float | None = None,
@@ -829,8 +861,14 @@ def benchmark(
     `rounds` defaults to `ROUNDS` (3 when `quick`), `round_seconds` to
     `ROUND_SECONDS` (0.01 when `quick`); a workload stops timing after at
     least 5 rounds once it has timed for 150 s (5 s when `quick`). A DP
-    workload compiles each method once.
+    workload compiles each method once. `ablate`: instead of the methods, the
+    rules with one family at a time swapped for autodiff (`ablation_opsets`),
+    on the named workloads (default: resnet20).
     """
+    if ablate:
+        if dp:
+            raise ValueError("--ablate swaps rule families in the training step; it does not combine with --dp")
+        names = names or ["resnet20"]
     selected = [get_workload(n) for n in names] if names else [w for w in WORKLOADS if w.dp == dp]
     wrong = [w.name for w in selected if w.dp != dp]
     if wrong:
@@ -851,8 +889,9 @@ def benchmark(
             min_round_s=min_round_s,
             budget_s=budget_s,
             env=env,
-            compile_repeats=1 if quick or workload.dp else COMPILE_REPEATS,
+            compile_repeats=1 if quick or workload.dp or ablate else COMPILE_REPEATS,
             log=log,
+            ablate=ablate,
         )
     return rows
 
@@ -973,6 +1012,30 @@ def prepare_dp(
         temp = None if memory is None else int(memory.temp_size_in_bytes)
         prepared.append(Prepared(method, compiled, carry, batch, times, temp, models.num_params(params)))
     return prepared
+
+
+def format_ablation_table(rows: list[dict]) -> str:
+    """A Markdown table of `bench --ablate` rows: each variant's step time and memory against autodiff's."""
+    lines = []
+    for name in dict.fromkeys(r["workload"] for r in rows):
+        group = [r for r in rows if r["workload"] == name]
+        base = next(r for r in group if r["method"] == "autodiff")["temp_memory_bytes"]
+        lines += [
+            f"{name}, batch {group[0]['batch_size']}: {_env_line(group[0]['environment'])}",
+            "",
+            "| OpSet | step (ms) | × autodiff (range) | temp memory (MiB) | × autodiff |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for r in group:
+            ratio = _range(
+                r["ratio_to_autodiff_min"], r["ratio_to_autodiff"], r["ratio_to_autodiff_max"], "{:.3f}".format
+            )
+            memory = "–" if not (base and r["temp_memory_bytes"]) else f"{r['temp_memory_bytes'] / base:.3f}"
+            lines.append(
+                f"| {r['method']} | {_ms(r['step_time_ms'])} | {ratio} | {_mib(r['temp_memory_bytes'])} | {memory} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
 
 
 # (label, the largest ratio that meets it): the DP step against the non-private step.

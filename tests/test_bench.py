@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jax_resnet import bench, cli, models
+from jax_resnet import bench, cli, models, ops
 from jax_resnet._compile import run_once
 
 ROW_FIELDS = {
@@ -192,6 +192,25 @@ def test_dp_methods_skip_a_jax_privacy_outside_the_peers_range_naming_the_versio
     logged = []
     assert bench.dp_methods(logged.append) == ("non_private", "dp", "vmap_clip")
     assert "jax-privacy 1.0.0 is installed; the peer needs jax-privacy>=2.0,<3" in logged[0]
+
+
+def test_ablation_swaps_one_family_at_a_time_and_writes_its_table(tmp_path):
+    variants = bench.ablation_opsets()
+    families = list(dict.fromkeys(spec.family for spec in ops.SPECS.values()))
+    assert list(variants) == ["rules", *(f"autodiff {f}" for f in families), "autodiff"]
+    conv = variants["autodiff conv"]
+    assert (
+        conv.conv2d is ops.AUTODIFF.conv2d
+        and conv.relu is ops.RULES.relu
+        and conv.batch_norm_train is ops.RULES.batch_norm_train
+    )
+    md = tmp_path / "ablate.md"
+    argv = ["bench", "--ablate", "--quick", "--workload", "residual_mlp", "--rounds", "2", "--markdown", str(md)]
+    assert cli.main([*argv, "--json", str(tmp_path / "a.json")]) == 0
+    rows = json.loads((tmp_path / "a.json").read_text())
+    assert [r["method"] for r in rows] == list(variants)
+    assert "| autodiff activations |" in md.read_text() and "× autodiff" in md.read_text()
+    assert cli.main(["bench", "--ablate", "--dp", "--quick"]) == 2
 
 
 # jax_privacy 2.0 calls optax.global_norm, which optax 0.2.8 deprecates.

@@ -42,6 +42,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="instead: the DP-SGD step vs the non-private step, jax.vmap(jax.grad) + optax clipping, and jax_privacy "
         "where installed (the dp_ workloads)",
     )
+    add(
+        "--ablate",
+        action="store_true",
+        help="instead: the training step with one rule family at a time swapped for autodiff (default workload "
+        "resnet20): which rule makes the step faster or slower than jax.grad's",
+    )
     add_json_flag(parser, "the rows")
     add("--markdown", type=out_file, metavar="FILE", help="also write a Markdown table with the goals, for the README")
 
@@ -49,11 +55,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     log = functools.partial(print, file=sys.stderr, flush=True)
     rows = bench.benchmark(
-        args.workload, dp=args.dp, quick=args.quick, rounds=args.rounds, round_seconds=args.round_seconds, log=log
+        args.workload,
+        dp=args.dp,
+        ablate=args.ablate,
+        quick=args.quick,
+        rounds=args.rounds,
+        round_seconds=args.round_seconds,
+        log=log,
     )
-    table, markdown = (
-        (bench.format_dp_table, bench.format_dp_markdown) if args.dp else (bench.format_table, bench.format_markdown)
-    )
+    if args.ablate:
+        table = markdown = bench.format_ablation_table
+    elif args.dp:
+        table, markdown = bench.format_dp_table, bench.format_dp_markdown
+    else:
+        table, markdown = bench.format_table, bench.format_markdown
     print(table(rows), file=human(args))
     write_json(rows, args.json)
     if args.markdown:
