@@ -92,28 +92,28 @@ def _row(method, round_ms, compile_s=(1.0,), memory=100):
 @pytest.mark.parametrize(
     "rules_ms, verdict, met",
     [
-        ([9.0, 9.5, 9.8], "met", True),  # every round faster than autodiff's 10 ms
-        ([10.5, 11.0, 12.0], "missed", False),  # every round slower
-        ([9.5, 10.0, 10.4], "within noise", None),  # the range straddles 1.0
+        ([8.0, 8.5, 8.8], "met", True),  # every round within 0.9x autodiff's 10 ms
+        ([9.5, 11.0, 12.0], "missed", False),  # every round slower than that
+        ([8.5, 9.0, 9.4], "within noise", None),  # the range straddles 0.9
     ],
 )
 def test_goal_is_met_or_missed_only_when_the_whole_range_is_on_one_side(rules_ms, verdict, met):
     rows = [_row("rules", rules_ms), _row("autodiff", [10.0, 10.0, 10.0]), _row("flax", [20.0, 20.0, 20.0])]
     by_goal = {g["goal"]: g for g in bench.goals(rows)}
-    g = by_goal["step time ≤ 1.0× autodiff"]
+    g = by_goal["step time ≤ 0.9× autodiff"]
     assert (g["verdict"], g["met"]) == (verdict, met)
     assert g["ratio_min"] == min(rules_ms) / 10 and g["ratio_max"] == max(rules_ms) / 10
     assert g["ratio"] == sorted(rules_ms)[1] / 10
     assert bench._verdict(g).startswith(f"{verdict} (")
     assert by_goal["step time ≤ 1.0× Flax peer"]["verdict"] == "met"
-    assert by_goal["compiled memory ≤ 1.0× autodiff"]["verdict"] == "met"  # exact: 100 B = 100 B
+    assert by_goal["compiled memory ≤ 0.75× autodiff"]["verdict"] == "missed"  # exact: 100 B = 100 B
 
 
 def test_ratio_is_taken_per_round():
     """A slow round slows every method alike: ratios within a round cancel it (unpaired, 11 ms against
     20 ms would look like a win), and their median need not be the ratio of the medians (12 / 10)."""
     rows = [_row("rules", [11.0, 22.0, 12.0]), _row("autodiff", [10.0, 20.0, 10.0]), _row("flax", [10.0, 20.0, 10.0])]
-    g = {g["goal"]: g for g in bench.goals(rows)}["step time ≤ 1.0× autodiff"]
+    g = {g["goal"]: g for g in bench.goals(rows)}["step time ≤ 0.9× autodiff"]
     assert g["ratio_min"] == pytest.approx(1.1) and g["ratio_max"] == pytest.approx(1.2)
     assert g["ratio"] == pytest.approx(1.1) and g["verdict"] == "missed"
 
