@@ -250,8 +250,9 @@ def gather(x: np.ndarray, y: np.ndarray, padded: np.ndarray) -> tuple[np.ndarray
     """The batch of `padded` indices: padding rows (−1) get zeros and the label `PAD_LABEL`."""
     real = padded >= 0
     safe = np.where(real, padded, 0)
-    xb = np.where(real.reshape(-1, *[1] * (x.ndim - 1)), x[safe], 0).astype(x.dtype)
-    yb = np.where(real, y[safe], PAD_LABEL).astype(y.dtype)
+    xb, yb = x[safe], y[safe]  # new arrays (fancy indexing copies)
+    xb[~real] = 0
+    yb[~real] = PAD_LABEL
     return xb, yb
 
 
