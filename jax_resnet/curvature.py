@@ -275,7 +275,7 @@ def batch_diag_ggn(
 ) -> Any:
     """Each example's share of diag G: (1/B) diag(J_iᵀ H_i J_i), leaves [B, *shape], summing over i to `diag_ggn`.
 
-    BackPACK's BatchDiagGGN (its per-sample contributions carry the mean's 1/B, as here).
+    BackPACK's BatchDiagGGNExact; here each share carries the mean's 1/B.
     From the per-example `batch_grad` taps of each column, squared and summed over the C
     columns; memory C·B·(parameters) for the taps.
 
