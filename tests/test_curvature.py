@@ -7,7 +7,8 @@ against `batch_diag_ggn`, G·v against `ggn_vp`; the Monte Carlo estimators agai
 diagonal with a tolerance of 5 standard errors, the standard error measured from the
 per-sample estimates; and the refusals and bad inputs.
 
-Each call is compiled (`jax.jit`) once; a case costs a few seconds on one CPU core."""
+Each case compiles one program (the oracle and the quantities together) without XLA's
+backend optimisations (`_compile.run_once`); a case costs a few seconds on one CPU core."""
 
 import functools
 
@@ -18,6 +19,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from jax_resnet import curvature, models
+from jax_resnet._compile import run_once
 
 TOL = 1e-10  # float64, relative to the largest entry of the oracle's quantity
 STANDARD_ERRORS = 5  # MC tolerance: |mean − exact| ≤ 5·σ̂/√M per entry, σ̂ measured
@@ -93,10 +95,15 @@ def _relative(actual, expected):
 @pytest.mark.parametrize("name", list(CASES))
 def test_diag_ggn_and_batch_diag_ggn_equal_the_oracle(name):
     model, params, state, x, y, loss, train = _data(CASES[name])
-    ggn, per_example, _ = _oracle(model, params, state, x, y, loss, train)
     kw = dict(loss=loss, train=train)
-    diag = jax.jit(functools.partial(curvature.diag_ggn, model, **kw))(params, state, x, y)
-    batch = jax.jit(functools.partial(curvature.batch_diag_ggn, model, **kw))(params, state, x, y)
+
+    def everything(params, state, x, y):
+        ggn, per_example, _ = _oracle(model, params, state, x, y, loss, train)
+        diag = curvature.diag_ggn(model, params, state, x, y, **kw)
+        batch = curvature.batch_diag_ggn(model, params, state, x, y, **kw)
+        return ggn, per_example, diag, batch
+
+    ggn, per_example, diag, batch = run_once(jax.jit(everything), params, state, x, y)
     assert _relative(_flat(diag), jnp.diag(ggn)) < TOL
     assert _relative(_per_example_flat(batch), per_example) < TOL
     # The examples' shares sum to the diagonal, and the diagonal is not trivially small.
@@ -107,10 +114,15 @@ def test_diag_ggn_and_batch_diag_ggn_equal_the_oracle(name):
 @pytest.mark.parametrize("name", [*CASES, "bn_train"])
 def test_ggn_vp_equals_the_oracle(name):
     model, params, state, x, y, loss, train = _data(BN_TRAIN if name == "bn_train" else CASES[name])
-    ggn, _, unravel = _oracle(model, params, state, x, y, loss, train)
-    v = jnp.asarray(np.random.default_rng(1).standard_normal(ggn.shape[0]))
-    run = jax.jit(functools.partial(curvature.ggn_vp, model, loss=loss, train=train))
-    assert _relative(_flat(run(params, state, x, y, unravel(v))), ggn @ v) < TOL
+    flat, unravel = ravel_pytree(params)
+    v = jnp.asarray(np.random.default_rng(1).standard_normal(flat.shape))
+
+    def everything(params, state, x, y, v):
+        ggn = _oracle(model, params, state, x, y, loss, train)[0]
+        return ggn @ v, _flat(curvature.ggn_vp(model, params, state, x, y, unravel(v), loss=loss, train=train))
+
+    expected, actual = run_once(jax.jit(everything), params, state, x, y, v)
+    assert _relative(actual, expected) < TOL
 
 
 @pytest.mark.parametrize("name", ["mlp_ce", "mlp_mse", "gn_A"])
@@ -120,17 +132,21 @@ def test_monte_carlo_estimates_converge_within_their_standard_error(name):
     call with samples=M (an average of M independent columns: the same variance)."""
     model, params, state, x, y, loss, train = _data(CASES[name])
     kw = dict(loss=loss, train=train)
-    exact = _flat(curvature.diag_ggn(model, params, state, x, y, **kw))
-    exact_batch = _per_example_flat(curvature.batch_diag_ggn(model, params, state, x, y, **kw))
-    keys = jax.random.split(jax.random.key(7), MC_SAMPLES)
 
-    @jax.jit
-    def per_sample(key):
-        mc = curvature.diag_ggn_mc(model, params, state, x, y, key, **kw)
-        batch = curvature.batch_diag_ggn_mc(model, params, state, x, y, key, **kw)
-        return _flat(mc), jax.vmap(_flat)(batch)
+    def everything(params, state, x, y, key):
+        exact = _flat(curvature.diag_ggn(model, params, state, x, y, **kw))
+        exact_batch = _per_example_flat(curvature.batch_diag_ggn(model, params, state, x, y, **kw))
 
-    mc, batch = jax.lax.map(per_sample, keys)
+        def per_sample(key):
+            mc = curvature.diag_ggn_mc(model, params, state, x, y, key, **kw)
+            batch = curvature.batch_diag_ggn_mc(model, params, state, x, y, key, **kw)
+            return _flat(mc), _per_example_flat(batch)
+
+        mc, batch = jax.lax.map(per_sample, jax.random.split(key, MC_SAMPLES))
+        averaged = curvature.diag_ggn_mc(model, params, state, x, y, jax.random.fold_in(key, 1), MC_SAMPLES, **kw)
+        return exact, exact_batch, mc, batch, _flat(averaged)
+
+    exact, exact_batch, mc, batch, averaged = run_once(jax.jit(everything), params, state, x, y, jax.random.key(7))
     for estimates, value in ((mc, exact), (batch, exact_batch)):
         std_error = jnp.std(estimates, axis=0, ddof=1) / np.sqrt(MC_SAMPLES)
         assert float(jnp.max(std_error)) > 0  # the estimator is random: the test can fail
@@ -139,8 +155,6 @@ def test_monte_carlo_estimates_converge_within_their_standard_error(name):
         assert float(jnp.max(excess)) <= 0, f"worst entry off by {float(jnp.max(excess))} beyond 5 SE"
     # The per-example shares of one draw sum to that draw's diagonal.
     np.testing.assert_allclose(batch.sum(1), mc, rtol=1e-12, atol=1e-14)
-    one_call = jax.jit(functools.partial(curvature.diag_ggn_mc, model, samples=MC_SAMPLES, **kw))
-    averaged = _flat(one_call(params, state, x, y, jax.random.key(8)))
     std_error = jnp.std(mc, axis=0, ddof=1) / np.sqrt(MC_SAMPLES)
     assert float(jnp.max(jnp.abs(averaged - exact) - STANDARD_ERRORS * std_error - 1e-12 * jnp.max(exact))) <= 0
 
