@@ -49,7 +49,7 @@ Example:
     >>> from jax_resnet import curvature, models
     >>> model = models.residual_mlp(in_features=4, width=8, depth=1, out_features=3)
     >>> params, state = model.init(jax.random.key(0))
-    >>> x, y = jnp.ones((5, 4)), jnp.arange(5) % 3
+    >>> x, y = jnp.ones((5, 4), jnp.float32), jnp.arange(5) % 3
     >>> curvature.diag_ggn(model, params, state, x, y)["out"]["w"].shape
     (8, 3)
 """
