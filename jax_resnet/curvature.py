@@ -9,6 +9,35 @@ reverse, `jax.jvp(jax.grad(f), (params,), (v,))`, works too: it differentiates
 the already-built backward pass, never the rule's forward in forward mode;
 `tests/test_models.py` checks both against autodiff.)
 
+The generalised Gauss-Newton matrix (GGN) of the mean loss L = (1/B) Σ_i ℓ_i(z_i),
+z_i = f(θ, x_i) the logits of example i and J_i = ∂z_i/∂θ, is
+
+  G = (1/B) Σ_i J_iᵀ H_i J_i,   H_i = ∇²_z ℓ_i (the loss's Hessian in the logits),
+
+and with a factor S_i of H_i (S_i S_iᵀ = H_i, K columns s_{i,k}) its diagonal is
+
+  diag G = (1/B) Σ_i Σ_k (J_iᵀ s_{i,k})²   (elementwise).
+
+J_iᵀ s_{i,k} is what one backward pass with the logits' cotangent s_{i,k}/√B in
+row i gives as example i's contribution to a parameter, the per-example tap
+`sum_sq` (Σ_i of the squares) or `grad` of `per_example.logits_vjp`: one forward
+with taps, then the backward pushed under `jax.vmap` over the K columns (BackPACK's
+DiagGGN, Dangel et al. 2020). Quantities, named after BackPACK's:
+
+  diag_ggn            diag G, exact: K = C columns, s_{i,k} = √p_k (e_k − p) (cross-entropy)
+  diag_ggn_mc         the same with K = M sampled columns e_ŷ − p, ŷ ~ softmax(z_i)
+  batch_diag_ggn      (1/B) diag(J_iᵀ H_i J_i) per example, [B, *shape]; Σ_i = diag_ggn
+  batch_diag_ggn_mc   its Monte Carlo twin
+  ggn_vp              G·v, matrix free, with no forward mode
+
+Losses (`loss=`): "softmax_cross_entropy" (y: integer labels [B]; H_i = diag(p) − ppᵀ)
+and "mse_loss" (the seed's ½‖z_i − y_i‖² averaged over the batch; y: targets [B, C];
+H_i = I). BatchNorm in training mode couples the examples, so J_i depends on the
+whole batch and one backward cannot separate them: the diagonals refuse it
+(`CurvatureError`) and take `train=False` (running statistics); `ggn_vp` handles it.
+
+Derivation: derivations/curvature.md.
+
 Example:
     >>> import jax, jax.numpy as jnp
     >>> from jax_resnet import ops
@@ -17,6 +46,12 @@ Example:
     >>> w, v = jnp.array([0.0, 0.5]), jnp.array([1.0, 0.0])
     >>> print(hvp(f, w, v))  # H = diag(2(1 − tanh²)(1 − 3 tanh²)): 2 at w = 0
     [2. 0.]
+    >>> from jax_resnet import curvature, models
+    >>> model = models.residual_mlp(in_features=4, width=8, depth=1, out_features=3)
+    >>> params, state = model.init(jax.random.key(0))
+    >>> x, y = jnp.ones((5, 4), jnp.float32), jnp.arange(5) % 3
+    >>> curvature.diag_ggn(model, params, state, x, y)["out"]["w"].shape
+    (8, 3)
 """
 
 from __future__ import annotations
@@ -26,6 +61,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from jax_resnet import models, per_example
+from jax_resnet.ops import OpSet
 
 
 def hvp(f: Callable[[Any], jax.Array], params: Any, v: Any) -> Any:
@@ -47,17 +85,310 @@ def hvp(f: Callable[[Any], jax.Array], params: Any, v: Any) -> Any:
     Raises:
       ValueError: `v` is not shaped like `params` (the message names the first difference).
     """
-    p_leaves, p_def = jax.tree_util.tree_flatten(params)
-    v_leaves, v_def = jax.tree_util.tree_flatten(v)
-    if p_def != v_def:
-        raise ValueError(f"hvp: argument `v` must have the structure of `params`: got {v_def}, expected {p_def}")
-    for path_p, a, b in zip(jax.tree_util.tree_flatten_with_path(params)[0], p_leaves, v_leaves):
-        if jnp.shape(a) != jnp.shape(b):
-            key = jax.tree_util.keystr(path_p[0]) or "(root)"
-            raise ValueError(f"hvp: argument `v` leaf {key} has shape {jnp.shape(b)}, expected {jnp.shape(a)}")
+    _check_like("hvp", params, v)
 
     def directional(p):
         g = jax.grad(f)(p)
         return sum(jnp.vdot(a, b) for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(v)))
 
     return jax.grad(directional)(params)
+
+
+def _check_like(name: str, params: Any, v: Any) -> None:
+    """ValueError naming the first difference unless `v` has the structure and leaf shapes of `params`."""
+    p_leaves, p_def = jax.tree_util.tree_flatten(params)
+    v_leaves, v_def = jax.tree_util.tree_flatten(v)
+    if p_def != v_def:
+        raise ValueError(f"{name}: argument `v` must have the structure of `params`: got {v_def}, expected {p_def}")
+    for path_p, a, b in zip(jax.tree_util.tree_flatten_with_path(params)[0], p_leaves, v_leaves):
+        if jnp.shape(a) != jnp.shape(b):
+            key = jax.tree_util.keystr(path_p[0]) or "(root)"
+            raise ValueError(f"{name}: argument `v` leaf {key} has shape {jnp.shape(b)}, expected {jnp.shape(a)}")
+
+
+# ------------------------------------------------------------- the loss's factor
+LOSSES = ("softmax_cross_entropy", "mse_loss")
+
+
+class CurvatureError(ValueError):
+    """The model has no such curvature quantity by this path (BatchNorm in training mode: why)."""
+
+
+BATCHNORM_TRAIN_MESSAGE = (
+    "the model uses BatchNorm in training mode, whose batch statistics couple the examples: every logit "
+    "depends on every example, so one backward pass per factor column cannot separate the (example, column) "
+    "pairs the diagonal sums over (the exact diagonal would take B·C backward passes; not offered yet). "
+    "Pass train=False (BatchNorm on its running statistics, the network as evaluated), use a GroupNorm model "
+    "(norm='group'), or use ggn_vp, which handles the coupling"
+)
+
+
+def loss_hessian_factor(logits: jax.Array, loss: str = "softmax_cross_entropy") -> jax.Array:
+    """The exact factor S, [B, C, C]: S_i S_iᵀ = H_i = ∇²_z ℓ_i(z_i) for each example i.
+
+    softmax_cross_entropy: with p = softmax(z_i), H_i = diag(p) − p pᵀ and
+    S_i = diag(√p) − p √pᵀ, column k = √p_k (e_k − p):
+    S_i S_iᵀ = diag(p) − 2 p pᵀ + p (Σ_k p_k) pᵀ = diag(p) − p pᵀ (Σ_k p_k = 1).
+    mse_loss (ℓ_i = ½‖z_i − y_i‖²): H_i = I, S_i = I.
+    Neither depends on the targets (cross-entropy's on none whose entries sum to one).
+
+    Args:
+      logits: z, floating [B, C].
+      loss: one of LOSSES.
+
+    Returns:
+      S [B, C, C], S[i, :, k] the k-th column of example i's factor, in the logits' dtype.
+
+    Derivation: derivations/curvature.md#the-loss-hessians-factor
+    """
+    _check_loss("loss_hessian_factor", loss)
+    eye = jnp.eye(logits.shape[-1], dtype=logits.dtype)
+    if loss == "mse_loss":
+        return jnp.broadcast_to(eye, (*logits.shape, logits.shape[-1]))
+    p = jax.nn.softmax(logits, axis=-1)
+    return jnp.sqrt(p)[:, None, :] * (eye - p[:, :, None])
+
+
+def sampled_factor(logits: jax.Array, key: jax.Array, samples: int, loss: str = "softmax_cross_entropy") -> jax.Array:
+    """A Monte Carlo factor S, [B, C, M], with E[S_i S_iᵀ] = H_i: M columns drawn from the model's own prediction.
+
+    softmax_cross_entropy: ŷ_m ~ Categorical(softmax(z_i)), column (e_ŷ_m − p)/√M, since
+    E[(e_ŷ − p)(e_ŷ − p)ᵀ] = Σ_k p_k (e_k − p)(e_k − p)ᵀ = diag(p) − p pᵀ.
+    mse_loss: ŷ_m ~ N(z_i, I) (the Gaussian likelihood whose negative log is ℓ_i up to a
+    constant), column (ŷ_m − z_i)/√M = ε_m/√M, E[ε εᵀ] = I.
+
+    Args:
+      logits: z, floating [B, C].
+      key: a `jax.random` key.
+      samples: M ≥ 1, a static Python int.
+      loss: one of LOSSES.
+
+    Returns:
+      S [B, C, M], in the logits' dtype.
+
+    Derivation: derivations/curvature.md#the-monte-carlo-factor-and-its-variance
+    """
+    _check_loss("sampled_factor", loss)
+    _check_samples("sampled_factor", samples)
+    batch, classes = logits.shape
+    scale = 1.0 / jnp.sqrt(jnp.asarray(samples, logits.dtype))
+    if loss == "mse_loss":
+        return scale * jax.random.normal(key, (batch, classes, samples), logits.dtype)
+    p = jax.nn.softmax(logits, axis=-1)
+    labels = jax.random.categorical(key, logits, axis=-1, shape=(samples, batch))
+    columns = jax.nn.one_hot(labels, classes, dtype=logits.dtype) - p  # [M, B, C]
+    return scale * jnp.moveaxis(columns, 0, -1)
+
+
+# -------------------------------------------------------------- the diagonals
+def _pushed(name: str, model: models.Model, params, state, x, y, factor, kind: str, loss: str, train: bool):
+    """Each factor column pushed back through the tapped backward, under `jax.vmap`: a tree of the
+    `kind` tap ("sum_sq" or "grad") per parameter leaf, with a leading axis over the K columns.
+
+    `factor(logits) -> S [B, C, K]`. Column k enters as the logits' cotangent S[:, :, k]/√B, so
+    example i's contribution to a parameter is J_iᵀ s_{i,k}/√B and its square carries the mean's 1/B.
+    """
+    _check_inputs(name, x, y, loss)
+    try:
+        logits, vjp = per_example.logits_vjp(model, params, state, x, (kind,), train=train)
+    except per_example.PerExampleError as err:
+        reason = BATCHNORM_TRAIN_MESSAGE if str(err) == per_example.BATCHNORM_MESSAGE else str(err)
+        raise CurvatureError(f"{name}: {reason}") from err
+    _check_targets(name, logits, y, loss)
+    columns = jnp.moveaxis(factor(logits), -1, 0) / jnp.sqrt(jnp.asarray(x.shape[0], logits.dtype))
+    _, taps = per_example.split(jax.vmap(lambda ct: vjp(ct)[0])(columns))
+    return jax.tree.map(lambda q: getattr(q, kind), taps, is_leaf=per_example.is_quantities)
+
+
+def _diagonal(taps):
+    """Σ_k Σ_i (J_iᵀ s_{i,k})²/B from the `sum_sq` taps [K, *shape]."""
+    return jax.tree.map(lambda q: jnp.sum(q, axis=0), taps)
+
+
+def _batch_diagonal(taps):
+    """Σ_k (J_iᵀ s_{i,k})²/B per example from the `grad` taps [K, B, *shape]."""
+    return jax.tree.map(lambda g: jnp.sum(g * g, axis=0), taps)
+
+
+def diag_ggn(
+    model: models.Model, params, state, x, y, *, loss: str = "softmax_cross_entropy", train: bool = True
+) -> Any:
+    """The GGN's exact diagonal, diag G = (1/B) Σ_i Σ_k (J_iᵀ s_{i,k})², for the mean loss.
+
+    G = (1/B) Σ_i J_iᵀ H_i J_i, J_i = ∂z_i/∂θ, H_i = S_i S_iᵀ (`loss_hessian_factor`, C columns).
+    One forward with taps, then C backward passes of the batch, vmapped; each parameter's
+    `sum_grad_squared` tap gives Σ_i (J_iᵀ s_{i,k}/√B)² for column k.
+
+    Args:
+      model, params, state: the network, as `models.Model.apply` takes them.
+      x: inputs [B, ...].
+      y: softmax_cross_entropy: integer labels [B] (G does not depend on them);
+        mse_loss: targets [B, C] shaped like the logits.
+      loss: one of LOSSES.
+      train: False runs BatchNorm on its running statistics; True (default) with
+        BatchNorm raises `CurvatureError` (the examples couple).
+
+    Returns:
+      A tree like `params`: each leaf diag G for that parameter.
+
+    Derivation: derivations/curvature.md#diag_ggn
+    """
+    factor = lambda z: loss_hessian_factor(z, loss)
+    return _diagonal(_pushed("diag_ggn", model, params, state, x, y, factor, "sum_sq", loss, train))
+
+
+def diag_ggn_mc(
+    model: models.Model,
+    params,
+    state,
+    x,
+    y,
+    key: jax.Array,
+    samples: int = 1,
+    *,
+    loss: str = "softmax_cross_entropy",
+    train: bool = True,
+) -> Any:
+    """An unbiased Monte Carlo estimate of diag G from `samples` (M) labels drawn per example
+    from the model's own prediction: (1/B) Σ_i (1/M) Σ_m (J_iᵀ (e_ŷ_{i,m} − p_i))² (`sampled_factor`).
+
+    M backward passes of the batch, vmapped, instead of C. Its variance falls as 1/M
+    (derivations/curvature.md#the-monte-carlo-factor-and-its-variance).
+
+    Args:
+      model, params, state, x, y, loss, train: as in `diag_ggn`.
+      key: a `jax.random` key for the labels.
+      samples: M ≥ 1, a static Python int.
+
+    Returns:
+      A tree like `params`.
+
+    Derivation: derivations/curvature.md#diag_ggn_mc
+    """
+    _check_samples("diag_ggn_mc", samples)
+    factor = lambda z: sampled_factor(z, key, samples, loss)
+    return _diagonal(_pushed("diag_ggn_mc", model, params, state, x, y, factor, "sum_sq", loss, train))
+
+
+def batch_diag_ggn(
+    model: models.Model, params, state, x, y, *, loss: str = "softmax_cross_entropy", train: bool = True
+) -> Any:
+    """Each example's share of diag G: (1/B) diag(J_iᵀ H_i J_i), leaves [B, *shape], summing over i to `diag_ggn`.
+
+    BackPACK's BatchDiagGGNExact; here each share carries the mean's 1/B.
+    From the per-example `batch_grad` taps of each column, squared and summed over the C
+    columns; memory C·B·(parameters) for the taps.
+
+    Args:
+      As `diag_ggn`.
+
+    Returns:
+      A tree like `params`, each leaf [B, *param.shape].
+
+    Derivation: derivations/curvature.md#batch_diag_ggn
+    """
+    factor = lambda z: loss_hessian_factor(z, loss)
+    return _batch_diagonal(_pushed("batch_diag_ggn", model, params, state, x, y, factor, "grad", loss, train))
+
+
+def batch_diag_ggn_mc(
+    model: models.Model,
+    params,
+    state,
+    x,
+    y,
+    key: jax.Array,
+    samples: int = 1,
+    *,
+    loss: str = "softmax_cross_entropy",
+    train: bool = True,
+) -> Any:
+    """The Monte Carlo twin of `batch_diag_ggn`: (1/B)(1/M) Σ_m (J_iᵀ (e_ŷ_{i,m} − p_i))² per example.
+
+    Args:
+      As `diag_ggn_mc`.
+
+    Returns:
+      A tree like `params`, each leaf [B, *param.shape]; Σ_i is `diag_ggn_mc` with the same key.
+
+    Derivation: derivations/curvature.md#batch_diag_ggn
+    """
+    _check_samples("batch_diag_ggn_mc", samples)
+    factor = lambda z: sampled_factor(z, key, samples, loss)
+    return _batch_diagonal(_pushed("batch_diag_ggn_mc", model, params, state, x, y, factor, "grad", loss, train))
+
+
+# ------------------------------------------------------------------- ggn_vp
+def ggn_vp(
+    model: models.Model,
+    params,
+    state,
+    x,
+    y,
+    v,
+    *,
+    loss: str = "softmax_cross_entropy",
+    train: bool = True,
+    grad: str | OpSet = "rules",
+) -> Any:
+    """G·v = Jᵀ (H/B) J v for the mean loss, matrix free and without forward mode.
+
+    J·v comes from reverse mode alone: u ↦ Jᵀu (the network's VJP at the logits) is
+    linear in u, so its own VJP with cotangent v is (Jᵀ)ᵀ v = J v. That differentiates
+    the rules' backward passes (plain `jnp`), never a rule's forward in forward mode,
+    which `custom_vjp` forbids. Then H_i = S_i S_iᵀ per example (`loss_hessian_factor`),
+    the mean's 1/B, and one more VJP, Jᵀ. Cost: about three backward passes. J is the
+    Jacobian of the batch's logits, so BatchNorm in training mode (examples coupled)
+    is exact here too.
+
+    Args:
+      model, params, state, x, y, loss, train: as in `diag_ggn` (BatchNorm allowed in training mode).
+      v: a tree of the structure and leaf shapes of `params`.
+      grad: "rules" (default), "autodiff" or an `OpSet`, as in `models.Model.apply`.
+
+    Returns:
+      G·v, a tree like `params`.
+
+    Derivation: derivations/curvature.md#ggn_vp
+    """
+    _check_like("ggn_vp", params, v)
+    _check_inputs("ggn_vp", x, y, loss)
+    logits, pullback = jax.vjp(lambda p: model.apply(p, state, x, train=train, grad=grad)[0], params)
+    _check_targets("ggn_vp", logits, y, loss)
+    _, transpose = jax.vjp(lambda u: pullback(u)[0], jnp.zeros_like(logits))
+    (jv,) = transpose(v)
+    factor = loss_hessian_factor(logits, loss)
+    hjv = jnp.einsum("bck,bdk,bd->bc", factor, factor, jv) / x.shape[0]
+    return pullback(hjv)[0]
+
+
+# ------------------------------------------------------------------- checks
+def _check_loss(name: str, loss: str) -> None:
+    if loss not in LOSSES:
+        raise ValueError(f"{name}: argument `loss` must be one of {LOSSES}, got {loss!r}")
+
+
+def _check_samples(name: str, samples: int) -> None:
+    if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
+        raise ValueError(f"{name}: argument `samples` must be a Python int ≥ 1, got {samples!r}")
+
+
+def _check_inputs(name: str, x, y, loss: str) -> None:
+    """x [B, ...] and y ([B] integer labels or [B, C] targets) sharing B; the loss is known."""
+    _check_loss(name, loss)
+    want = ("[B]", 1) if loss == "softmax_cross_entropy" else ("[B, C]", 2)
+    x_shape, y_shape = tuple(getattr(x, "shape", ())), tuple(getattr(y, "shape", ()))
+    if len(x_shape) < 1 or len(y_shape) != want[1] or x_shape[0] != y_shape[0]:
+        raise ValueError(
+            f"{name}: arguments `x` [B, ...] and `y` {want[0]} ({loss}) must share their leading batch axis, "
+            f"got x {x_shape} and y {y_shape}"
+        )
+    if loss == "softmax_cross_entropy" and not jnp.issubdtype(y.dtype, jnp.integer):
+        raise ValueError(f"{name}: argument `y` must hold integer labels for {loss}, got dtype {y.dtype}")
+
+
+def _check_targets(name: str, logits, y, loss: str) -> None:
+    if loss == "mse_loss" and y.shape != logits.shape:
+        raise ValueError(
+            f"{name}: argument `y` must be shaped like the outputs {logits.shape} for mse_loss, got {y.shape}"
+        )

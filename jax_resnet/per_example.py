@@ -15,8 +15,9 @@ mean, L = (1/B) Σ_i ℓ_i, so Σ_i g_i / B is `jax.grad` of L (returned too).
 
 How the quantities leave a `custom_vjp` backward: every parameter leaf p is
 replaced by `Tapped(p, tap)`, `tap` a zero array shaped like the quantity.
-`per_example_ops` is an `OpSet` whose dense, conv2d, projection, group_norm
-and layer_norm accept `Tapped` parameters and call a core with the tap as an
+`per_example_ops` is an `OpSet` whose dense, conv2d, projection, group_norm,
+layer_norm and batch_norm_eval (BatchNorm on running statistics, reached with
+`logits_vjp(..., train=False)`) accept `Tapped` parameters and call a core with the tap as an
 extra argument; the core's forward is the rule's forward (`_dense_fwd`, ...)
 and its backward is the rule's backward plus the quantity, returned as the
 tap's cotangent. So `jax.grad` with respect to the tapped parameters gives the
@@ -350,6 +351,29 @@ _group_norm_tapped = _tapped_norm(norm._group_norm_fwd, norm._group_norm_bwd)
 _layer_norm_tapped = _tapped_norm(norm._layer_norm_fwd, norm._layer_norm_bwd)
 
 
+# BatchNorm with running statistics (train=False) acts on each example alone, so its
+# gamma and beta have per-example contributions like GroupNorm's; mean and var are
+# state, never tapped.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _batch_norm_eval_tapped(x, gamma, beta, mean, var, gamma_tap, beta_tap, norm_config, configs):
+    return norm._batch_norm_eval_fwd(x, gamma, beta, mean, var, norm_config)[0]
+
+
+# _batch_norm_eval_tapped_fwd :: (x, gamma, beta, mean, var, gamma_tap, beta_tap, NormConfig, configs)
+#                                -> (y, BatchNormEvalResiduals)
+def _batch_norm_eval_tapped_fwd(x, gamma, beta, mean, var, gamma_tap, beta_tap, norm_config, configs):
+    return norm._batch_norm_eval_fwd(x, gamma, beta, mean, var, norm_config)
+
+
+# _batch_norm_eval_tapped_bwd :: (NormConfig, configs, BatchNormEvalResiduals, ct_y)
+#                                -> (ct_x, ct_gamma, ct_beta, ct_mean, ct_var, q_gamma, q_beta)
+def _batch_norm_eval_tapped_bwd(norm_config, configs, res, ct_y):
+    return (*norm._batch_norm_eval_bwd(norm_config, res, ct_y), *_scale_shift_quantities(res.x_hat, ct_y, configs))
+
+
+_batch_norm_eval_tapped.defvjp(_batch_norm_eval_tapped_fwd, _batch_norm_eval_tapped_bwd)
+
+
 # ------------------------------------------------------------------ the OpSet
 def _values(*args):
     return tuple(a.value if isinstance(a, Tapped) else a for a in args)
@@ -381,9 +405,9 @@ def _config(*tapped: Tapped, norm_path: str):
 
 @functools.lru_cache(maxsize=8)
 def per_example_ops(norm_path: str = "auto") -> OpSet:
-    """The rules, with dense, conv2d, projection, group_norm and layer_norm accepting
-    `Tapped` parameters (plain arrays run the ordinary rule); every other op
-    raises `PerExampleError` when handed a `Tapped` one (BatchNorm: why). Each
+    """The rules, with dense, conv2d, projection, group_norm, layer_norm and batch_norm_eval
+    accepting `Tapped` parameters (plain arrays run the ordinary rule); every other op
+    raises `PerExampleError` when handed a `Tapped` one (BatchNorm in training: why). Each
     parameter's tap says which kinds it carries; `norm_path` as in `use_gram`."""
     config = functools.partial(_config, norm_path=norm_path)
 
@@ -423,8 +447,16 @@ def per_example_ops(norm_path: str = "auto") -> OpSet:
     group_norm = norm_op("group_norm", norm.group_norm_config, _group_norm_tapped)
     layer_norm = norm_op("layer_norm", norm.layer_norm_config, _layer_norm_tapped)
 
+    def batch_norm_eval(x, gamma, beta, mean, var, **settings):
+        if not _is_tapped(gamma, beta):
+            return RULES.batch_norm_eval(x, gamma, beta, mean, var, **settings)
+        gamma, beta = _tapped_pair(gamma, beta)
+        norm_config = norm.batch_norm_eval_config(x, gamma.value, beta.value, mean, var, **settings)
+        configs = config(gamma, beta)
+        return _batch_norm_eval_tapped(x, gamma.value, beta.value, mean, var, gamma.tap, beta.tap, norm_config, configs)
+
     aware = {"dense": dense, "conv2d": conv2d, "projection": projection, "group_norm": group_norm}
-    aware["layer_norm"] = layer_norm
+    aware.update(layer_norm=layer_norm, batch_norm_eval=batch_norm_eval)
     return OpSet(**{name: aware.get(name) or _untapped(name, rule) for name, rule in RULES._asdict().items()})
 
 
@@ -495,9 +527,12 @@ def check_batch(x, y, *, least: int = 1) -> int:
     return x.shape[0]
 
 
-def logits_vjp(model: models.Model, params, state, x, kinds, norm_path: str = "auto", positions=None):
+def logits_vjp(
+    model: models.Model, params, state, x, kinds, norm_path: str = "auto", positions=None, *, train: bool = True
+):
     """One forward pass with taps: (logits, vjp), vjp(ct_logits) -> tree of `Tapped(ct_param, Quantities)`;
-    `kinds` and `positions` as in `tap`.
+    `kinds` and `positions` as in `tap`; `train=False` runs BatchNorm on its running statistics
+    (the network as evaluated), whose scale and shift then have per-example quantities.
 
     The quantities are those of the loss whose cotangent at the logits is
     ct_logits (per example: its row of ct_logits), before any rescaling by B.
@@ -505,7 +540,7 @@ def logits_vjp(model: models.Model, params, state, x, kinds, norm_path: str = "a
     if norm_path not in NORM_PATHS:
         raise ValueError(f"per-example quantities: `norm_path` must be one of {NORM_PATHS}, got {norm_path!r}")
     ops = per_example_ops(norm_path)
-    forward = lambda tapped: model.apply(tapped, state, x, train=True, grad=ops)[0]
+    forward = lambda tapped: model.apply(tapped, state, x, train=train, grad=ops)[0]
     return jax.vjp(forward, tap(params, x.shape[0], kinds, positions))
 
 
