@@ -1,6 +1,7 @@
 """The Colab notebooks, run the way Colab runs them: each one end to end in a
 Jupyter kernel (nbclient), at JAX_RESNET_NOTEBOOK_SIZE=small, on the CPU; a
-cell that raises fails its test. The repository keeps them without outputs,
+cell that raises fails its test, and so does a printed claim "... difference x
+(threshold t)" with x > t. The repository keeps them without outputs,
 their set-up cell installs only in Colab, and the README lists them."""
 
 import json
@@ -23,6 +24,10 @@ IDS = [p.name for p in NOTEBOOKS]
 # Per cell. Generous: a small run takes seconds on an idle machine, but the
 # test machines are shared, and a slow cell is not what this test is about.
 CELL_TIMEOUT_S = 600
+# A printed claim: "... difference 1.4e-07 (threshold 1e-05)", or "error", the figure
+# measured in the kernel. Each must hold, and at least this many per notebook must be printed.
+CLAIM = re.compile(r"(?:difference|error) (\S+) .*\(threshold (\S+)\)$")
+CLAIMS = {"05_per_example_and_dp_sgd.ipynb": 4, "06_reversible_networks.ipynb": 2}
 
 
 def _read(path):
@@ -84,6 +89,18 @@ def test_notebook_runs_in_a_kernel(path, tmp_path, monkeypatch):
     assert where == [sys.executable, str(ROOT / "jax_resnet" / "__init__.py")], where
     figures = sum("image/png" in o.get("data", {}) for cell in _code_cells(nb) for o in cell.outputs)
     assert figures >= 1, f"{path.name} drew no figure"
+    _check_claims(path.name, nb)
+
+
+def _check_claims(name, nb):
+    """Every printed "(threshold t)" claim holds, and its figure is not typed in the notebook's source."""
+    text = "".join(o.get("text", "") for cell in _code_cells(nb) for o in cell.outputs)
+    source = "\n".join(cell.source for cell in nb.cells)
+    claims = [m.groups() for m in map(CLAIM.search, text.splitlines()) if m]
+    for value, threshold in claims:
+        assert float(value) <= float(threshold), f"{name} printed {value}, above its threshold {threshold}"
+        assert value not in source, f"{name}: the figure {value} is in the notebook's source, not only computed"
+    assert len(claims) >= CLAIMS.get(name, 0), f"{name}: {len(claims)} checked claims printed, {CLAIMS[name]} expected"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
