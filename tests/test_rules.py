@@ -216,6 +216,27 @@ def test_relu_propagates_nan():
     assert bool(jnp.isnan(relu(jnp.array([jnp.nan]))).all())
 
 
+def test_relu_packs_large_masks_into_bits_with_the_same_vjp():
+    # The registry's small arguments keep a bool mask; from PACK_MIN_ELEMENTS on the mask is
+    # bits (jax_resnet.ops.activations._pack). Same VJP as autodiff of the reference, at a
+    # shape whose last axis is no multiple of 8, with zeros and a NaN among the inputs.
+    from jax_resnet.ops import activations
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 181, 127)).astype(np.float32)  # 68,961 elements
+    x[0, 0, :5] = [0.0, -0.0, np.nan, 1e-30, -1e-30]
+    x, ct = jnp.asarray(x), jnp.asarray(rng.standard_normal(x.shape).astype(np.float32))
+    _, res = activations._relu_fwd(x)
+    assert x.size >= activations.PACK_MIN_ELEMENTS and res.mask.dtype == jnp.uint8
+    assert res.mask.shape == (3, 181, 16)  # ⌈127/8⌉ bytes per row
+    _, vjp = jax.vjp(activations.relu, x)
+    _, ref_vjp = jax.vjp(activations.relu_reference, x)
+    np.testing.assert_array_equal(vjp(ct)[0], ref_vjp(ct)[0])
+    batched = jax.vmap(lambda xi, ci: jax.vjp(activations.relu, xi)[1](ci)[0])(x, ct)
+    np.testing.assert_array_equal(batched, ref_vjp(ct)[0])
+    assert bool(jnp.isnan(activations.relu(x)[0, 0, 2]))
+
+
 def test_leaky_relu_derivative_at_zero_is_the_slope():
     from jax_resnet.ops import leaky_relu
 
