@@ -283,7 +283,7 @@ def make_train_step(
         if augment is not None:
             x = augment_batch(key, x, augment)
         params, state, opt_state, loss, logits, extra = private_or_not(params, state, opt_state, x, y, key)
-        real = (y != dp_lib.PAD_LABEL).astype(jnp.float32)
+        real = dp_lib.real_rows(y)
         hits = (jnp.argmax(logits, axis=-1) == y).astype(jnp.float32)
         accuracy = jnp.sum(real * hits) / jnp.maximum(jnp.sum(real), 1.0)
         metrics = {"loss": loss, "accuracy": accuracy, "params_finite": _finite(params), **extra}
