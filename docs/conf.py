@@ -15,12 +15,20 @@ means the same on the site as on a forge. Two local additions, both in this file
   before an indented block), which becomes a literal block (`_preformatted_blocks`).
 """
 
+import html
 import pathlib
 import re
+import socket
+import subprocess
 import sys
+import time
 
+import sphinxcontrib.katex
 from docutils import nodes
 from sphinx import addnodes
+from sphinx.util import logging
+
+logger = logging.getLogger(__name__)
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the checkout's package, not an installed copy
@@ -86,6 +94,34 @@ if not (KATEX_DIST / "katex.min.js").exists():
 katex_prerender = True
 katex_js_path = str(KATEX_DIST / "katex.min.js")
 katex_css_path = "katex.min.css"  # with its fonts/, from html_static_path
+
+
+def _start_katex_server(cls, rundir, timeout):
+    """sphinxcontrib-katex's server start, waiting until the server listens: the extension
+    connects as soon as the socket file exists, which can be before node listens on it
+    (ConnectionRefusedError, seen on a loaded 2-core machine)."""
+    socket_path = rundir / "katex.sock"
+    process = subprocess.Popen(
+        cls.build_command(socket=socket_path), stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=rundir
+    )
+    deadline = time.monotonic() + timeout
+    while True:
+        if socket_path.is_socket():
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(str(socket_path))
+                return process, sock
+            except ConnectionRefusedError:
+                sock.close()
+        if time.monotonic() > deadline:
+            process.kill()
+            raise sphinxcontrib.katex.KaTeXError(f"the KaTeX server did not listen within {timeout} s")
+        time.sleep(0.01)
+
+
+sphinxcontrib.katex.KaTeXServer.start_server_process = classmethod(_start_katex_server)
+# Its 5 s limits on starting node and on one formula are too short for a loaded machine.
+sphinxcontrib.katex.STARTUP_TIMEOUT = sphinxcontrib.katex.RENDER_TIMEOUT = 120.0
 
 # ------------------------------------------------------------------ HTML
 html_theme = "sphinx_book_theme"
@@ -180,6 +216,16 @@ def _source_links_to_api(app, doctree):
         node.replace_self(xref)
 
 
+_KATEX_ERROR = re.compile(r'class="katex-error" title="([^"]*)"')
+
+
+def _math_errors(app, pagename, templatename, context, doctree):
+    """A formula KaTeX cannot parse is a build warning (so an error under -W), with the page and
+    KaTeX's message; sphinxcontrib-katex itself renders it as a red `.katex-error` span."""
+    for m in _KATEX_ERROR.finditer(context.get("body", "")):
+        logger.warning("%s", html.unescape(m.group(1)), location=pagename, type="katex", subtype="parse")
+
+
 _REDIRECT = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta http-equiv="refresh" content="0; url=docs/index.html">
 <title>jax-resnet</title></head>
@@ -212,3 +258,4 @@ def setup(app):
     app.connect("doctree-read", _source_links_to_api)
     app.add_role("derivation", _derivation_role)
     app.connect("build-finished", _write_redirect)
+    app.connect("html-page-context", _math_errors)
