@@ -57,7 +57,7 @@ include_patterns = [
     "CONTRIBUTING.md",
     "benchmarks/*.png",
 ]
-exclude_patterns = ["docs/_build", "docs/README.md", ".venv*", "**/node_modules", "runs"]
+exclude_patterns = ["docs/_build", ".venv*", "**/node_modules", "runs"]
 templates_path = ["docs/_templates"]
 
 # ------------------------------------------------------------------ MyST and notebooks
