@@ -174,3 +174,58 @@ def test_broken_links_names_missing_files_and_anchors(tmp_path):
         "p.html: link to /a.html#nope (no such anchor)",
         "p.html: link to /b.html (no such file)",
     ]
+
+
+def _site_extras():
+    pytest.importorskip("sphinxcontrib.katex", reason="the docs extra is not installed: pip install -e '.[docs]'")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("site_extras", ROOT / "docs" / "_ext" / "site_extras.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_plain_text_tables_become_literal_blocks_and_sections_stay():
+    extras = _site_extras()
+    doc = [
+        "Ops, by name (CONTRIBUTING.md):",
+        "",
+        "  <name>          the rule",
+        "  _<name>_fwd     the core's forward, (*arrays[, config])",
+        "                  -> (y, residuals)",
+        "Forward:",
+        "  y = x·w",
+        "Args:",
+        "  x: the input.",
+        "Example:",
+        "    >>> 1 + 1",
+        "    2",
+    ]
+    assert extras.preformatted_blocks(doc, extras.napoleon_sections()) == [
+        "Ops, by name (CONTRIBUTING.md)::",
+        "",
+        "",
+        "  <name>          the rule",
+        "  _<name>_fwd     the core's forward, (*arrays[, config])",
+        "                  -> (y, residuals)",
+        "",
+        "Forward::",
+        "",
+        "  y = x·w",
+        "",
+        "Args:",
+        "  x: the input.",
+        "Example:",
+        "    >>> 1 + 1",
+        "    2",
+    ]
+
+
+def test_derivation_pointers_become_references():
+    extras = _site_extras()
+    lines = ["Derivation: derivations/conv.md#conv2d", "see `derivations/norm.md`, not derivations.md"]
+    assert extras.derivation_links(lines) == [
+        "Derivation: :derivation:`derivations/conv.md#conv2d`",
+        "see :derivation:`derivations/norm.md`, not derivations.md",
+    ]
