@@ -194,7 +194,7 @@ def test_conv_per_example_gradients_by_grouped_convolution(settings):
     x, w = jnp.asarray(rng.standard_normal((3, 9, 9, 2))), jnp.asarray(rng.standard_normal((3, 3, 2, 4)))
     config = conv.conv2d_config(x, w, **settings)
     ct_y = jnp.asarray(rng.standard_normal(conv.conv2d_reference(x, w, **settings).shape))
-    g, axis = per_example._conv2d_batch_grad(config, x, ct_y, (3, 3))
+    g, axis = conv._conv2d_batch_grad(config, x, ct_y, (3, 3))
     one = lambda xi, ci: jax.grad(lambda w: jnp.sum(conv.conv2d_reference(xi[None], w, **settings) * ci[None]))(w)
     np.testing.assert_allclose(jnp.moveaxis(g, axis, 0), jax.vmap(one)(x, ct_y), rtol=1e-12, atol=1e-12)
 
