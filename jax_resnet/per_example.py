@@ -308,19 +308,45 @@ def _taps(p, batch: int, kinds, positions: int | None = None) -> Quantities:
     return Quantities(**taps)
 
 
-def tap(params, batch: int, kinds, positions: dict | None = None):
+def tap(params, batch: int, kinds, positions: dict | None = None, stacked=()):
     """Every leaf p of `params` as `Tapped(p, Quantities of zeros)`, one field per kind, for `batch`
     examples; `kinds` is a tuple of KINDS for every leaf, or a function of a leaf's path
     (a tuple of dict keys and list indices, as `spec.weight_paths()` writes them) giving its
-    tuple; `positions` maps the path of each leaf tapped for "io" to its layer's T."""
+    tuple; `positions` maps the path of each leaf tapped for "io" to its layer's T.
+    A leaf under a path of `stacked` (a reversible stage's, [couplings, ...]) gets one tap per
+    coupling, stacked alike, so that the stage's scan hands each coupling its own."""
     kinds_of = kinds if callable(kinds) else lambda path: kinds
     positions = positions or {}
 
     def one(key_path, p):
         path = path_of(key_path)
-        return Tapped(p, _taps(p, batch, kinds_of(path), positions.get(path)))
+        make = lambda q: _taps(q, batch, kinds_of(path), positions.get(path))
+        return Tapped(p, jax.vmap(make)(p) if _is_stacked(path, stacked) else make(p))
 
     return jax.tree_util.tree_map_with_path(one, params)
+
+
+def _is_stacked(path: tuple, stacked) -> bool:
+    return any(path[: len(prefix)] == tuple(prefix) for prefix in stacked)
+
+
+def _unstacked(tapped, stacked):
+    """The taps' cotangents of stacked leaves (`tap`) in the layout of the others: per-example
+    gradients [couplings, B, ...] -> [B, couplings, ...], squared norms summed over the couplings;
+    sums of squares are already elementwise; Kronecker factors stay one per coupling."""
+
+    def one(key_path, t):
+        if not _is_stacked(path_of(key_path), stacked):
+            return t
+        q = t.tap
+        if q.io is not None:
+            raise PerExampleError(
+                "per-example quantities: a reversible stage keeps no inputs and cotangents (kind 'io')"
+            )
+        grad = None if q.grad is None else jnp.moveaxis(q.grad, 0, 1)
+        return Tapped(t.value, q._replace(grad=grad, l2=None if q.l2 is None else jnp.sum(q.l2, axis=0)))
+
+    return jax.tree_util.tree_map_with_path(one, tapped, is_leaf=_is_tap)
 
 
 def path_of(key_path) -> tuple:
@@ -353,6 +379,8 @@ def logits_vjp(
     """One forward pass with taps: (logits, vjp), vjp(ct_logits) -> tree of `Tapped(ct_param, Quantities)`;
     `kinds` and `positions` as in `tap`; `train=False` runs BatchNorm on its running statistics
     (the network as evaluated), whose scale and shift then have per-example quantities.
+    A reversible stage's stacked parameters (`spec.stacked_paths()`) are tapped per coupling and
+    their quantities come back through the stage's own rebuilding backward.
 
     The quantities are those of the loss whose cotangent at the logits is
     ct_logits (per example: its row of ct_logits), before any rescaling by B.
@@ -361,7 +389,9 @@ def logits_vjp(
         raise ValueError(f"per-example quantities: `norm_path` must be one of {NORM_PATHS}, got {norm_path!r}")
     ops = per_example_ops(norm_path)
     forward = lambda tapped: model.apply(tapped, state, x, train=train, grad=ops)[0]
-    return jax.vjp(forward, tap(params, x.shape[0], kinds, positions))
+    stacked = getattr(getattr(model, "spec", None), "stacked_paths", tuple)()  # RevNets only
+    logits, vjp = jax.vjp(forward, tap(params, x.shape[0], kinds, positions, stacked))
+    return logits, lambda ct_logits: (_unstacked(vjp(ct_logits)[0], stacked),)
 
 
 def loss_cotangent(logits, y):
