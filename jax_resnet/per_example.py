@@ -180,10 +180,16 @@ def _weight_quantity(a, delta, config: TapConfig, grads=None) -> Quantities:
     p = delta.shape[-1]
     gram = "l2" in config.kinds and use_gram(t, d, p, config.norm_path)
     rest = tuple(k for k in config.kinds if k in ("grad", "l2", "sum_sq") and not (gram and k == "l2"))
+    # One position: Σ_i (a_i δ_iᵀ)² = (a²)ᵀ δ² elementwise, one matmul, no B·d·p array.
+    outer_squares = "sum_sq" in rest and t == 1 and "grad" not in rest
+    rest = tuple(k for k in rest if not (outer_squares and k == "sum_sq"))
     out = Quantities()
+    if outer_squares:
+        out = out._replace(sum_sq=jnp.einsum("btd,btp->dp", a_of() ** 2, delta**2))
     if rest:
         g, axis = grads() if grads is not None else (jnp.einsum("btd,btp->bdp", a_of(), delta), 0)
-        out = _vector_quantity(g, config._replace(kinds=rest), axis)
+        instantiated = _vector_quantity(g, config._replace(kinds=rest), axis)
+        out = instantiated if out.sum_sq is None else instantiated._replace(sum_sq=out.sum_sq)
     if gram:
         gram_a = jnp.einsum("btd,bsd->bts", a_of(), a_of())
         gram_delta = jnp.einsum("btp,bsp->bts", delta, delta)
