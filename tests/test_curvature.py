@@ -3,9 +3,13 @@ oracle in float64: the GGN built explicitly as G = Jᵀ (∇²_z L) J, J = `jax.
 reference network (`grad="autodiff"`) flattened over every parameter, ∇²_z L = `jax.hessian`
 of the mean loss written with `jax.nn.log_softmax` (not the library's rule), on tiny nets of
 a few hundred parameters. Its diagonal against `diag_ggn`, each example's block's diagonal
-against `batch_diag_ggn`, G·v against `ggn_vp`; the Monte Carlo estimators against the exact
-diagonal with a tolerance of 5 standard errors, the standard error measured from the
-per-sample estimates; and the refusals and bad inputs.
+against `batch_diag_ggn`, G·v against `ggn_vp`, each kernel's block against `kflr` where it is
+exact (one example through dense layers); KFLR's factors against a aᵀ and δ δᵀ sums formed
+apart from the library (patches by `lax.conv_general_dilated_patches`, δ by `jax.vjp` with
+respect to perturbations of each kernel layer's output); BatchNorm in training mode's exact
+diagonal; the Monte Carlo estimators (diagonals, KFAC) against the exact values with a
+tolerance of 5 standard errors, the standard error measured from the per-sample estimates;
+and the refusals and bad inputs.
 
 Each case compiles one program (the oracle and the quantities together) without XLA's
 backend optimisations (`_compile.run_once`); a case costs a few seconds on one CPU core."""
