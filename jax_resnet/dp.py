@@ -412,7 +412,7 @@ def update_fn(
     (`per_example.per_device`, `jax.shard_map` over axis "data") and the sums are
     added: per-example work never crosses devices, and XLA's SPMD partitioner never
     sees the per-example convolution (whose batch-grouped form it partitions
-    wrongly, `per_example._conv2d_batch_grad`).
+    wrongly, `ops.conv.conv2d_contributions`).
     """
     devices = 1 if mesh is None else mesh.size
     rows = (chunk or physical_batch_size(config, devices)) // devices

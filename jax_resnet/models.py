@@ -448,6 +448,11 @@ class RevNetSpec:
     def hook_points(self) -> list[str]:
         return [f"stage{s}" for s in range(len(self.stage_sizes))] + ["head"]
 
+    def stacked_paths(self) -> list[tuple]:
+        """The subtrees of `params` whose leaves are stacked on a leading axis of couplings (the
+        reversible stages', run by one `lax.scan`): per-coupling quantities slice them alike."""
+        return [("stages", s, "rev") for s, (_, _, n) in enumerate(self.stages()) if n]
+
     def weight_paths(self) -> list[tuple[str, tuple]]:
         """Each kernel; a reversible stage's are stacked, one array [couplings, ...] per position."""
         paths = [("stem", ("stem", "w"))]

@@ -8,8 +8,15 @@ from those lists, by the names every op has (CONTRIBUTING.md):
   <name>            the rule: validates, resolves its settings, calls the core
   <name>_reference  the twin JAX differentiates
   _<name>_fwd       the core's forward, (*arrays[, config]) -> (y, residuals)
+  _<name>_bwd       the core's backward, ([config, ]residuals, ct_y) -> cotangents
   <name>_config     (ops with static settings) (*arrays, **settings) -> the
                     hashable config the core takes as its one `nondiff_argnums`
+  PARAMS[<name>]    (ops with parameters) the parameters' names among the rule's
+                    positional arguments, in the module's `PARAMS` dict
+  <name>_contributions  (ops with parameters, where each example's share exists)
+                    ([config, ]residuals, ct_y) -> one `contributions.Weight` or
+                    `contributions.Vector` per parameter: what each example
+                    contributes at each position (per_example, curvature)
 
 `SPECS` holds an `OpSpec` per op, and `opset("rules")` / `opset("autodiff")`
 return the two `OpSet`s under the same names, so models are written once and
@@ -18,6 +25,7 @@ choose their gradients per call. `jax_resnet.ops.relu` etc. are the rules.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -38,6 +46,13 @@ class OpSpec(NamedTuple):
       config: `(*arrays, **settings) -> config`, the checks and the static
         settings resolved for these arrays; None for an op without settings.
       fwd: the core's forward, `(*arrays[, config]) -> (y, residuals)`.
+      bwd: the core's backward, `([config, ]residuals, ct_y) -> cotangents`, one per array.
+      params: the positions of the parameters among the rule's positional arguments
+        (dense: (1, 2) for w and b); () for an op without parameters.
+      contributions: `([config, ]residuals, ct_y) -> forms`, one `contributions.Weight` or
+        `contributions.Vector` per parameter, in `params` order: what each example
+        contributes to it at each position; None where no example's share exists
+        (batch_norm_train) or the op has no parameters.
     """
 
     name: str
@@ -46,6 +61,9 @@ class OpSpec(NamedTuple):
     reference: Callable
     config: Callable | None
     fwd: Callable
+    bwd: Callable
+    params: tuple[int, ...] = ()
+    contributions: Callable | None = None
 
     @property
     def doc(self) -> str:
@@ -61,22 +79,43 @@ class OpSpec(NamedTuple):
             return self.fwd(*arrays)
         return self.fwd(*arrays, self.config(*arrays, **settings))
 
+    def forward(self, config, *arrays):
+        """The core's forward, `(y, residuals)`, with `config` (None for an op without settings)."""
+        return self.fwd(*arrays) if self.config is None else self.fwd(*arrays, config)
+
+    def backward(self, config, res, ct_y):
+        """The core's backward: one cotangent per array of `forward`."""
+        return self.bwd(res, ct_y) if self.config is None else self.bwd(config, res, ct_y)
+
+    def contribute(self, config, res, ct_y):
+        """The parameters' contribution forms from the core's residuals and output cotangent."""
+        return self.contributions(res, ct_y) if self.config is None else self.contributions(config, res, ct_y)
+
 
 def _spec(module, name: str) -> OpSpec:
     family = module.__name__.rsplit(".", 1)[1]
-    missing = [a for a in (name, f"{name}_reference", f"_{name}_fwd") if not hasattr(module, a)]
+    missing = [a for a in (name, f"{name}_reference", f"_{name}_fwd", f"_{name}_bwd") if not hasattr(module, a)]
     if missing:
         raise AttributeError(
             f"{module.__name__}.OPS lists {name!r}, but the module has no {', '.join(missing)}; "
-            f"an op needs {name}, _{name}_fwd and {name}_reference (CONTRIBUTING.md)"
+            f"an op needs {name}, _{name}_fwd, _{name}_bwd and {name}_reference (CONTRIBUTING.md)"
         )
+    fn = getattr(module, name)
+    arguments = list(inspect.signature(fn).parameters)
+    names = getattr(module, "PARAMS", {}).get(name, ())
+    unknown = [p for p in names if p not in arguments]
+    if unknown:
+        raise AttributeError(f"{module.__name__}.PARAMS[{name!r}] names {unknown}, not arguments of {name}{arguments}")
     return OpSpec(
         name,
         family,
-        getattr(module, name),
+        fn,
         getattr(module, f"{name}_reference"),
         getattr(module, f"{name}_config", None),
         getattr(module, f"_{name}_fwd"),
+        getattr(module, f"_{name}_bwd"),
+        tuple(arguments.index(p) for p in names),
+        getattr(module, f"{name}_contributions", None),
     )
 
 
