@@ -40,6 +40,26 @@ import jax.numpy as jnp
 
 from jax_resnet.ops import OpSet
 
+__all__ = [
+    "BN_MOMENTUM",
+    "BN_EPS",
+    "NORMS",
+    "GN_EPS",
+    "BlockKind",
+    "KINDS",
+    "BlockSpec",
+    "he_normal",
+    "init_conv",
+    "init_bn",
+    "check_norm",
+    "init_norm",
+    "normalize",
+    "batch_norm",
+    "init_block",
+    "apply_block",
+]
+
+
 BN_MOMENTUM = 0.9  # running = momentum · running + (1 − momentum) · batch
 BN_EPS = 1e-5
 NORMS = ("batch", "group")

@@ -56,6 +56,37 @@ from typing import Any
 
 import numpy as np
 
+__all__ = [
+    "DATASETS",
+    "DATA_DIR_ENV",
+    "MNIST_URL",
+    "MNIST_SHA256",
+    "MNIST_FILES",
+    "CIFAR10_URL",
+    "CIFAR10_ARCHIVE",
+    "CIFAR10_DIR",
+    "CIFAR10_SHA256",
+    "CIFAR10_TRAIN_BATCHES",
+    "CIFAR10_TEST_BATCH",
+    "IDX_IMAGES_MAGIC",
+    "IDX_LABELS_MAGIC",
+    "DataError",
+    "Augmentation",
+    "AUGMENTATIONS",
+    "Dataset",
+    "load",
+    "default_data_dir",
+    "digits",
+    "synthetic",
+    "read_idx",
+    "read_mnist",
+    "mnist_file_names",
+    "read_cifar10",
+    "num_batches",
+    "batches",
+]
+
+
 DATASETS = ("digits", "mnist", "cifar10", "synthetic")
 
 # Where `load` looks when no data_dir is given: $JAX_RESNET_DATA/<name>, else

@@ -64,6 +64,37 @@ import optax
 
 from jax_resnet import models, per_example
 
+__all__ = [
+    "SAMPLERS",
+    "ACCOUNTANTS",
+    "PAD_LABEL",
+    "NEIGHBOURING",
+    "RDP_ORDERS",
+    "PLD_DISCRETIZATION",
+    "NOISE_STREAM",
+    "DPConfig",
+    "check",
+    "physical_batch_size",
+    "DPRandomness",
+    "poisson_indices",
+    "pad_indices",
+    "gather",
+    "poisson_batch",
+    "ClippedSum",
+    "real_rows",
+    "clip_factors",
+    "clipped_grad_sum",
+    "chunked",
+    "noisy_mean",
+    "update_fn",
+    "sampling_rate",
+    "dp_event",
+    "accountant",
+    "epsilon",
+    "summary",
+]
+
+
 SAMPLERS = ("poisson", "shuffle")
 ACCOUNTANTS = ("rdp", "pld")
 PAD_LABEL = -1  # the label of a padding row: it contributes nothing

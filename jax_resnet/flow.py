@@ -53,6 +53,40 @@ import numpy as np
 from jax_resnet import data, models, step
 from jax_resnet.ops import opset
 
+__all__ = [
+    "CIFAR_DEPTHS",
+    "CIFAR_BATCH",
+    "MLP_DEPTHS",
+    "MLP_WIDTH",
+    "MLP_BATCH",
+    "TRAIN_DEPTH",
+    "TRAIN_STEPS",
+    "TRAIN_BATCH",
+    "LEARNING_RATES",
+    "QUICK",
+    "LayerGradients",
+    "tapped_loss",
+    "block_inputs",
+    "layer_gradients",
+    "gradient_norms",
+    "scale_residual_branches",
+    "MLPVariant",
+    "MLP_VARIANTS",
+    "TRAIN_VARIANTS",
+    "random_images",
+    "digits_batch",
+    "sweep",
+    "train_compare",
+    "final_loss",
+    "FLOOR",
+    "plot",
+    "format_table",
+    "study",
+    "to_json",
+    "write",
+]
+
+
 CIFAR_DEPTHS = (8, 20, 56, 110)
 CIFAR_BATCH = 16
 MLP_DEPTHS = (2, 8, 32, 64)

@@ -41,6 +41,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+__all__ = [
+    "DEFAULT_RTOL",
+    "DEFAULT_FD_RTOL",
+    "relative_error",
+    "leaf_errors",
+    "max_leaf_error",
+    "worst_leaf",
+    "float_argnums",
+    "fd_steps",
+    "dot_product_errors",
+    "ArgReport",
+    "GradcheckReport",
+    "gradcheck",
+]
+
+
 DEFAULT_RTOL = {jnp.dtype("float64"): 1e-10, jnp.dtype("float32"): 1e-5}
 DEFAULT_FD_RTOL = 1e-6
 

@@ -18,18 +18,9 @@ the reference ops and lets JAX differentiate them, so whole-model gradients
 can be compared. No global switch: each call chooses.
 
 Every spec (a network family) answers the same questions itself, so the
-trainer, the studies and the CLI never dispatch on its type:
-
-  init(key, dtype) -> (params, state)
-  forward(ops, params, state, x, *, train, hook=None) -> (out, new_state)
-      the one place the family's layers are sequenced; `hook(i, h) -> h`
-      (optional) sees the activation entering block i (the head's input is
-      the last point), which is how studies tap the network without copying it
-  hook_points() -> names of those points, in order
-  weight_paths() -> (name, path into params) of each conv/dense kernel, input side first
-  describe() -> lines for `jax-resnet info`
-  input_shape() -> one example's usual shape
-  for_data(image_shape, num_classes=None) -> the same family sized for a data set
+trainer, the studies and the CLI never dispatch on its type: the `Spec`
+protocol below declares them, and every family implements it
+(`tests/test_api.py` checks each one).
 
 Weight decay applies to the leaves `weight_paths` names (`kernel_mask`).
 """
@@ -41,7 +32,7 @@ import functools
 import itertools
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -59,8 +50,52 @@ def _activation(ops: OpSet, name: str) -> Callable:
     return (lambda x: x) if name == "identity" else getattr(ops, name)
 
 
+Hook = Callable[[int, Any], Any]
+
+
 def _no_hook(i, h):
     return h
+
+
+@runtime_checkable
+class Spec(Protocol):
+    """What a network family answers: the contract `Model` (and every study) relies on.
+
+    A spec is a frozen dataclass (hashable: it is part of compiled functions' cache keys).
+    """
+
+    def init(self, key: jax.Array, dtype: Any) -> tuple[Any, Any]:
+        """(params, state): pytrees of arrays of `dtype`."""
+        ...
+
+    def forward(self, ops: OpSet, params: Any, state: Any, x: jax.Array, *, train: bool, hook: Hook = _no_hook):
+        """(out, new_state): the one place the family's layers are sequenced.
+
+        `hook(i, h) -> h` sees the activation entering block i (the head's
+        input is the last point): how studies reach inside the network without
+        copying it.
+        """
+        ...
+
+    def hook_points(self) -> list[str]:
+        """Names of the points `hook` sees, in order."""
+        ...
+
+    def weight_paths(self) -> list[tuple[str, tuple]]:
+        """(name, path into params) of each conv/dense kernel, input side first."""
+        ...
+
+    def describe(self) -> list[str]:
+        """Lines for `jax-resnet info`."""
+        ...
+
+    def input_shape(self) -> tuple[int, ...]:
+        """One example's usual shape."""
+        ...
+
+    def for_data(self, image_shape: tuple[int, ...], num_classes: int | None = None) -> Spec:
+        """The same family sized for a data set (one example's shape; None keeps the classes)."""
+        ...
 
 
 def _init_dense(key, n_in, n_out, dtype, gain=2.0):
@@ -491,6 +526,10 @@ class RevNetSpec:
         return dataclasses.replace(self, in_channels=image_shape[-1], num_classes=k)
 
 
+# The network families: each implements `Spec` (mypy checks this tuple; tests/test_api.py checks the signatures).
+FAMILIES: tuple[type[Spec], ...] = (MLPSpec, ResNetSpec, RevNetSpec)
+
+
 # ----------------------------------------------------------------------- Model
 @functools.lru_cache(maxsize=64)
 def _compiled_init(spec, dtype):
@@ -503,7 +542,7 @@ def _compiled_init(spec, dtype):
 class Model:
     """A spec with pure `init` and `apply`; hashable, so it can be a static arg."""
 
-    spec: Any
+    spec: Spec
     name: str = "model"
 
     def init(self, key, dtype=jnp.float32):
@@ -778,3 +817,54 @@ def get(name: str, **kwargs) -> Model:
     if name not in PRESETS:
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(PRESETS)}")
     return PRESETS[name](**kwargs)
+
+
+__all__ = [
+    "STEM_PADDINGS",
+    "ACTIVATIONS",
+    "Hook",
+    "Spec",
+    "MLPSpec",
+    "ResNetSpec",
+    "RevNetSpec",
+    "FAMILIES",
+    "Model",
+    "num_params",
+    "summary",
+    "residual_mlp",
+    "plain_mlp",
+    "cifar_resnet",
+    "imagenet_resnet",
+    "revnet",
+    "PRESETS",
+    "tiny",
+    "resnet8",
+    "resnet14",
+    "resnet20",
+    "resnet32",
+    "resnet44",
+    "resnet56",
+    "resnet110",
+    "resnet1202",
+    "plain8",
+    "plain14",
+    "plain20",
+    "plain32",
+    "plain44",
+    "plain56",
+    "plain110",
+    "preact_resnet20",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "preact_resnet18",
+    "revnet38",
+    "revnet110",
+    "revnet164",
+    "resnet20_gn",
+    "resnet18_gn",
+    "tiny_gn",
+    "get",
+]

@@ -65,6 +65,20 @@ from flax.nnx import initializers
 from jax_resnet import blocks, models
 from jax_resnet.ops import GRAD_MODES, _checks, opset
 
+__all__ = [
+    "default_kernel_init",
+    "default_bias_init",
+    "Linear",
+    "Conv",
+    "Projection",
+    "BatchNorm",
+    "Network",
+    "Block",
+    "to_pure",
+    "from_pure",
+]
+
+
 Initializer = Callable[..., jax.Array]
 
 # flax.nnx.Linear's and nnx.Conv's defaults.
@@ -449,7 +463,7 @@ class _PureHolder(nnx.Module):
 
 
 def _model(owner: str, name: str, model) -> models.Model:
-    """A `models.Model` from a Model, a spec with init and forward, or a preset name."""
+    """A `models.Model` from a Model, a `models.Spec`, or a preset name."""
     if isinstance(model, str):
         try:
             return models.get(model)
@@ -457,11 +471,11 @@ def _model(owner: str, name: str, model) -> models.Model:
             raise ValueError(f"{owner}: argument `{name}`: {e}") from None
     if isinstance(model, models.Model):
         return model
-    if callable(getattr(model, "init", None)) and callable(getattr(model, "forward", None)):
+    if isinstance(model, models.Spec):
         return models.Model(model)
     raise TypeError(
-        f"{owner}: argument `{name}` must be a jax_resnet.models.Model (e.g. models.resnet20()), a spec with "
-        f"init and forward (e.g. models.ResNetSpec) or a preset name such as 'tiny' (for one block use Block); "
+        f"{owner}: argument `{name}` must be a jax_resnet.models.Model (e.g. models.resnet20()), a "
+        f"jax_resnet.models.Spec (e.g. a models.ResNetSpec) or a preset name such as 'tiny' (for one block use Block); "
         f"got {type(model).__name__}"
     )
 

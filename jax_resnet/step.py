@@ -37,6 +37,32 @@ from jax_resnet._x64 import enable_x64
 from jax_resnet.gradcheck import max_leaf_error
 from jax_resnet.ops import OpSet, opset
 
+__all__ = [
+    "OPTIMIZERS",
+    "SCHEDULES",
+    "MOMENTUM",
+    "WARMUP_FRACTION",
+    "EVAL_BATCH",
+    "make_schedule",
+    "make_optimizer",
+    "cast",
+    "loss_fn",
+    "update_fn",
+    "augment_batch",
+    "step_key",
+    "make_mesh",
+    "shardings",
+    "make_train_step",
+    "compiled_train_step",
+    "evaluate",
+    "put_batch",
+    "host",
+    "init_train_state",
+    "GradCheck",
+    "check_gradients",
+]
+
+
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "warmup-cosine")
 MOMENTUM = 0.9  # of the "momentum" optimizer (heavy ball, optax.sgd(momentum=0.9))

@@ -109,6 +109,25 @@ import numpy as np
 from jax_resnet import gradcheck as gc
 from jax_resnet._x64 import enable_x64
 
+__all__ = [
+    "PROPERTIES",
+    "DESCRIPTIONS",
+    "SAME_CODE_RTOL",
+    "GRAD_OF_GRAD_FACTOR",
+    "EXTREMES",
+    "EXTREMES_RTOL",
+    "REMAT_POLICIES",
+    "LOW_PRECISION_RTOL",
+    "Row",
+    "PropertyResult",
+    "RuleReport",
+    "RuleSpec",
+    "check",
+    "check_rule",
+    "rule_tests",
+]
+
+
 PROPERTIES: tuple[str, ...] = (
     "forward",
     "vjp_float64",
