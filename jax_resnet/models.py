@@ -39,11 +39,12 @@ import jax.numpy as jnp
 
 from jax_resnet import blocks, reversible
 from jax_resnet._compile import compile_once
-from jax_resnet.ops import OpSet, opset
+from jax_resnet.ops import OpSet, activations, opset
 
 # ImageNet stem: (convolution padding, max-pool padding).
 STEM_PADDINGS = {"torchvision": (3, 1), "same": ("SAME", "SAME")}
-ACTIVATIONS = ("relu", "leaky_relu", "tanh", "sigmoid", "gelu", "silu", "softplus", "identity")
+# The activation rules (ops/activations.py lists them), and no activation at all.
+ACTIVATIONS = (*activations.OPS, "identity")
 
 
 def _activation(ops: OpSet, name: str) -> Callable:
@@ -96,11 +97,6 @@ class Spec(Protocol):
     def for_data(self, image_shape: tuple[int, ...], num_classes: int | None = None) -> Spec:
         """The same family sized for a data set (one example's shape; None keeps the classes)."""
         ...
-
-
-def _init_dense(key, n_in, n_out, dtype, gain=2.0):
-    w = jnp.sqrt(gain / n_in) * jax.random.normal(key, (n_in, n_out), dtype)
-    return {"w": w, "b": jnp.zeros((n_out,), dtype)}
 
 
 def _init_runs(init, keys, specs, dtype) -> tuple[list, list]:
@@ -162,14 +158,14 @@ class MLPSpec:
     def init(self, key, dtype):
         keys = jax.random.split(key, self.depth + 2)
         params = {
-            "in": _init_dense(keys[0], self.in_features, self.width, dtype),
+            "in": blocks.init_dense(keys[0], self.in_features, self.width, dtype),
             "hidden": _init_runs(
-                lambda k, _, dt: (_init_dense(k, self.width, self.width, dt), {}),
+                lambda k, _, dt: (blocks.init_dense(k, self.width, self.width, dt), {}),
                 keys[1:-1],
                 [None] * self.depth,
                 dtype,
             )[0],
-            "out": _init_dense(keys[-1], self.width, self.out_features, dtype, gain=1.0),
+            "out": blocks.init_dense(keys[-1], self.width, self.out_features, dtype, gain=1.0),
         }
         return params, {}
 
@@ -230,6 +226,10 @@ class ResNetSpec:
     `norm`: "batch" (BatchNorm, as in the papers) or "group" (GroupNorm with
     gcd(norm_groups, C) groups per layer, Wu & He 2018), in every place a
     BatchNorm would sit; the parameter count is the same.
+
+    `groups`, `base_width` (bottleneck kinds): the 3x3 convolution of every
+    block is grouped, ResNeXt's cardinality and bottleneck width
+    (`blocks.BlockSpec`).
     """
 
     stage_sizes: tuple[int, ...]
@@ -245,6 +245,8 @@ class ResNetSpec:
     stem_padding: str = "torchvision"
     norm: str = "batch"
     norm_groups: int = 32
+    groups: int = 1
+    base_width: int = 64
 
     def __post_init__(self):
         blocks.check_norm("ResNetSpec", self.norm, self.norm_groups)
@@ -281,6 +283,8 @@ class ResNetSpec:
                     zero_init_residual=self.zero_init_residual,
                     norm=self.norm,
                     norm_groups=self.norm_groups,
+                    groups=self.groups,
+                    base_width=self.base_width,
                 )
                 specs.append(spec)
                 c = spec.out_channels
@@ -298,7 +302,7 @@ class ResNetSpec:
         c = specs[-1].out_channels
         if self.preact:
             params["final_bn"], state["final_bn"] = blocks.init_norm(c, dtype, self.norm)
-        params["head"] = _init_dense(keys[-1], c, self.num_classes, dtype, gain=1.0)
+        params["head"] = blocks.init_dense(keys[-1], c, self.num_classes, dtype, gain=1.0)
         return params, state
 
     def forward(self, ops: OpSet, params, state, x, *, train, hook=_no_hook):
@@ -355,9 +359,10 @@ class ResNetSpec:
     def describe(self) -> list[str]:
         kind = "ResNet" if self.residual else "plain net"
         norm = "BatchNorm" if self.norm == "batch" else f"GroupNorm (≤ {self.norm_groups} groups)"
+        grouped = f" ({self.groups} groups of {self.base_width} per 64 channels)" if self.groups > 1 else ""
         lines = [
-            f"{kind}: {self.stem} stem ({self.stem_width} channels), {self.block} blocks, shortcut {self.shortcut}, "
-            f"{norm}"
+            f"{kind}: {self.stem} stem ({self.stem_width} channels), {self.block} blocks{grouped}, "
+            f"shortcut {self.shortcut}, {norm}"
         ]
         for i, spec in enumerate(self.block_specs()):
             lines.append(
@@ -445,7 +450,7 @@ class RevNetSpec:
             params["stages"].append(p)
             state["stages"].append(st)
         params["final_bn"], state["final_bn"] = blocks.init_bn(self.out_channels, dtype)
-        params["head"] = _init_dense(keys[-1], self.out_channels, self.num_classes, dtype, gain=1.0)
+        params["head"] = blocks.init_dense(keys[-1], self.out_channels, self.num_classes, dtype, gain=1.0)
         return params, state
 
     def forward(self, ops: OpSet, params, state, x, *, train, hook=_no_hook):
@@ -716,6 +721,51 @@ def imagenet_resnet(
     return Model(spec, f"resnet{2 + sum(stage_sizes) * len(spec.block_specs()[0].convs())}")
 
 
+def resnet(
+    stage_sizes,
+    block,
+    widths,
+    *,
+    stem="cifar",
+    stem_width=16,
+    shortcut="B",
+    num_classes=10,
+    in_channels=3,
+    dropout=0.0,
+    **options,
+) -> Model:
+    """Any `ResNetSpec` from its stages: the builder of the families made of existing block kinds
+    (ResNeXt, Wide ResNets): their presets are this builder's arguments.
+
+    Args:
+      stage_sizes, block, widths: blocks per stage, their kind (`blocks.KINDS`), `width` per stage.
+      stem, stem_width, shortcut, num_classes, in_channels: as in `ResNetSpec`.
+      dropout: must be 0. Wide ResNets may drop out between a block's convolutions
+        (Zagoruyko & Komodakis 2016, §2.4), but `Model.apply` takes no random key, so
+        no forward pass here can draw a dropout mask.
+      **options: the other `ResNetSpec` fields (`groups`, `base_width`, `norm`, ...).
+
+    Command: jax-resnet train --model wrn16_8 --dataset cifar10 --data-dir DIR --optimizer momentum --lr 0.1
+    """
+    if dropout:
+        raise ValueError(
+            f"resnet: `dropout` must be 0, got {dropout!r}: dropout is not supported, because Model.apply "
+            "takes no random key to draw its masks from (train without it, as the presets do)"
+        )
+    spec = ResNetSpec(
+        stage_sizes=tuple(stage_sizes),
+        block=block,
+        widths=tuple(widths),
+        stem=stem,
+        stem_width=stem_width,
+        shortcut=shortcut,
+        num_classes=num_classes,
+        in_channels=in_channels,
+        **options,
+    )
+    return Model(spec, "resnet")
+
+
 def revnet(
     stage_sizes,
     block,
@@ -804,6 +854,17 @@ revnet110 = _preset("revnet110", revnet, (9, 9, 9), "basic", (32, 64, 128))
 # RevNet-164 with option-B (projection) shortcuts where the shape changes, as the
 # bottleneck ResNet-164 it is compared with (He et al. 2016); tests/test_reversible.py counts it.
 revnet164 = _preset("revnet164", revnet, (9, 9, 9), "bottleneck", (32, 64, 128), shortcut="B")
+# ResNeXt-29 (Xie et al. 2017, §5.3 and Table 7): a 64-channel 3x3 stem, three stages of three bottleneck
+# blocks (width 64, 128, 256: outputs 256, 512, 1024), cardinality C with bottleneck width d = 64 in the
+# first stage (grouped 3x3 of C·d·2^stage channels), option-B projections; tests/test_models.py counts them.
+resnext29_8x64d = _preset("resnext29_8x64d", resnet, (3, 3, 3), "bottleneck", (64, 128, 256), stem_width=64, groups=8)
+resnext29_16x64d = _preset(
+    "resnext29_16x64d", resnet, (3, 3, 3), "bottleneck", (64, 128, 256), stem_width=64, groups=16
+)
+# Wide ResNets WRN-d-k (Zagoruyko & Komodakis 2016, Table 1): a 16-channel 3x3 stem, (d − 4)/6 pre-activation
+# basic blocks per stage of widths 16k, 32k, 64k, 1x1 projections where the shape changes; without dropout.
+wrn28_10 = _preset("wrn28_10", resnet, (4, 4, 4), "preact_basic", (160, 320, 640))
+wrn16_8 = _preset("wrn16_8", resnet, (2, 2, 2), "preact_basic", (128, 256, 512))
 # GroupNorm twins, whose examples do not interact: per-example gradients and DP-SGD
 # (jax_resnet.per_example). 16 groups at CIFAR widths (16, 32, 64), 32 (Wu & He 2018) at ImageNet's.
 resnet20_gn = _preset("resnet20_gn", cifar_resnet, 20, norm="group", norm_groups=16)
@@ -835,6 +896,7 @@ __all__ = [
     "plain_mlp",
     "cifar_resnet",
     "imagenet_resnet",
+    "resnet",
     "revnet",
     "PRESETS",
     "tiny",
@@ -863,6 +925,10 @@ __all__ = [
     "revnet38",
     "revnet110",
     "revnet164",
+    "resnext29_8x64d",
+    "resnext29_16x64d",
+    "wrn28_10",
+    "wrn16_8",
     "resnet20_gn",
     "resnet18_gn",
     "tiny_gn",

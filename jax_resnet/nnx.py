@@ -377,12 +377,9 @@ class BatchNorm(nnx.Module):
             mean, var = (jnp.asarray(s, x.dtype) for s in (self.mean[...], self.var[...]))
             return ops.batch_norm_eval(x, scale, bias, mean, var, eps=self.epsilon)
         y, batch_mean, batch_var = ops.batch_norm_train(x, scale, bias, eps=self.epsilon)
-        # Statistics are state, not a path for gradients (as in blocks.batch_norm).
-        batch_mean, batch_var = jax.lax.stop_gradient(batch_mean), jax.lax.stop_gradient(batch_var)
-        m = self.momentum
-        running_mean, running_var = self.mean[...], self.var[...]
-        self.mean[...] = (m * running_mean + (1 - m) * batch_mean).astype(running_mean.dtype)
-        self.var[...] = (m * running_var + (1 - m) * batch_var).astype(running_var.dtype)
+        running = {"mean": self.mean[...], "var": self.var[...]}
+        new = blocks.running_statistics(running, batch_mean, batch_var, self.momentum)
+        self.mean[...], self.var[...] = new["mean"], new["var"]
         return y
 
     def set_view(self, use_running_average: bool | None = None):
@@ -532,8 +529,8 @@ class Block(_PureHolder):
     """One residual block of `jax_resnet.blocks` as a module: `blocks.init_block`'s weights, `apply_block`'s call.
 
     Args:
-      spec: a `jax_resnet.blocks.BlockSpec` (kind basic, bottleneck,
-        preact_basic or preact_bottleneck; shortcut "A" or "B").
+      spec: a `jax_resnet.blocks.BlockSpec` (a kind of `blocks.KINDS`;
+        shortcut "A" or "B").
       rngs, grad, dtype, param_dtype, use_running_average: as for `Network`.
 
     Example:
@@ -559,8 +556,6 @@ class Block(_PureHolder):
             raise TypeError(
                 f"{owner}: argument `spec` must be a jax_resnet.blocks.BlockSpec, got {type(spec).__name__}"
             )
-        for field in ("in_channels", "width", "stride"):
-            _positive_int(owner, f"spec.{field}", getattr(spec, field))
         self.spec = spec
 
         def init(key, dtype):
