@@ -582,11 +582,20 @@ class Model:
         Weight decay applies there, not to biases or BatchNorm scales and shifts.
         """
         kernels = {path for _, path in self.spec.weight_paths()}
+        return jax.tree_util.tree_map_with_path(lambda key_path, _: path_of(key_path) in kernels, params)
 
-        def is_kernel(path, _):
-            return tuple(getattr(k, "key", getattr(k, "idx", None)) for k in path) in kernels
 
-        return jax.tree_util.tree_map_with_path(is_kernel, params)
+# ------------------------------------------------------------- paths into params
+def path_of(key_path) -> tuple:
+    """A `jax.tree_util` key path as a tuple of dict keys and list indices: the form of `Spec.weight_paths`."""
+    return tuple(getattr(k, "key", getattr(k, "idx", k)) for k in key_path)
+
+
+def subtree(tree, path: tuple):
+    """`tree[path[0]][path[1]]...`: the node at a path as `weight_paths` and `path_of` write it."""
+    for key in path:
+        tree = tree[key]
+    return tree
 
 
 def num_params(params) -> int:
@@ -890,6 +899,8 @@ __all__ = [
     "RevNetSpec",
     "FAMILIES",
     "Model",
+    "path_of",
+    "subtree",
     "num_params",
     "summary",
     "residual_mlp",
