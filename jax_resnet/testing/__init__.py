@@ -6,37 +6,10 @@ tested for (`tests/test_rules.py` is built on this module), and returns a
 `RuleReport`: one `PropertyResult` per property, with rows per argument and
 per leaf, each error relative to that leaf's own scale.
 
-Properties (the names are stable; `report["vjp_float64"]`):
+Properties (the names are stable; `report["vjp_float64"]`), from the one
+table `PROPERTY_TABLE` of (name, description, check):
 
-==================  ==========================================================================
-forward             the rule's forward equals the reference's (float64), also under jax.vjp
-vjp_float64         the rule's VJP equals the reference's for a random cotangent, float64, jitted
-vjp_float64_nojit   the same without jit, op by op (a backward that depends on tracing shows here)
-vjp_float32         the same in float32, jitted
-finite_differences  dot-product test ⟨u, vjp(v)⟩ ≈ ⟨v, (f(x+εu) − f(x−εu)) / 2ε⟩ in float64,
-                    for the rule and for the reference: tells which of the two is wrong
-vmap                jax.vmap of the rule's VJP equals the reference's, and the rule slice by slice
-grad_of_grad        reverse over reverse: the gradient of ⟨w, vjp(v)⟩, rule vs reference
-composition         the VJP under jax.checkpoint (default policy and nothing_saveable) and
-                    inside lax.scan equals the plain VJP (float64); under remat the forward
-                    runs at most once more (counted per primitive in the jaxpr)
-sharded             one slice of the arguments per device over all local devices: jit of vmap
-                    with sharded arguments gives what shard_map of the plain VJP gives (skipped
-                    on one device)
-extremes            float32 arguments at the edges (first argument ×1e4, ×25, 1 + 1e-4·x,
-                    constant, zeros, denormals; a batch of one): the rule's forward and VJP
-                    are finite wherever the float64 reference fits in float32 and agree with
-                    it to EXTREMES_RTOL; where even the float64 reference overflows, a
-                    finite rule agrees with itself in float64 (more stable than its reference)
-low_precision       bfloat16 and float16 forward and VJP within LOW_PRECISION_RTOL of float32;
-                    outputs and cotangents keep the arguments' dtype (float32 stays float32
-                    with x64 on)
-custom_vjp_runs     `custom_vjp_call` is in the rule's jaxpr and not in the reference's
-residuals           `fwd` saves a NamedTuple with exactly the names listed in `residuals`
-forward_mode        jax.jvp of the rule fails with JAX's clear TypeError (custom_vjp has no
-                    forward mode), instead of quietly differentiating something else; second
-                    derivatives need no forward mode: `jax_resnet.hvp` is reverse over reverse
-==================  ==========================================================================
+{PROPERTY_TABLE}
 
 Everything float64 runs with x64 switched on for the call (no global
 change). Each property is computed in its own try block, so one that raises
@@ -86,7 +59,7 @@ Example: a rule of one's own, checked end to end.
     >>> report.failed
     ('vjp_float64', 'vjp_float64_nojit', 'vjp_float32', 'finite_differences', 'vmap', 'grad_of_grad', 'extremes')
     >>> print(report["vjp_float64"])  # doctest: +ELLIPSIS
-    FAIL  vjp_float64         the rule's VJP equals the reference's (float64, jitted)
+    FAIL  vjp_float64         the rule's VJP equals the reference's for a random cotangent (float64, jitted)
           VJP w.r.t. argument 0 (x) off by 3.3e-01 in float64 (tol 1e-10): finite differences agree with the reference...
     >>> "the backward is wrong, not the forward" in str(report)
     True
@@ -99,8 +72,9 @@ import dataclasses
 import functools
 import inspect
 import math
+import textwrap
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -110,6 +84,8 @@ from jax_resnet import gradcheck as gc
 from jax_resnet._x64 import enable_x64
 
 __all__ = [
+    "Property",
+    "PROPERTY_TABLE",
     "PROPERTIES",
     "DESCRIPTIONS",
     "SAME_CODE_RTOL",
@@ -127,40 +103,6 @@ __all__ = [
     "rule_tests",
 ]
 
-
-PROPERTIES: tuple[str, ...] = (
-    "forward",
-    "vjp_float64",
-    "vjp_float64_nojit",
-    "vjp_float32",
-    "finite_differences",
-    "vmap",
-    "grad_of_grad",
-    "composition",
-    "sharded",
-    "extremes",
-    "low_precision",
-    "custom_vjp_runs",
-    "residuals",
-    "forward_mode",
-)
-
-DESCRIPTIONS: dict[str, str] = {
-    "forward": "the rule's forward equals the reference's (float64)",
-    "vjp_float64": "the rule's VJP equals the reference's (float64, jitted)",
-    "vjp_float64_nojit": "the rule's VJP equals the reference's (float64, op by op, no jit)",
-    "vjp_float32": "the rule's VJP equals the reference's (float32, jitted)",
-    "finite_differences": "dot-product test against central finite differences (float64)",
-    "vmap": "jax.vmap of the rule's VJP equals the reference's and the rule slice by slice",
-    "grad_of_grad": "the backward is differentiable: grad of <w, vjp(v)> equals the reference's",
-    "composition": "under jax.checkpoint and lax.scan the VJP equals the plain one; remat reruns the forward once",
-    "sharded": "jit of vmap with sharded arguments equals shard_map of the plain VJP, over all local devices",
-    "extremes": "at extreme float32 arguments the rule is finite where the reference is, and accurate",
-    "low_precision": "bfloat16 and float16 within LOW_PRECISION_RTOL of float32; dtypes kept",
-    "custom_vjp_runs": "custom_vjp_call is in the rule's jaxpr and not in the reference's",
-    "residuals": "fwd saves a NamedTuple with exactly the listed residuals",
-    "forward_mode": "jax.jvp of the rule raises JAX's forward-mode TypeError (for second derivatives: jax_resnet.hvp)",
-}
 
 # The batched rule against the same rule slice by slice: the same code, so only
 # the order of a reduction may differ.
@@ -346,7 +288,7 @@ def check_rule(
     fd_eps: float = 1e-6,
     seed: int = 0,
     key_impl: str = "rbg",
-    properties: Iterable[str] = PROPERTIES,
+    properties: Iterable[str] | None = None,
 ) -> RuleReport:
     """Run every property of the registry's tests on one rule.
 
@@ -380,7 +322,7 @@ def check_rule(
       A `RuleReport`; `report.ok` is the verdict, `print(report)` says what
       failed, by how much and what to look at.
     """
-    properties = tuple(properties)
+    properties = PROPERTIES if properties is None else tuple(properties)
     unknown = [p for p in properties if p not in PROPERTIES]
     if unknown:
         raise ValueError(f"check_rule: unknown properties {unknown}; known: {', '.join(PROPERTIES)}")
@@ -452,7 +394,7 @@ class _Checker:
 
     def run(self, prop: str) -> PropertyResult:
         try:
-            return getattr(self, f"_{prop}")()
+            return _BY_NAME[prop].check(self)
         except _Raised as raised:
             hint = f"{_hint_for(raised.err)}; {raised.more}"
             return PropertyResult(prop, error=_exception_text(raised.err), hint=hint)
@@ -1075,6 +1017,113 @@ class _Checker:
         return PropertyResult("forward_mode", (Row("jax.jvp raises TypeError", None, None, False, note),))
 
 
+class Property(NamedTuple):
+    """One property of the kit: its stable name, what it asserts, and the `_Checker` method computing it."""
+
+    name: str
+    description: str
+    check: Callable[[_Checker], PropertyResult]
+
+
+# The kit's properties, in the order they run and are reported: the one place each is listed.
+PROPERTY_TABLE: tuple[Property, ...] = (
+    Property(
+        "forward",
+        "the rule's forward equals the reference's (float64), also under jax.vjp",
+        _Checker._forward,
+    ),
+    Property(
+        "vjp_float64",
+        "the rule's VJP equals the reference's for a random cotangent (float64, jitted)",
+        _Checker._vjp_float64,
+    ),
+    Property(
+        "vjp_float64_nojit",
+        "the rule's VJP equals the reference's without jit, op by op (a backward that depends on tracing shows here)",
+        _Checker._vjp_float64_nojit,
+    ),
+    Property("vjp_float32", "the rule's VJP equals the reference's in float32, jitted", _Checker._vjp_float32),
+    Property(
+        "finite_differences",
+        "dot-product test ⟨u, vjp(v)⟩ ≈ ⟨v, (f(x+εu) − f(x−εu)) / 2ε⟩ in float64, for the rule and for the "
+        "reference: tells which of the two is wrong",
+        _Checker._finite_differences,
+    ),
+    Property(
+        "vmap",
+        "jax.vmap of the rule's VJP equals the reference's, and the rule slice by slice",
+        _Checker._vmap,
+    ),
+    Property(
+        "grad_of_grad",
+        "reverse over reverse: the gradient of ⟨w, vjp(v)⟩, rule vs reference (the backward is differentiable)",
+        _Checker._grad_of_grad,
+    ),
+    Property(
+        "composition",
+        "the VJP under jax.checkpoint (default policy and nothing_saveable) and inside lax.scan equals the plain "
+        "VJP (float64); under remat the forward runs at most once more (counted per primitive in the jaxpr)",
+        _Checker._composition,
+    ),
+    Property(
+        "sharded",
+        "one slice of the arguments per device over all local devices: jit of vmap with sharded arguments gives "
+        "what shard_map of the plain VJP gives (skipped on one device)",
+        _Checker._sharded,
+    ),
+    Property(
+        "extremes",
+        "float32 arguments at the edges (first argument ×1e4, ×25, 1 + 1e-4·x, constant, zeros, denormals; a "
+        "batch of one): the rule's forward and VJP are finite wherever the float64 reference fits in float32 and "
+        "agree with it to EXTREMES_RTOL; where even the float64 reference overflows, a finite rule agrees with "
+        "itself in float64 (more stable than its reference)",
+        _Checker._extremes,
+    ),
+    Property(
+        "low_precision",
+        "bfloat16 and float16 forward and VJP within LOW_PRECISION_RTOL of float32; outputs and cotangents keep "
+        "the arguments' dtype (float32 stays float32 with x64 on)",
+        _Checker._low_precision,
+    ),
+    Property(
+        "custom_vjp_runs",
+        "`custom_vjp_call` is in the rule's jaxpr and not in the reference's",
+        _Checker._custom_vjp_runs,
+    ),
+    Property(
+        "residuals",
+        "`fwd` saves a NamedTuple with exactly the names listed in `residuals`",
+        _Checker._residuals,
+    ),
+    Property(
+        "forward_mode",
+        "jax.jvp of the rule fails with JAX's clear TypeError (custom_vjp has no forward mode), instead of "
+        "quietly differentiating something else; second derivatives need no forward mode: `jax_resnet.hvp` is "
+        "reverse over reverse",
+        _Checker._forward_mode,
+    ),
+)
+_BY_NAME = {p.name: p for p in PROPERTY_TABLE}
+PROPERTIES: tuple[str, ...] = tuple(_BY_NAME)
+DESCRIPTIONS: dict[str, str] = {p.name: p.description for p in PROPERTY_TABLE}
+
+
+def _rst_table(table: Sequence[Property], width: int = 74) -> str:
+    """The table as the reStructuredText simple table of the module's docstring."""
+    first = max(len(p.name) for p in table)
+    rule = "=" * first + "  " + "=" * width
+    lines = [rule]
+    for p in table:
+        wrapped = textwrap.wrap(p.description, width)
+        lines.append(f"{p.name:<{first}}  {wrapped[0]}")
+        lines += [" " * (first + 2) + more for more in wrapped[1:]]
+    return "\n".join([*lines, rule])
+
+
+if __doc__:  # None under python -OO
+    __doc__ = __doc__.replace("{PROPERTY_TABLE}", _rst_table(PROPERTY_TABLE))
+
+
 def _primitive_counts(closed_jaxpr) -> collections.Counter:
     """How often each primitive runs in a jaxpr, inside nested jaxprs too (containers themselves not counted)."""
     from jax.extend.core import ClosedJaxpr, Jaxpr
@@ -1176,7 +1225,7 @@ class _Raised(Exception):
 
 
 # ----------------------------------------------------------------------------- pytest
-def rule_tests(rules: Iterable, *, properties: Iterable[str] = PROPERTIES, **options) -> Callable:
+def rule_tests(rules: Iterable, *, properties: Iterable[str] | None = None, **options) -> Callable:
     """A pytest test function parametrized over `rules` × `properties`.
 
     Each rule is checked once (the first of its items computes the report; the
@@ -1200,7 +1249,7 @@ def rule_tests(rules: Iterable, *, properties: Iterable[str] = PROPERTIES, **opt
     """
     import pytest
 
-    rules, properties = list(rules), tuple(properties)
+    rules, properties = list(rules), PROPERTIES if properties is None else tuple(properties)
     residuals = options.pop("residuals", None)
 
     @functools.cache
