@@ -628,26 +628,23 @@ def summary(model: Model, input_shape: tuple[int, ...]) -> dict:
 
 
 # --------------------------------------------------------------------- presets
-def residual_mlp(
-    in_features=64, width=64, depth=2, out_features=10, activation="relu", output_activation="identity"
+def mlp(
+    in_features=64,
+    width=64,
+    depth=2,
+    out_features=10,
+    activation="relu",
+    output_activation="identity",
+    *,
+    residual=True,
 ) -> Model:
-    """The seed's residual network, generalised to `depth` skip-connected hidden layers.
+    """The seed's residual network, generalised to `depth` skip-connected hidden layers
+    (`residual_mlp`), or the same without the skip connections (`plain_mlp`, the seed's "BP network").
 
-    Command: jax-resnet train --model residual_mlp
+    Command: jax-resnet train --model residual_mlp   (or plain_mlp)
     """
-    spec = MLPSpec(in_features, width, depth, out_features, activation, output_activation, residual=True)
-    return Model(spec, "residual_mlp")
-
-
-def plain_mlp(
-    in_features=64, width=64, depth=2, out_features=10, activation="relu", output_activation="identity"
-) -> Model:
-    """`residual_mlp` without the skip connections (the seed's "BP network").
-
-    Command: jax-resnet train --model plain_mlp
-    """
-    spec = MLPSpec(in_features, width, depth, out_features, activation, output_activation, residual=False)
-    return Model(spec, "plain_mlp")
+    spec = MLPSpec(in_features, width, depth, out_features, activation, output_activation, residual=residual)
+    return Model(spec, "residual_mlp" if residual else "plain_mlp")
 
 
 def cifar_resnet(
@@ -833,8 +830,8 @@ def _tiny(num_classes=10, in_channels=1) -> Model:
 
 
 tiny = _preset("tiny", _tiny)
-residual_mlp = _preset("residual_mlp", residual_mlp)
-plain_mlp = _preset("plain_mlp", plain_mlp)
+residual_mlp = _preset("residual_mlp", mlp, residual=True)
+plain_mlp = _preset("plain_mlp", mlp, residual=False)
 resnet8 = _preset("resnet8", cifar_resnet, 8)
 resnet14 = _preset("resnet14", cifar_resnet, 14)
 resnet20 = _preset("resnet20", cifar_resnet, 20)
@@ -903,14 +900,15 @@ __all__ = [
     "subtree",
     "num_params",
     "summary",
-    "residual_mlp",
-    "plain_mlp",
+    "mlp",
     "cifar_resnet",
     "imagenet_resnet",
     "resnet",
     "revnet",
     "PRESETS",
     "tiny",
+    "residual_mlp",
+    "plain_mlp",
     "resnet8",
     "resnet14",
     "resnet20",

@@ -110,3 +110,8 @@ def test_an_object_without_the_contract_is_not_a_spec():
             return {}, {}
 
     assert not isinstance(Partial(), models.Spec)
+
+
+def test_models_all_lists_every_preset():
+    missing = sorted(set(models.PRESETS) - set(models.__all__))
+    assert not missing, f"models.__all__ lacks the presets {missing}"

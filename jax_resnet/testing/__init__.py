@@ -424,20 +424,14 @@ class _Checker:
         return _arg_names(self.reference, len(self.args64))
 
     def _cotangent(self, args):
-        return gc._random_like(np.random.default_rng(self.seed), jax.eval_shape(self.fn, *args))
+        return gc.random_like(np.random.default_rng(self.seed), jax.eval_shape(self.fn, *args))
 
     def _fused(self, *, rule_vjp: bool, fd: bool):
         """One jitted program: the plain forward, the reference's VJP, the rule's VJP, the central differences."""
         fn, reference, argnums = self.fn, self.reference, self.argnums
 
         def run(args, ct, directions, eps):
-            out = {"y": fn(*args)}
-            out["y_ref"], out["want"] = gc._vjp(reference, args, argnums, ct)
-            if rule_vjp:
-                out["y_vjp"], out["got"] = gc._vjp(fn, args, argnums, ct)
-            if fd:
-                out["fd"] = gc._central_differences(fn, args, argnums, ct, directions, eps)
-            return out
+            return gc.comparison(fn, reference, args, argnums, ct, directions if fd else None, eps, rule_vjp=rule_vjp)
 
         return jax.jit(run)
 
@@ -461,7 +455,7 @@ class _Checker:
         finite differences still speak; the error is kept under "rule_error"."""
         args, argnums = self.args64, self.argnums
         ct = self._cotangent(args)
-        directions = gc._random_like(np.random.default_rng(self.seed + 1), tuple(args[i] for i in argnums))
+        directions = gc.random_like(np.random.default_rng(self.seed + 1), tuple(args[i] for i in argnums))
         eps = gc.fd_steps(args, argnums, self.fd_eps)
         try:
             out = self._fused(rule_vjp=True, fd=True)(args, ct, directions, eps)
@@ -553,7 +547,7 @@ class _Checker:
 
     def _vjp_float64_nojit(self) -> PropertyResult:
         p, tol = self.pass64, self._tol(self.rtol, _F64)
-        _, got = gc._vjp(self.fn, self.args64, self.argnums, p["ct"])
+        _, got = gc.pullback(self.fn, self.args64, self.argnums, p["ct"])
 
         def note(k, path):
             if self._vjp64_ok(k, path):
@@ -614,12 +608,14 @@ class _Checker:
         fn, reference, argnums, tol = self.fn, self.reference, self.argnums, self._tol(self.rtol, _F64)
         slices = [tuple(self.make_args(self.key(s), jnp.float64)) for s in (1, 2)]
         stacked = _stack(slices)
-        ct = gc._random_like(np.random.default_rng(self.seed + 2), jax.eval_shape(jax.vmap(fn), *stacked))
+        ct = gc.random_like(np.random.default_rng(self.seed + 2), jax.eval_shape(jax.vmap(fn), *stacked))
 
         @jax.jit
         def run(stacked, ct):
-            batched = lambda f: jax.vmap(lambda a, c: gc._vjp(f, a, argnums, c))(stacked, ct)
-            one_by_one = [gc._vjp(fn, _unstack(stacked, s), argnums, _unstack(ct, s))[1] for s in range(len(slices))]
+            batched = lambda f: jax.vmap(lambda a, c: gc.pullback(f, a, argnums, c))(stacked, ct)
+            one_by_one = [
+                gc.pullback(fn, _unstack(stacked, s), argnums, _unstack(ct, s))[1] for s in range(len(slices))
+            ]
             return batched(fn), batched(reference), _stack(one_by_one)
 
         (y, got), (y_ref, want), sliced = run(stacked, ct)
@@ -654,17 +650,13 @@ class _Checker:
         args, argnums = self.args64, self.argnums
         tol = GRAD_OF_GRAD_FACTOR * self._tol(self.rtol, _F64)
         rng = np.random.default_rng(self.seed + 3)
-        ct = gc._random_like(rng, jax.eval_shape(self.fn, *args))
-        w = gc._random_like(rng, tuple(args[i] for i in argnums))
+        ct = gc.random_like(rng, jax.eval_shape(self.fn, *args))
+        w = gc.random_like(rng, tuple(args[i] for i in argnums))
 
         def second(f, args, ct, w):
             """∇_x ⟨w, vjp_f(x)(ct)⟩: reverse mode through the backward pass itself."""
 
-            def inner(*diff):
-                full = list(args)
-                for i, d in zip(argnums, diff):
-                    full[i] = d
-                return gc._vdot(w, gc._vjp(f, full, argnums, ct)[1])
+            inner = gc.restrict(lambda *full: gc.vdot(w, gc.pullback(f, full, argnums, ct)[1]), args, argnums)
 
             return jax.grad(inner, argnums=tuple(range(len(argnums))))(*(args[i] for i in argnums))
 
@@ -717,8 +709,8 @@ class _Checker:
         args, argnums, fn = self.args64, self.argnums, self.fn
         ct = self._cotangent(args)
         diff = tuple(args[i] for i in argnums)
-        forward = _primitive_counts(jax.make_jaxpr(lambda *d: jax.vjp(gc._restrict(fn, args, argnums), *d))(*diff))
-        vjp = lambda f: _primitive_counts(jax.make_jaxpr(lambda a, c: gc._vjp(f, a, argnums, c))(args, ct))
+        forward = _primitive_counts(jax.make_jaxpr(lambda *d: jax.vjp(gc.restrict(fn, args, argnums), *d))(*diff))
+        vjp = lambda f: _primitive_counts(jax.make_jaxpr(lambda a, c: gc.pullback(f, a, argnums, c))(args, ct))
         plain = vjp(fn)
         rows = []
         for name, policy in policies.items():
@@ -751,10 +743,10 @@ class _Checker:
         # One slice per device: the float64 arguments, each floating leaf scaled by its own noise (numpy draws;
         # no new random kernels to compile).
         rng = np.random.default_rng(self.seed + 5)
-        vary = lambda a: a * (1 + 0.1 * rng.standard_normal(a.shape)) if gc._is_float(a) else a
+        vary = lambda a: a * (1 + 0.1 * rng.standard_normal(a.shape)) if gc.is_float(a) else a
         slices = [jax.tree.map(lambda a: vary(np.asarray(a)), self.args64) for _ in range(n)]
         stacked = jax.tree.map(lambda *a: np.stack(a), *slices)
-        ct = gc._random_like(rng, jax.eval_shape(jax.vmap(fn), *stacked))
+        ct = gc.random_like(rng, jax.eval_shape(jax.vmap(fn), *stacked))
         mesh = Mesh(np.array(devices), ("devices",))
         spread = NamedSharding(mesh, PartitionSpec("devices"))
         try:
@@ -763,7 +755,7 @@ class _Checker:
             from jax.experimental.shard_map import shard_map
 
         def slice_vjp(args, c):
-            return gc._vjp(fn, args, argnums, c)[1]
+            return gc.pullback(fn, args, argnums, c)[1]
 
         def per_device(args, c):  # each device holds a block of one slice
             squeeze = lambda t: jax.tree.map(lambda a: a[0], t)
@@ -810,8 +802,8 @@ class _Checker:
 
         def evaluations(args, ct):
             return {
-                "rule": gc._vjp(fn, args, argnums, ct),
-                "reference64": gc._vjp(reference, up(args), argnums, up(ct)),
+                "rule": gc.pullback(fn, args, argnums, ct),
+                "reference64": gc.pullback(reference, up(args), argnums, up(ct)),
             }
 
         def scanned(stacked, cts, diff):
@@ -820,14 +812,16 @@ class _Checker:
             full = list(stacked)
             for i, d in zip(argnums, diff):
                 full[i] = d
-            step = jax.checkpoint(lambda total, xs: (total + gc._vdot(xs[1], fn(*xs[0])), None))
+            step = jax.checkpoint(lambda total, xs: (total + gc.vdot(xs[1], fn(*xs[0])), None))
             zero = jnp.zeros((), jax.tree.leaves(cts)[0].dtype)
             return jax.lax.scan(step, zero, (tuple(full), cts))[0]
 
         @jax.jit
         def run(args64, ct64, first, rest, ct, one_args, one_ct):
             composition = {
-                f"jax.checkpoint(policy={name})": gc._vjp(jax.checkpoint(fn, policy=policy), args64, argnums, ct64)[1]
+                f"jax.checkpoint(policy={name})": gc.pullback(jax.checkpoint(fn, policy=policy), args64, argnums, ct64)[
+                    1
+                ]
                 for name, policy in REMAT_POLICIES.items()
             }
             # Two copies of the arguments, the second with twice the cotangent: its gradient is twice the VJP.
@@ -841,7 +835,7 @@ class _Checker:
             cases = jax.vmap(lambda a0: evaluations((a0, *rest), ct))(first)
             low = {}
             for dtype in LOW_PRECISION_RTOL:
-                low[dtype.name] = gc._vjp(fn, _cast((first[0], *rest), dtype), argnums, _cast(ct, dtype))
+                low[dtype.name] = gc.pullback(fn, _cast((first[0], *rest), dtype), argnums, _cast(ct, dtype))
             return composition, cases, evaluations(one_args, one_ct), low
 
         # numpy from here: indexing device arrays would compile a kernel per shape.
@@ -863,8 +857,8 @@ class _Checker:
 
         @jax.jit
         def run(first, rest, ct, one_args, one_ct):
-            cases = jax.vmap(lambda a0: gc._vjp(fn, up((a0, *rest)), argnums, up(ct)))(first)
-            return cases, gc._vjp(fn, up(one_args), argnums, up(one_ct))
+            cases = jax.vmap(lambda a0: gc.pullback(fn, up((a0, *rest)), argnums, up(ct)))(first)
+            return cases, gc.pullback(fn, up(one_args), argnums, up(one_ct))
 
         return _split_cases(*jax.tree.map(np.asarray, run(**self.edge_pass["inputs"])))
 
@@ -898,7 +892,7 @@ class _Checker:
                     "float32 arguments give float32 outputs and cotangents (x64 on)",
                     None,
                     None,
-                    all(a.dtype == _F32 for a in base if gc._is_float(a)),
+                    all(a.dtype == _F32 for a in base if gc.is_float(a)),
                     "got "
                     + ", ".join(sorted({str(a.dtype) for a in base}))
                     + ": a float64 constant promotes the result",
@@ -909,7 +903,7 @@ class _Checker:
         )
         for name, out in p["low"].items():
             dtype, got = jnp.dtype(name), jax.tree.leaves(out)
-            kept = all(a.dtype == dtype for a in got if gc._is_float(a))
+            kept = all(a.dtype == dtype for a in got if gc.is_float(a))
             rows.append(
                 Row(
                     f"{name} arguments give {name} outputs and cotangents",
@@ -921,7 +915,7 @@ class _Checker:
             )
             tol = LOW_PRECISION_RTOL[dtype]
             for j, (a, b) in enumerate(zip(got, base)):
-                err = gc._array_error(np.asarray(a, np.float64), np.asarray(b, np.float64))
+                err = gc.array_error(np.asarray(a, np.float64), np.asarray(b, np.float64))
                 ok = err <= tol
                 rows.append(
                     Row(
@@ -996,7 +990,7 @@ class _Checker:
 
     def _forward_mode(self) -> PropertyResult:
         args, k = self.args64, self.argnums[0]
-        f = gc._restrict(self.fn, args, (k,))
+        f = gc.restrict(self.fn, args, (k,))
         try:
             jax.jvp(f, (args[k],), (args[k],))
         except TypeError as err:
@@ -1169,7 +1163,7 @@ def _masked_error(got: np.ndarray, want: np.ndarray, where: np.ndarray) -> float
 
 
 def _cast(tree, dtype):
-    return jax.tree.map(lambda a: a.astype(dtype) if gc._is_float(a) else a, tree)
+    return jax.tree.map(lambda a: a.astype(dtype) if gc.is_float(a) else a, tree)
 
 
 def _split_cases(cases, one) -> dict:
