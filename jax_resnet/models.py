@@ -647,86 +647,6 @@ def mlp(
     return Model(spec, "residual_mlp" if residual else "plain_mlp")
 
 
-def cifar_resnet(
-    depth: int,
-    *,
-    num_classes=10,
-    in_channels=3,
-    widths=(16, 32, 64),
-    residual=True,
-    block="basic",
-    zero_init_residual=False,
-    shortcut="A",
-    norm="batch",
-    norm_groups=32,
-) -> Model:
-    """CIFAR ResNet with 6n+2 layers and option-A shortcuts (He et al. 2015, §4.2).
-
-    `shortcut="B"` projects instead; `norm="group"` puts GroupNorm where BatchNorm
-    sits (`resnet20_gn`, for per-example gradients and DP-SGD).
-
-    Command: jax-resnet train --model resnet20 --dataset cifar10
-    """
-    if (depth - 2) % 6 or depth < 8:
-        raise ValueError(
-            f"cifar_resnet: `depth` must be 6n+2 with n ≥ 1 (8, 14, 20, 32, 44, 56, 110, 1202), got {depth}"
-        )
-    n = (depth - 2) // 6
-    spec = ResNetSpec(
-        stage_sizes=(n,) * len(widths),
-        block=block,
-        widths=tuple(widths),
-        stem="cifar",
-        stem_width=widths[0],
-        shortcut=shortcut,
-        num_classes=num_classes,
-        in_channels=in_channels,
-        residual=residual,
-        zero_init_residual=zero_init_residual,
-        norm=norm,
-        norm_groups=norm_groups,
-    )
-    return Model(spec, f"{'resnet' if residual else 'plain'}{depth}")
-
-
-def imagenet_resnet(
-    stage_sizes,
-    block,
-    *,
-    num_classes=1000,
-    in_channels=3,
-    width=64,
-    zero_init_residual=False,
-    stem_padding="torchvision",
-    norm="batch",
-    norm_groups=32,
-) -> Model:
-    """ImageNet ResNet: 7x7 stem, max pool, one stage per entry of `stage_sizes`
-    (four in the presets; widths `width`, 2·`width`, ...), option-B projections.
-
-    `stem_padding`: "torchvision" (default) or "same" (Haiku, Keras); see `ResNetSpec`.
-    `norm="group"`: GroupNorm in place of BatchNorm (`resnet18_gn`).
-
-    Command (CPU-sized input; any data set, the head takes its classes):
-    jax-resnet train --model resnet18 --dataset cifar10 --data-dir DIR --optimizer momentum --lr 0.1
-    """
-    spec = ResNetSpec(
-        stage_sizes=tuple(stage_sizes),
-        block=block,
-        widths=tuple(width * 2**i for i in range(len(stage_sizes))),
-        stem="imagenet",
-        stem_width=width,
-        shortcut="B",
-        num_classes=num_classes,
-        in_channels=in_channels,
-        zero_init_residual=zero_init_residual,
-        stem_padding=stem_padding,
-        norm=norm,
-        norm_groups=norm_groups,
-    )
-    return Model(spec, f"resnet{2 + sum(stage_sizes) * len(spec.block_specs()[0].convs())}")
-
-
 def resnet(
     stage_sizes,
     block,
@@ -740,8 +660,8 @@ def resnet(
     dropout=0.0,
     **options,
 ) -> Model:
-    """Any `ResNetSpec` from its stages: the builder of the families made of existing block kinds
-    (ResNeXt, Wide ResNets): their presets are this builder's arguments.
+    """Any `ResNetSpec` from its stages: the builder under `cifar_resnet` and `imagenet_resnet`, and of the
+    families made of existing block kinds (ResNeXt, Wide ResNets), whose presets are its arguments.
 
     Args:
       stage_sizes, block, widths: blocks per stage, their kind (`blocks.KINDS`), `width` per stage.
@@ -770,6 +690,83 @@ def resnet(
         **options,
     )
     return Model(spec, "resnet")
+
+
+def cifar_resnet(
+    depth: int,
+    *,
+    num_classes=10,
+    in_channels=3,
+    widths=(16, 32, 64),
+    residual=True,
+    block="basic",
+    zero_init_residual=False,
+    shortcut="A",
+    norm="batch",
+    norm_groups=32,
+) -> Model:
+    """CIFAR ResNet with 6n+2 layers and option-A shortcuts (He et al. 2015, §4.2).
+
+    `shortcut="B"` projects instead; `norm="group"` puts GroupNorm where BatchNorm
+    sits (`resnet20_gn`, for per-example gradients and DP-SGD).
+
+    Command: jax-resnet train --model resnet20 --dataset cifar10
+    """
+    if (depth - 2) % 6 or depth < 8:
+        raise ValueError(
+            f"cifar_resnet: `depth` must be 6n+2 with n ≥ 1 (8, 14, 20, 32, 44, 56, 110, 1202), got {depth}"
+        )
+    n = (depth - 2) // 6
+    options = dict(residual=residual, zero_init_residual=zero_init_residual, norm=norm, norm_groups=norm_groups)
+    model = resnet(
+        (n,) * len(widths),
+        block,
+        widths,
+        stem_width=widths[0],
+        shortcut=shortcut,
+        num_classes=num_classes,
+        in_channels=in_channels,
+        **options,
+    )
+    return dataclasses.replace(model, name=f"{'resnet' if residual else 'plain'}{depth}")
+
+
+def imagenet_resnet(
+    stage_sizes,
+    block,
+    *,
+    num_classes=1000,
+    in_channels=3,
+    width=64,
+    zero_init_residual=False,
+    stem_padding="torchvision",
+    norm="batch",
+    norm_groups=32,
+) -> Model:
+    """ImageNet ResNet: 7x7 stem, max pool, one stage per entry of `stage_sizes`
+    (four in the presets; widths `width`, 2·`width`, ...), option-B projections.
+
+    `stem_padding`: "torchvision" (default) or "same" (Haiku, Keras); see `ResNetSpec`.
+    `norm="group"`: GroupNorm in place of BatchNorm (`resnet18_gn`).
+
+    Command (CPU-sized input; any data set, the head takes its classes):
+    jax-resnet train --model resnet18 --dataset cifar10 --data-dir DIR --optimizer momentum --lr 0.1
+    """
+    model = resnet(
+        stage_sizes,
+        block,
+        [width * 2**i for i in range(len(stage_sizes))],
+        stem="imagenet",
+        stem_width=width,
+        num_classes=num_classes,
+        in_channels=in_channels,
+        zero_init_residual=zero_init_residual,
+        stem_padding=stem_padding,
+        norm=norm,
+        norm_groups=norm_groups,
+    )
+    depth = 2 + sum(stage_sizes) * len(model.spec.block_specs()[0].convs())
+    return dataclasses.replace(model, name=f"resnet{depth}")
 
 
 def revnet(
