@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo verify test test-slow test-lowest lint format bench clean
+.PHONY: demo verify test test-slow test-lowest lint typecheck format bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -57,9 +57,15 @@ test-lowest: $(UV)
 	$(LOWEST_PY) .ci/lowest_bounds.py peers
 	$(LOWEST_PY) -m pytest -q tests/test_bench.py tests/test_dp.py -k jax_privacy
 
-lint: $(BIN)/.installed
+lint: $(BIN)/.installed typecheck
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# mypy rather than pyright: a pure-Python wheel from PyPI, no Node.js runtime to fetch on first run, so it
+# installs with the dev extra like the other tools (and under `make test-lowest`'s resolution); settings in
+# pyproject.toml's [tool.mypy].
+typecheck: $(BIN)/.installed
+	$(BIN)/python -m mypy
 
 format: $(BIN)/.installed
 	$(BIN)/ruff format .

@@ -45,7 +45,7 @@ import os
 import platform
 import time
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -278,7 +278,7 @@ def sweep(
                            "first_over_last", "input_first_over_last"}},
        "wall_s": {model: seconds, compile included}}
     """
-    out = {"gradient_norms": {}, "input_gradient_norms": {}, "summary": {}, "wall_s": {}}
+    out: dict[str, dict] = {"gradient_norms": {}, "input_gradient_norms": {}, "summary": {}, "wall_s": {}}
 
     def record(name, family, depth, g, seconds):
         out["gradient_norms"][name] = [{"layer": n, "norm": v} for n, v in g.weights]
@@ -358,13 +358,14 @@ def train_compare(
     default_lr = default_learning_rate(optimizer, "train_compare")
     lr = default_lr if learning_rate is None else learning_rate
     ds = data.load("digits", seed=seed)
-    curves = {}
+    curves: dict[str, list[float | None]] = {}
     for variant in variants:
         t = time.perf_counter()
         model, params, state = variant.build(depth, width, jax.random.key(seed), dtype)
         opt = step.make_optimizer(optimizer, lr)
         train_step, opt_state = step.make_train_step(model, opt, grad, dtype=jnp.dtype(dtype).name), opt.init(params)
-        losses, key = [], step.step_key(seed, 0)  # the step takes a key; without augmentation it reads none
+        losses: list[float | None] = []
+        key = step.step_key(seed, 0)  # the step takes a key; without augmentation it reads none
         for xb, yb in itertools.islice(_batch_stream(ds, batch_size, seed), steps):
             batch = (jnp.asarray(xb, dtype), jnp.asarray(yb), key)
             params, state, opt_state, m = train_step(params, state, opt_state, *batch)
@@ -383,7 +384,7 @@ def final_loss(curve: Sequence[float | None], window: int = 20) -> float | None:
     """Mean of the last `window` losses; None when training diverged."""
     if not curve or curve[-1] is None:
         return None
-    return float(np.mean(curve[-window:]))
+    return float(np.mean([v for v in curve[-window:] if v is not None]))  # only the last can be None
 
 
 # ---------------------------------------------------------------- reporting
@@ -522,13 +523,13 @@ def study(
       (`write`); the field names are a contract.
     """
 
-    def pick(given, name, default):
+    def pick(given: Any, name: str, default: Any) -> Any:
         return given if given is not None else (QUICK[name] if quick else default)
 
     cifar_depths = tuple(pick(cifar_depths, "cifar_depths", CIFAR_DEPTHS))
     mlp_depths = tuple(pick(mlp_depths, "mlp_depths", MLP_DEPTHS))
-    train_depth = pick(train_depth, "train_depth", TRAIN_DEPTH)
-    steps = pick(steps, "steps", TRAIN_STEPS)
+    depth: int = pick(train_depth, "train_depth", TRAIN_DEPTH)
+    n_steps: int = pick(steps, "steps", TRAIN_STEPS)
     cifar_batch = pick(None, "cifar_batch", CIFAR_BATCH)
     learning_rate = default_learning_rate(optimizer, "study")
 
@@ -536,10 +537,10 @@ def study(
     log(f"gradient norms at init: CIFAR depths {cifar_depths}, MLP depths {mlp_depths} ({jax.default_backend()})")
     measured = sweep(cifar_depths, mlp_depths, cifar_batch=cifar_batch, seed=seed, grad=grad, log=log)
     sweep_s = time.perf_counter() - started
-    log(f"training: MLP depth {train_depth}, {steps} steps, {optimizer}")
+    log(f"training: MLP depth {depth}, {n_steps} steps, {optimizer}")
     t = time.perf_counter()
     training = train_compare(
-        train_depth, steps=steps, optimizer=optimizer, learning_rate=learning_rate, seed=seed, grad=grad, log=log
+        depth, steps=n_steps, optimizer=optimizer, learning_rate=learning_rate, seed=seed, grad=grad, log=log
     )
     train_s = time.perf_counter() - t
     return {
@@ -556,9 +557,9 @@ def study(
             "mlp_input": f"first {MLP_BATCH} digits training images (data.load('digits'))",
             "mlp_variants": [dataclasses.asdict(v) for v in MLP_VARIANTS],
             "train": {
-                "depth": train_depth,
+                "depth": depth,
                 "width": MLP_WIDTH,
-                "steps": steps,
+                "steps": n_steps,
                 "batch_size": TRAIN_BATCH,
                 "optimizer": optimizer,
                 "learning_rate": learning_rate,

@@ -65,7 +65,7 @@ __all__ = [
 ]
 
 
-DEFAULT_RTOL = {jnp.dtype("float64"): 1e-10, jnp.dtype("float32"): 1e-5}
+DEFAULT_RTOL: dict[Any, float] = {jnp.dtype("float64"): 1e-10, jnp.dtype("float32"): 1e-5}
 DEFAULT_FD_RTOL = 1e-6
 
 
@@ -129,6 +129,8 @@ def leaf_errors(actual, expected) -> dict[str, float]:
         >>> leaf_errors({"w": np.ones(3), "b": np.zeros(2)}, {"w": np.full(3, 2.0), "b": np.zeros(2)})
         {"['b']": 0.0, "['w']": 0.5}
     """
+    a_def: Any  # jaxlib's PyTreeDef, which has no type stubs
+    e_def: Any
     a_leaves, a_def = jax.tree_util.tree_flatten_with_path(actual)
     e_leaves, e_def = jax.tree_util.tree_flatten_with_path(expected)
     if a_def != e_def:
@@ -187,7 +189,7 @@ def random_like(rng: np.random.Generator, tree):
 
 
 def vdot(a, b) -> jax.Array:
-    return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    return sum((jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))), jnp.zeros(()))
 
 
 def restrict(f: Callable, args: Sequence[Any], argnums: Sequence[int]) -> Callable:
@@ -380,7 +382,8 @@ def gradcheck(
     for k, i in enumerate(argnums):
         per_leaf = leaf_errors(got[k], want[k])
         err, where = worst_leaf(per_leaf)
-        fd_ok = fd_errs[k] is None or fd_errs[k] <= fd_rtol
+        fd_err = fd_errs[k]
+        fd_ok = fd_err is None or fd_err <= fd_rtol
         rows.append(
             ArgReport(
                 argnum=i,

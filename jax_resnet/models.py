@@ -339,7 +339,7 @@ class ResNetSpec:
         return [f"block{i}" for i in range(sum(self.stage_sizes))] + ["head"]
 
     def weight_paths(self) -> list[tuple[str, tuple]]:
-        paths = [("stem", ("stem", "w"))]
+        paths: list[tuple[str, tuple]] = [("stem", ("stem", "w"))]
         for i, spec in enumerate(self.block_specs()):
             paths += [(f"block{i}.conv{j}", ("blocks", i, f"conv{j}", "w")) for j in range(len(spec.convs()))]
             if spec.projects:
@@ -424,7 +424,8 @@ class RevNetSpec:
 
     def stages(self) -> list[tuple[reversible.CouplingSpec | None, reversible.CouplingSpec, int]]:
         """Per stage: (the non-reversible first coupling or None, the reversible coupling, how many)."""
-        out, c = [], self.stem_width
+        out: list[tuple[reversible.CouplingSpec | None, reversible.CouplingSpec, int]] = []
+        c = self.stem_width
         for s, (n, width) in enumerate(zip(self.stage_sizes, self.widths)):
             first = reversible.CouplingSpec(self.block, c, width, 2 if s > 0 else 1, self.shortcut)
             rev = reversible.CouplingSpec(self.block, first.out_channels, width)
@@ -459,7 +460,7 @@ class RevNetSpec:
                 f"RevNet apply: argument `x` must be NHWC with {self.in_channels} channels, got shape {tuple(x.shape)}"
             )
         h = ops.conv2d(x, params["stem"]["w"], stride=1, padding="SAME")
-        new_state = {"stages": []}
+        new_state: dict[str, Any] = {"stages": []}
         for s, ((down, rev, n), p, st) in enumerate(zip(self.stages(), params["stages"], state["stages"])):
             x1, x2 = jnp.split(hook(s, h), 2, axis=-1)
             new_st = {}
@@ -490,7 +491,7 @@ class RevNetSpec:
 
     def weight_paths(self) -> list[tuple[str, tuple]]:
         """Each kernel; a reversible stage's are stacked, one array [couplings, ...] per position."""
-        paths = [("stem", ("stem", "w"))]
+        paths: list[tuple[str, tuple]] = [("stem", ("stem", "w"))]
         for s, (down, rev, n) in enumerate(self.stages()):
             for part, spec in (("down", down), ("rev", rev if n else None)):
                 if spec is None:
@@ -611,13 +612,16 @@ def summary(model: Model, input_shape: tuple[int, ...]) -> dict:
     ResNet paper tabulates). Nothing is allocated: shapes only.
     """
     params, state = jax.eval_shape(lambda: model.init(jax.random.key(0)))
-    if getattr(model.spec, "unroll", None) is False:
+    spec: Any = model.spec
+    if getattr(spec, "unroll", None) is False:
         # XLA's cost analysis counts a loop's body once: count a scanned network's layers unrolled.
-        model = dataclasses.replace(model, spec=dataclasses.replace(model.spec, unroll=True))
+        model = dataclasses.replace(model, spec=dataclasses.replace(spec, unroll=True))
     x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
     lowered = jax.jit(lambda p, s, x: model.apply(p, s, x, train=False)[0]).lower(params, state, x)
     cost = lowered.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    if cost is None:
+        raise RuntimeError(f"summary: XLA gave no cost analysis for {model.name} on {jax.default_backend()}")
     return {
         "model": model.name,
         "input_shape": list(input_shape),
@@ -765,7 +769,7 @@ def imagenet_resnet(
         norm=norm,
         norm_groups=norm_groups,
     )
-    depth = 2 + sum(stage_sizes) * len(model.spec.block_specs()[0].convs())
+    depth = 2 + sum(stage_sizes) * len(blocks.BlockSpec(block, width, width).convs())
     return dataclasses.replace(model, name=f"resnet{depth}")
 
 

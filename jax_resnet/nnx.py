@@ -93,6 +93,11 @@ def _positive_int(owner: str, name: str, value) -> int:
     return int(value)
 
 
+def _is_real(value: object) -> bool:
+    """A real number, not a bool (numpy scalars too: `numbers.Real` registers them; `float` does not)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def _grad_mode(owner: str, grad) -> str:
     if not isinstance(grad, str) or grad not in GRAD_MODES:
         raise ValueError(f"{owner}: argument `grad` must be one of {tuple(GRAD_MODES)}, got {grad!r}")
@@ -163,7 +168,7 @@ class Linear(nnx.Module):
         bias_init: Initializer = default_bias_init,
         rngs: nnx.Rngs,
         grad: str = "rules",
-    ):
+    ) -> None:
         owner = type(self).__name__
         self.in_features = _positive_int(owner, "in_features", in_features)
         self.out_features = _positive_int(owner, "out_features", out_features)
@@ -177,7 +182,7 @@ class Linear(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         _check_features(type(self).__name__, x, self.in_features)
         kernel = self.kernel[...]
-        bias = self.bias[...] if self.use_bias else jnp.zeros((self.out_features,), kernel.dtype)
+        bias = jnp.zeros((self.out_features,), kernel.dtype) if self.bias is None else self.bias[...]
         x, kernel, bias = _promote(self.dtype, x, kernel, bias)
         return opset(self.grad).dense(x, kernel, bias)
 
@@ -221,7 +226,7 @@ class Conv(nnx.Module):
         bias_init: Initializer = default_bias_init,
         rngs: nnx.Rngs,
         grad: str = "rules",
-    ):
+    ) -> None:
         owner = type(self).__name__
         self.in_features = _positive_int(owner, "in_features", in_features)
         self.out_features = _positive_int(owner, "out_features", out_features)
@@ -255,7 +260,7 @@ class Conv(nnx.Module):
             dilation=self.kernel_dilation,
             groups=self.feature_group_count,
         )
-        if self.use_bias:
+        if self.bias is not None:
             y = y + self.bias[...].astype(y.dtype)
         return y
 
@@ -287,7 +292,7 @@ class Projection(nnx.Module):
         kernel_init: Initializer = default_kernel_init,
         rngs: nnx.Rngs,
         grad: str = "rules",
-    ):
+    ) -> None:
         owner = type(self).__name__
         self.in_features = _positive_int(owner, "in_features", in_features)
         self.out_features = _positive_int(owner, "out_features", out_features)
@@ -341,7 +346,7 @@ class BatchNorm(nnx.Module):
         bias_init: Initializer = initializers.zeros_init(),  # noqa: B008
         rngs: nnx.Rngs,
         grad: str = "rules",
-    ):
+    ) -> None:
         owner = type(self).__name__
         self.num_features = _positive_int(owner, "num_features", num_features)
         if use_running_average is not None and not isinstance(use_running_average, bool):
@@ -349,7 +354,7 @@ class BatchNorm(nnx.Module):
                 f"{owner}: argument `use_running_average` must be True, False or None, got {use_running_average!r}"
             )
         self.use_running_average = use_running_average
-        if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not 0 <= momentum <= 1:
+        if not _is_real(momentum) or not 0 <= momentum <= 1:
             raise ValueError(f"{owner}: argument `momentum` must be a number in [0, 1], got {momentum!r}")
         self.momentum = float(momentum)
         self.epsilon = _checks.positive_float(owner, "epsilon", epsilon)
@@ -420,6 +425,10 @@ class _PureHolder(nnx.Module):
         # nnx.data: flax 0.12 takes a plain pytree of Variables as a Module's data only when told.
         self.params = nnx.data(jax.tree.map(nnx.Param, params))
         self.state = nnx.data(jax.tree.map(nnx.BatchStat, state))
+
+    def _apply(self, params, state, x, *, train):
+        """The pure apply, `(params, state, x, *, train) -> (out, new_state)`: each subclass's own."""
+        raise NotImplementedError
 
     def _check_input(self, x) -> None:
         if not hasattr(x, "shape"):
@@ -515,7 +524,7 @@ class Network(_PureHolder):
         dtype=None,
         param_dtype=jnp.float32,
         use_running_average: bool = False,
-    ):
+    ) -> None:
         owner = type(self).__name__
         self.model = _model(owner, "model", model)
         settings = dict(grad=grad, dtype=dtype, param_dtype=param_dtype, use_running_average=use_running_average)
@@ -550,7 +559,7 @@ class Block(_PureHolder):
         dtype=None,
         param_dtype=jnp.float32,
         use_running_average: bool = False,
-    ):
+    ) -> None:
         owner = type(self).__name__
         if not isinstance(spec, blocks.BlockSpec):
             raise TypeError(
@@ -591,13 +600,14 @@ def to_pure(module) -> tuple[Any, Any]:
 
 def _load(name: str, variables, values) -> None:
     """Set each Variable in `variables` to the array at the same path of `values`."""
+    treedef: Any  # jaxlib's PyTreeDef, which has no type stubs
     flat, treedef = jax.tree_util.tree_flatten_with_path(variables, is_leaf=_is_variable)
     if jax.tree.structure(values) != treedef:
-        want = {jax.tree_util.keystr(path) for path, _ in flat}
-        got = {jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(values)[0]}
+        expected = {jax.tree_util.keystr(path) for path, _ in flat}
+        given = {jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(values)[0]}
         raise ValueError(
             f"from_pure: argument `{name}` does not have the model's layout; "
-            f"missing {sorted(want - got) or 'nothing'}, unexpected {sorted(got - want) or 'nothing'} "
+            f"missing {sorted(expected - given) or 'nothing'}, unexpected {sorted(given - expected) or 'nothing'} "
             "(does the model match the one the pytrees were built from?)"
         )
     for (path, variable), value in zip(flat, treedef.flatten_up_to(values)):
@@ -633,6 +643,7 @@ def from_pure(model, params, state, *, grad: str = "rules", dtype=None):
     if not jnp.issubdtype(param_dtype, jnp.floating):
         raise TypeError(f"from_pure: argument `params` must hold floating arrays, got dtype {param_dtype}")
     settings = dict(grad=_grad_mode("from_pure", grad), dtype=dtype, param_dtype=param_dtype)
+    build: Callable[[], _PureHolder]
     if isinstance(model, blocks.BlockSpec):
         build = lambda: Block(model, rngs=nnx.Rngs(0), **settings)  # noqa: E731
     else:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
+from typing import Any
 
 import dm_pix as pix
 import jax
@@ -389,7 +390,7 @@ def evaluate(
     size = -(-min(batch_size, n) // ndev) * ndev
     fn = _eval_step(model, dtype, mesh)
     total_loss = total_correct = 0.0
-    confusion = 0
+    confusion: Any = 0
     for xb, yb in data.batches(x, y, size, key_or_seed=None, shuffle=False, drop_last=False):
         m = len(xb)
         weight = np.zeros(size, np.float32)

@@ -441,6 +441,7 @@ class _Checker:
         out, err = self._pass64_or_error
         if err is not None:
             raise err
+        assert out is not None, "the float64 pass gives a result or an error"
         return out
 
     @functools.cached_property
@@ -468,7 +469,7 @@ class _Checker:
         out["fd_rule"] = None if out["rule_error"] else gc.dot_product_errors(directions, out["got"], out["fd"])
         return out
 
-    def _leaf_rows(self, label: str, k: int, got, want, tol: float, note: Callable[[str, float], str]) -> list[Row]:
+    def _leaf_rows(self, label: str, k: int, got, want, tol: float, note: Callable[..., str]) -> list[Row]:
         """One row per leaf of argument k: `what` names the argument and, for a pytree argument, the leaf."""
         rows = []
         for path, err in gc.leaf_errors(got, want).items():
@@ -749,10 +750,7 @@ class _Checker:
         ct = gc.random_like(rng, jax.eval_shape(jax.vmap(fn), *stacked))
         mesh = Mesh(np.array(devices), ("devices",))
         spread = NamedSharding(mesh, PartitionSpec("devices"))
-        try:
-            from jax import shard_map
-        except ImportError:  # JAX before 0.6
-            from jax.experimental.shard_map import shard_map
+        from jax import shard_map
 
         def slice_vjp(args, c):
             return gc.pullback(fn, args, argnums, c)[1]
