@@ -56,6 +56,8 @@ __all__ = [
     "make_train_step",
     "compiled_train_step",
     "evaluate",
+    "hits",
+    "masked_mean",
     "put_batch",
     "host",
     "init_train_state",
@@ -255,6 +257,16 @@ def shardings(mesh: jax.sharding.Mesh) -> tuple[jax.sharding.NamedSharding, jax.
     return jax.sharding.NamedSharding(mesh, P()), jax.sharding.NamedSharding(mesh, P("data"))
 
 
+def hits(logits: jax.Array, y: jax.Array) -> jax.Array:
+    """1.0 where the largest logit is the label's, else 0.0 (float32), per example."""
+    return (jnp.argmax(logits, axis=-1) == y).astype(jnp.float32)
+
+
+def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
+    """Σ mask·values / max(Σ mask, 1): a metric over the rows `mask` marks (`dp.real_rows`: not padding)."""
+    return jnp.sum(mask * values) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
 def _finite(params) -> jax.Array:
     # A NaN need not show in the loss (a ReLU mask can hide it), so the parameters are checked too.
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]))
@@ -302,17 +314,14 @@ def make_train_step(
 
         def private_or_not(params, state, opt_state, x, y, key):
             params, opt_state, out = dp_update(params, state, opt_state, x, y, key)
-            real = dp_lib.real_rows(y)
-            clipped = jnp.sum(real * (out.norms > dp.l2_norm_clip)) / jnp.maximum(jnp.sum(real), 1.0)
+            clipped = masked_mean(out.norms > dp.l2_norm_clip, dp_lib.real_rows(y))
             return params, state, opt_state, out.loss, out.logits, {"clipped": clipped}
 
     def step(params, state, opt_state, x, y, key):
         if augment is not None:
             x = augment_batch(key, x, augment)
         params, state, opt_state, loss, logits, extra = private_or_not(params, state, opt_state, x, y, key)
-        real = dp_lib.real_rows(y)
-        hits = (jnp.argmax(logits, axis=-1) == y).astype(jnp.float32)
-        accuracy = jnp.sum(real * hits) / jnp.maximum(jnp.sum(real), 1.0)
+        accuracy = masked_mean(hits(logits, y), dp_lib.real_rows(y))
         metrics = {"loss": loss, "accuracy": accuracy, "params_finite": _finite(params), **extra}
         return params, state, opt_state, metrics
 
@@ -348,7 +357,7 @@ def _eval_step(model: models.Model, dtype: str, mesh):
         logits = logits.astype(jnp.float32)
         nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=-1)[:, 0]
         predicted = jnp.argmax(logits, axis=-1)
-        correct = (predicted == y).astype(jnp.float32)
+        correct = hits(logits, y)
         k = logits.shape[-1]
         # Counts are whole numbers far below 2**24, so float32 holds them exactly.
         confusion = jnp.zeros((k, k), jnp.float32).at[y, predicted].add(weight)
