@@ -273,17 +273,16 @@ def diag_ggn_mc(
 def batch_diag_ggn(
     model: models.Model, params, state, x, y, *, loss: str = "softmax_cross_entropy", train: bool = True
 ) -> Any:
-    """Each example's share of diag G: (1/B) diag(J_iᵀ H_i J_i), leaves [B, *shape], summing over i to `diag_ggn`.
+    """Each example's share of diag G: (1/B) diag(J_iᵀ H_i J_i), leaves `[B, *shape]`, summing over i to `diag_ggn`.
 
     BackPACK's BatchDiagGGNExact; here each share carries the mean's 1/B.
     From the per-example `batch_grad` taps of each column, squared and summed over the C
     columns; memory C·B·(parameters) for the taps.
 
-    Args:
-      As `diag_ggn`.
+    Arguments as for `diag_ggn`.
 
     Returns:
-      A tree like `params`, each leaf [B, *param.shape].
+      A tree like `params`, each leaf `[B, *param.shape]`.
 
     Derivation: derivations/curvature.md#batch_diag_ggn
     """
@@ -305,11 +304,10 @@ def batch_diag_ggn_mc(
 ) -> Any:
     """The Monte Carlo twin of `batch_diag_ggn`: (1/B)(1/M) Σ_m (J_iᵀ (e_ŷ_{i,m} − p_i))² per example.
 
-    Args:
-      As `diag_ggn_mc`.
+    Arguments as for `diag_ggn_mc`.
 
     Returns:
-      A tree like `params`, each leaf [B, *param.shape]; Σ_i is `diag_ggn_mc` with the same key.
+      A tree like `params`, each leaf `[B, *param.shape]`; Σ_i is `diag_ggn_mc` with the same key.
 
     Derivation: derivations/curvature.md#batch_diag_ggn
     """

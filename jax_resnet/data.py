@@ -4,14 +4,14 @@ Everything here is plain numpy; arrays go to JAX only in the training loop.
 `load` returns a `Dataset` whose images are float32, NHWC, scaled to [0, 1]
 and then standardised per channel with the *training* set's mean and standard
 deviation (kept as `Dataset.mean` / `Dataset.std`, so the test set is
-standardised with exactly the same numbers). Labels are int32.
+standardised with exactly the same numbers). Labels are int32. The data sets:
 
-| name        | source                                         | image shape | train / test   | `--augment`      |
-|-------------|------------------------------------------------|-------------|----------------|------------------|
-| `digits`    | `sklearn.datasets.load_digits()`, offline      | 8 x 8 x 1   | 1,347 / 450    | shift ±1         |
-| `mnist`     | four IDX files in `data_dir`                   | 28 x 28 x 1 | 60,000 / 10,000| shift ±2         |
-| `cifar10`   | python pickles in `data_dir` (dir or .tar.gz)  | 32 x 32 x 3 | 50,000 / 10,000| shift ±4, flips  |
-| `synthetic` | Gaussian blobs around per-class prototypes     | 8 x 8 x 1   | 512 / 128      | shift ±1         |
+  | name        | source                                         | image shape | train / test   | `--augment`      |
+  |-------------|------------------------------------------------|-------------|----------------|------------------|
+  | `digits`    | `sklearn.datasets.load_digits()`, offline      | 8 x 8 x 1   | 1,347 / 450    | shift ±1         |
+  | `mnist`     | four IDX files in `data_dir`                   | 28 x 28 x 1 | 60,000 / 10,000| shift ±2         |
+  | `cifar10`   | python pickles in `data_dir` (dir or .tar.gz)  | 32 x 32 x 3 | 50,000 / 10,000| shift ±4, flips  |
+  | `synthetic` | Gaussian blobs around per-class prototypes     | 8 x 8 x 1   | 512 / 128      | shift ±1         |
 
 (`AUGMENTATIONS`: a shift is padding and a random crop, done on the device
 in the training step.)

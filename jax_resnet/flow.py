@@ -271,12 +271,14 @@ def sweep(
     from the same PRNG key, so plain and residual twins have equal weights.
 
     Returns:
-      {"gradient_norms": {model: [{"layer", "norm"}]},
-       "input_gradient_norms": {model: [{"block", "norm"}]},
-       "summary": {model: {"family" ("cifar" or "mlp"), "depth", "layers",
-                           "loss", "first", "last", "head",
-                           "first_over_last", "input_first_over_last"}},
-       "wall_s": {model: seconds, compile included}}
+      A dict of four tables, by model name:
+
+        {"gradient_norms": {model: [{"layer", "norm"}]},
+         "input_gradient_norms": {model: [{"block", "norm"}]},
+         "summary": {model: {"family" ("cifar" or "mlp"), "depth", "layers",
+                             "loss", "first", "last", "head",
+                             "first_over_last", "input_first_over_last"}},
+         "wall_s": {model: seconds, compile included}}
     """
     out: dict[str, dict] = {"gradient_norms": {}, "input_gradient_norms": {}, "summary": {}, "wall_s": {}}
 

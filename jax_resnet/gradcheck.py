@@ -250,7 +250,7 @@ def fd_steps(args: Sequence[Any], argnums: Sequence[int], fd_eps: float) -> jax.
 
 
 def dot_product_errors(directions: Sequence[Any], cts: Sequence[Any], fd: Sequence[Any]) -> list[float]:
-    """The dot-product test per argument k: |⟨u_k, ct_k⟩ − fd_k| / max(|⟨u_k, ct_k⟩|, |fd_k|).
+    """The dot-product test per argument k: `|⟨u_k, ct_k⟩ − fd_k| / max(|⟨u_k, ct_k⟩|, |fd_k|)`.
 
     `cts` is a VJP (rule or reference), `fd` what `central_differences` gave
     for the same cotangent; the sums run in numpy (no kernel to compile).

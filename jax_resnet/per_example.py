@@ -103,7 +103,7 @@ KINDS = ("grad", "l2", "sum_sq", "io")
 class Quantities(NamedTuple):
     """One leaf's tap (zeros) or its cotangent: a field per kind asked for, None for the others.
 
-    grad: [B, *shape], example i's contribution G_i; l2: [B], ‖G_i‖²; sum_sq: shape, Σ_i G_i²;
+    grad: `[B, *shape]`, example i's contribution G_i; l2: [B], ‖G_i‖²; sum_sq: shape, Σ_i G_i²;
     io: (a [B, T, d], δ [B, T, p]), a dense or projection kernel's inputs and output
     cotangents at its T positions, G_i = Σ_t a_{i,t}ᵀ δ_{i,t} (DP-SGD's book-keeping).
     """
@@ -645,7 +645,7 @@ def _one(name: str, model, params, state, x, y, norm_path="auto", mesh=None) -> 
 
 
 def batch_grad(model: models.Model, params, state, x, y, *, mesh=None) -> PerExample:
-    """Per-example gradients g_i = ∇ℓ_i, each leaf [B, *shape]; `grads` = Σ_i g_i / B = jax.grad of the mean loss.
+    """Per-example gradients g_i = ∇ℓ_i, each leaf `[B, *shape]`; `grads` = Σ_i g_i / B = jax.grad of the mean loss.
 
     Derivation: derivations/per_example.md#batch_grad
     """

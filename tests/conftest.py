@@ -30,6 +30,10 @@ SLOW = {
     "tests/test_train.py::test_sharded_step_equals": "8 simulated devices in a child process",
     "tests/test_train.py::test_a_second_process_with_the_same_seed": "a training run in a child process",
     "tests/test_rules.py::test_every_rule_sharded": "8 simulated devices in a child process",
+    "tests/test_docs_site.py::test_every_page_renders": "every page of the built site (make docs) in Chromium",
+    # These two need the docs extra, which `make docs` installs after `make test` has run.
+    "tests/test_docs_site.py::test_plain_text_tables": "needs the docs extra (make docs)",
+    "tests/test_docs_site.py::test_derivation_pointers": "needs the docs extra (make docs)",
     # The rule matrix's further transformations; test_vjp_matches_autodiff_float32/64
     # (jitted VJPs and finite differences) stay fast for every rule.
     "tests/test_rules.py::test_vjp_without_jit": "op by op in float64",

@@ -133,7 +133,7 @@ def batch_norm_train(x: jax.Array, gamma: jax.Array, beta: jax.Array, *, eps: fl
 
     VJP, with ct_xhat = ct_y·gamma and sums over the same m elements:
     ct_x = inv_std/m · (m·ct_xhat − Σct_xhat − x_hat·Σct_xhat·x_hat)
-           + ct_mean/m + ct_var·2·(x − mean)/m,
+    + ct_mean/m + ct_var·2·(x − mean)/m,
     ct_gamma = Σ ct_y·x_hat, ct_beta = Σ ct_y. Saves x_hat, inv_std and gamma.
     A batch of one element per channel gives var = 0, x_hat = 0, y = beta and
     ct_x = ct_mean (zero from the y path).
