@@ -78,16 +78,18 @@ GN_EPS = 1e-5
 class BlockKind(NamedTuple):
     """One row of the block table: what a kind needs, so that a new kind is one row here.
 
-    convs: `spec -> [Conv, ...]`, the body's convolutions in order (parameters
-      `conv0`, `conv1`, ...).
-    apply: `(ops, spec, params, state, x, *, train) -> (y, new_state)`, how the
-      layers are arranged: `_apply_v1` or `_apply_v2`, or a new function for a
-      new arrangement.
-    preact: v2 (BN-ReLU before each convolution, nothing after the add; a
-      network normalises once at its stem and once before its head) instead of
-      v1 (BN after each convolution, ReLU after the add): where `init_block`
-      puts the norms and which weight starts at zero for `zero_init_residual`.
-    expansion: output channels per unit of `width`.
+    Attributes:
+      expansion: output channels per unit of `width`.
+      convs: `spec -> [Conv, ...]`, the body's convolutions in order
+        (parameters `conv0`, `conv1`, ...).
+      apply: `(ops, spec, params, state, x, *, train) -> (y, new_state)`, how
+        the layers are arranged: `_apply_v1` or `_apply_v2`, or a new function
+        for a new arrangement.
+      preact: v2 (BN-ReLU before each convolution, nothing after the add; a
+        network normalises once at its stem and once before its head) instead
+        of v1 (BN after each convolution, ReLU after the add): where
+        `init_block` puts the norms and which weight starts at zero for
+        `zero_init_residual`.
     """
 
     expansion: int

@@ -170,6 +170,7 @@ def worst_leaf(errors: Mapping[str, float]) -> tuple[float, str]:
 
 # ----------------------------------------------------------------------------- the core
 def is_float(x) -> bool:
+    """True for a floating array or scalar."""
     return jnp.issubdtype(jnp.result_type(x), jnp.floating)
 
 
@@ -184,12 +185,14 @@ def float_argnums(args: Sequence[Any]) -> tuple[int, ...]:
 
 
 def random_like(rng: np.random.Generator, tree):
+    """Standard normal draws shaped and typed like each leaf of `tree` (arrays, or `jax.ShapeDtypeStruct` leaves)."""
     # numpy draws: a jax.random call would compile a kernel for every new shape.
     return jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(jnp.shape(x)), jnp.result_type(x)), tree)
 
 
 def vdot(a, b) -> jax.Array:
-    return sum((jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))), jnp.zeros(()))
+    """⟨a, b⟩ of two pytrees of one structure: the sum over leaves of `jnp.vdot`."""
+    return jnp.asarray(sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))))
 
 
 def restrict(f: Callable, args: Sequence[Any], argnums: Sequence[int]) -> Callable:
@@ -205,7 +208,7 @@ def restrict(f: Callable, args: Sequence[Any], argnums: Sequence[int]) -> Callab
 
 
 def pullback(f: Callable, args: Sequence[Any], argnums: Sequence[int], ct) -> tuple[Any, tuple]:
-    """(f(*args), the VJP of f w.r.t. the arguments at `argnums` for cotangent `ct`)."""
+    """(`f(*args)`, the VJP of f w.r.t. the arguments at `argnums` for cotangent `ct`)."""
     y, vjp_fn = jax.vjp(restrict(f, args, argnums), *(args[i] for i in argnums))
     return y, vjp_fn(ct)
 
@@ -227,7 +230,7 @@ def comparison(fn: Callable, reference: Callable, args, argnums, ct, directions=
     """The computation every check of a rule is made of, in one traceable function (`jax_resnet.testing`
     jits it; `gradcheck` runs it as it is):
 
-      y: fn(*args);  y_ref, want: `reference`'s output and VJP for the cotangent `ct`;
+      y: `fn(*args)`;  y_ref, want: `reference`'s output and VJP for the cotangent `ct`;
       y_vjp, got: `fn`'s (when `rule_vjp`);  fd: per argument k, ⟨ct, (f(x + ε_k u_k) − f(x − ε_k u_k)) / 2ε_k⟩
       along `directions[k]` with steps `eps[k]` (when `directions` is given): the dot-product test's right side.
     """

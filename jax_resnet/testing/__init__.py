@@ -1010,11 +1010,12 @@ class _Checker:
 
 
 class Property(NamedTuple):
-    """One property of the kit: its stable name, what it asserts, and the `_Checker` method computing it."""
+    """One property of the kit: its stable name, what it asserts, and the method of the kit's checker that
+    computes it (`checker -> PropertyResult`)."""
 
     name: str
     description: str
-    check: Callable[[_Checker], PropertyResult]
+    check: Callable[..., PropertyResult]
 
 
 # The kit's properties, in the order they run and are reported: the one place each is listed.
