@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo verify test test-slow test-lowest lint format bench docs clean
+.PHONY: demo verify test test-slow test-lowest lint typecheck format bench docs clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -69,9 +69,15 @@ docs: $(BIN)/.installed-docs $(KATEX)
 	$(BIN)/sphinx-build -b html -c docs -W --keep-going -E -q . docs/_build/html
 	@echo "built docs/_build/html/index.html"
 
-lint: $(BIN)/.installed
+lint: $(BIN)/.installed typecheck
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# mypy rather than pyright: a pure-Python wheel from PyPI, no Node.js runtime to fetch on first run, so it
+# installs with the dev extra like the other tools (and under `make test-lowest`'s resolution); settings in
+# pyproject.toml's [tool.mypy].
+typecheck: $(BIN)/.installed
+	$(BIN)/python -m mypy
 
 format: $(BIN)/.installed
 	$(BIN)/ruff format .

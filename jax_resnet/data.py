@@ -56,6 +56,37 @@ from typing import Any
 
 import numpy as np
 
+__all__ = [
+    "DATASETS",
+    "DATA_DIR_ENV",
+    "MNIST_URL",
+    "MNIST_SHA256",
+    "MNIST_FILES",
+    "CIFAR10_URL",
+    "CIFAR10_ARCHIVE",
+    "CIFAR10_DIR",
+    "CIFAR10_SHA256",
+    "CIFAR10_TRAIN_BATCHES",
+    "CIFAR10_TEST_BATCH",
+    "IDX_IMAGES_MAGIC",
+    "IDX_LABELS_MAGIC",
+    "DataError",
+    "Augmentation",
+    "AUGMENTATIONS",
+    "Dataset",
+    "load",
+    "default_data_dir",
+    "digits",
+    "synthetic",
+    "read_idx",
+    "read_mnist",
+    "mnist_file_names",
+    "read_cifar10",
+    "num_batches",
+    "batches",
+]
+
+
 DATASETS = ("digits", "mnist", "cifar10", "synthetic")
 
 # Where `load` looks when no data_dir is given: $JAX_RESNET_DATA/<name>, else
@@ -363,16 +394,18 @@ def read_mnist(
             gz = stem + ".gz"
             _download(MNIST_URL + gz, data_dir / gz, "sha256", MNIST_SHA256[gz])
         found = {key: _find_idx(data_dir, stem) for key, stem in MNIST_FILES.items()}
-    elif missing:
+        missing = [MNIST_FILES[key] for key, path in found.items() if path is None]
+    if missing:
         looked_for = "; ".join(_either(mnist_file_names(stem)) for stem in missing)
         raise DataError(
             f"mnist: missing file(s) in {data_dir}: looked for {looked_for}. Fetch them with "
             f"load('mnist', {str(data_dir)!r}, download=True) (the CLI's --download), or download the .gz "
             f"files from {MNIST_URL} into that folder."
         )
+    paths = {key: path for key, path in found.items() if path is not None}
     split = []
     for prefix in ("train", "test"):
-        images_path, labels_path = found[f"{prefix}_images"], found[f"{prefix}_labels"]
+        images_path, labels_path = paths[f"{prefix}_images"], paths[f"{prefix}_labels"]
         images = read_idx(images_path, magic=IDX_IMAGES_MAGIC)
         labels = read_idx(labels_path, magic=IDX_LABELS_MAGIC)
         if images.shape[1:] != (28, 28):
@@ -384,7 +417,8 @@ def read_mnist(
             )
         _check_labels(labels_path, labels, 10)
         split += [images[..., None], labels]
-    return tuple(split)
+    x_train, y_train, x_test, y_test = split
+    return x_train, y_train, x_test, y_test
 
 
 def mnist_file_names(stem: str) -> tuple[str, ...]:

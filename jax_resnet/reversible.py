@@ -48,6 +48,20 @@ from jax import lax
 from jax_resnet import blocks
 from jax_resnet.ops import OpSet, opset
 
+__all__ = [
+    "BLOCKS",
+    "CouplingSpec",
+    "init_coupling",
+    "init_stage",
+    "coupling",
+    "StageConfig",
+    "StageResiduals",
+    "stage",
+    "reconstruct",
+    "reconstruction_error",
+]
+
+
 # The residual functions' block kinds: F and G are pre-activation bodies.
 BLOCKS = ("basic", "bottleneck")
 

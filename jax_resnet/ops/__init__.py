@@ -21,6 +21,10 @@ from those lists, by the names every op has (CONTRIBUTING.md):
 `SPECS` holds an `OpSpec` per op, and `opset("rules")` / `opset("autodiff")`
 return the two `OpSet`s under the same names, so models are written once and
 choose their gradients per call. `jax_resnet.ops.relu` etc. are the rules.
+
+The flat names and the `OpSet` fields are written out below, so that editors
+and type checkers see them; `tests/test_rules.py::test_ops_lists_are_the_specs`
+keeps both equal to `SPECS`, which the family modules' `OPS` tuples define.
 """
 
 from __future__ import annotations
@@ -30,6 +34,13 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from jax_resnet.ops import activations, conv, linear, loss, norm, pool, shortcut
+from jax_resnet.ops.activations import gelu, leaky_relu, relu, sigmoid, silu, softplus, tanh
+from jax_resnet.ops.conv import conv2d
+from jax_resnet.ops.linear import dense
+from jax_resnet.ops.loss import mse_loss, softmax_cross_entropy
+from jax_resnet.ops.norm import batch_norm_eval, batch_norm_train, group_norm, layer_norm
+from jax_resnet.ops.pool import avg_pool, global_avg_pool, max_pool
+from jax_resnet.ops.shortcut import add, projection, shortcut_pad
 
 # The families, in `OpSet` order; a new family adds its module here.
 FAMILIES = (activations, linear, conv, norm, pool, shortcut, loss)
@@ -121,8 +132,38 @@ def _spec(module, name: str) -> OpSpec:
 
 SPECS: dict[str, OpSpec] = {name: _spec(module, name) for module in FAMILIES for name in module.OPS}
 
-OpSet = NamedTuple("OpSet", [(name, Callable) for name in SPECS])
-OpSet.__doc__ = "Every op under one name; fields are the rules or their reference twins, in `SPECS` order."
+
+class OpSet(NamedTuple):
+    """Every op under one name; fields are the rules or their reference twins, in `SPECS` order."""
+
+    relu: Callable
+    leaky_relu: Callable
+    tanh: Callable
+    sigmoid: Callable
+    gelu: Callable
+    silu: Callable
+    softplus: Callable
+    dense: Callable
+    conv2d: Callable
+    batch_norm_train: Callable
+    batch_norm_eval: Callable
+    layer_norm: Callable
+    group_norm: Callable
+    max_pool: Callable
+    avg_pool: Callable
+    global_avg_pool: Callable
+    add: Callable
+    shortcut_pad: Callable
+    projection: Callable
+    mse_loss: Callable
+    softmax_cross_entropy: Callable
+
+
+if OpSet._fields != tuple(SPECS):
+    raise ImportError(
+        f"jax_resnet.ops.OpSet lists {OpSet._fields}, but the families' OPS give {tuple(SPECS)}: "
+        "a new op adds its field to OpSet and its name to the imports and __all__ here (CONTRIBUTING.md)"
+    )
 
 RULES = OpSet(*(spec.fn for spec in SPECS.values()))
 AUTODIFF = OpSet(*(spec.reference for spec in SPECS.values()))
@@ -143,11 +184,14 @@ def opset(grad: str | OpSet = "rules") -> OpSet:
         raise ValueError(f"argument `grad` must be 'rules', 'autodiff' or an OpSet, got {grad!r}") from None
 
 
-# The rules under their own names, flat: `jax_resnet.ops.conv2d`.
-globals().update(RULES._asdict())
-
 __all__ = [
-    *(module.__name__.rsplit(".", 1)[1] for module in FAMILIES),
+    "activations",
+    "conv",
+    "linear",
+    "loss",
+    "norm",
+    "pool",
+    "shortcut",
     "FAMILIES",
     "OpSpec",
     "SPECS",
@@ -156,5 +200,26 @@ __all__ = [
     "RULES",
     "AUTODIFF",
     "GRAD_MODES",
-    *SPECS,
+    # The rules, flat (`jax_resnet.ops.conv2d`), in `SPECS` order.
+    "relu",
+    "leaky_relu",
+    "tanh",
+    "sigmoid",
+    "gelu",
+    "silu",
+    "softplus",
+    "dense",
+    "conv2d",
+    "batch_norm_train",
+    "batch_norm_eval",
+    "layer_norm",
+    "group_norm",
+    "max_pool",
+    "avg_pool",
+    "global_avg_pool",
+    "add",
+    "shortcut_pad",
+    "projection",
+    "mse_loss",
+    "softmax_cross_entropy",
 ]
