@@ -63,6 +63,7 @@ Example:
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -71,6 +72,23 @@ import jax.numpy as jnp
 
 from jax_resnet import models, per_example
 from jax_resnet.ops import OpSet
+
+__all__ = [
+    "LOSSES",
+    "CurvatureError",
+    "BATCHNORM_TRAIN_MESSAGE",
+    "Kronecker",
+    "hvp",
+    "loss_hessian_factor",
+    "sampled_factor",
+    "diag_ggn",
+    "diag_ggn_mc",
+    "batch_diag_ggn",
+    "batch_diag_ggn_mc",
+    "kflr",
+    "kfac",
+    "ggn_vp",
+]
 
 
 def hvp(f: Callable[[Any], jax.Array], params: Any, v: Any) -> Any:
@@ -105,6 +123,7 @@ def _check_like(name: str, params: Any, v: Any) -> None:
     """ValueError naming the first difference unless `v` has the structure and leaf shapes of `params`."""
     p_leaves, p_def = jax.tree_util.tree_flatten(params)
     v_leaves, v_def = jax.tree_util.tree_flatten(v)
+    p_def, v_def = typing.cast(Any, p_def), typing.cast(Any, v_def)  # jaxlib's stub declares no PyTreeDef.__ne__
     if p_def != v_def:
         raise ValueError(f"{name}: argument `v` must have the structure of `params`: got {v_def}, expected {p_def}")
     for path_p, a, b in zip(jax.tree_util.tree_flatten_with_path(params)[0], p_leaves, v_leaves):

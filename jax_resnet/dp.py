@@ -367,12 +367,8 @@ def clipped_grad_sum(
     again = per_example.split(vjp(ct_logits * factors[:, None])[0])[0] if len(gram) > len(io) else None
 
     def clipped(key_path, _):
-        path = per_example.path_of(key_path)
-        return (
-            batch * per_example.subtree(again, path)
-            if path in gram and path not in io
-            else per_example.subtree(kept, path)
-        )
+        path = models.path_of(key_path)
+        return batch * models.subtree(again, path) if path in gram and path not in io else models.subtree(kept, path)
 
     losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
     loss = jnp.sum(mask * losses) / jnp.maximum(jnp.sum(mask), 1.0)

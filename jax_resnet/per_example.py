@@ -77,6 +77,37 @@ from jax import lax
 from jax_resnet import models
 from jax_resnet.ops import RULES, SPECS, OpSet, OpSpec, contributions
 
+__all__ = [
+    "QUANTITIES",
+    "NORM_PATHS",
+    "KINDS",
+    "PerExampleError",
+    "BATCHNORM_MESSAGE",
+    "Tapped",
+    "Quantities",
+    "TapConfig",
+    "PerExample",
+    "LayerCost",
+    "use_gram",
+    "per_example_ops",
+    "tap",
+    "split",
+    "check_batch",
+    "logits_vjp",
+    "loss_cotangent",
+    "is_quantities",
+    "quantities",
+    "per_device",
+    "batch_grad",
+    "batch_l2",
+    "sum_grad_squared",
+    "variance",
+    "total",
+    "norm_costs",
+    "gram_kernels",
+    "check_model",
+]
+
 QUANTITIES = ("batch_grad", "batch_l2", "sum_grad_squared", "variance")
 NORM_PATHS = ("auto", "gram", "grads")
 
@@ -325,7 +356,7 @@ def tap(params, batch: int, kinds, positions: dict | None = None, stacked=()):
     positions = positions or {}
 
     def one(key_path, p):
-        path = path_of(key_path)
+        path = models.path_of(key_path)
         make = lambda q: _taps(q, batch, kinds_of(path), positions.get(path))
         return Tapped(p, jax.vmap(make)(p) if _is_stacked(path, stacked) else make(p))
 
@@ -342,7 +373,7 @@ def _unstacked(tapped, stacked):
     sums of squares are already elementwise; Kronecker factors stay one per coupling."""
 
     def one(key_path, t):
-        if not _is_stacked(path_of(key_path), stacked):
+        if not _is_stacked(models.path_of(key_path), stacked):
             return t
         q = t.tap
         if q.io is not None:
@@ -353,11 +384,6 @@ def _unstacked(tapped, stacked):
         return Tapped(t.value, q._replace(grad=grad, l2=None if q.l2 is None else jnp.sum(q.l2, axis=0)))
 
     return jax.tree_util.tree_map_with_path(one, tapped, is_leaf=_is_tap)
-
-
-def path_of(key_path) -> tuple:
-    """A `jax.tree_util` key path as a tuple of dict keys and list indices (`spec.weight_paths()`'s form)."""
-    return tuple(getattr(k, "key", getattr(k, "idx", k)) for k in key_path)
 
 
 def split(tapped):
@@ -395,7 +421,7 @@ def logits_vjp(
         raise ValueError(f"per-example quantities: `norm_path` must be one of {NORM_PATHS}, got {norm_path!r}")
     ops = per_example_ops(norm_path)
     forward = lambda tapped: model.apply(tapped, state, x, train=train, grad=ops)[0]
-    stacked = getattr(getattr(model, "spec", None), "stacked_paths", tuple)()  # RevNets only
+    stacked: tuple = getattr(getattr(model, "spec", None), "stacked_paths", tuple)()  # RevNets only
     logits, vjp = jax.vjp(forward, tap(params, x.shape[0], kinds, positions, stacked))
     return logits, lambda ct_logits: (_unstacked(vjp(ct_logits)[0], stacked),)
 
@@ -488,13 +514,6 @@ def per_device(fn: Callable, mesh: jax.sharding.Mesh, *, in_specs, out_specs) ->
     return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
 
 
-def subtree(tree, path: tuple):
-    """`tree[path[0]][path[1]]...`: the node at a path as `path_of` writes it."""
-    for key in path:
-        tree = tree[key]
-    return tree
-
-
 def _one(name: str, model, params, state, x, y, norm_path="auto", mesh=None) -> PerExample:
     loss, grads, out = quantities(model, params, state, x, y, (name,), norm_path=norm_path, mesh=mesh)
     return PerExample(loss, grads, out[name])
@@ -537,7 +556,7 @@ def variance(model: models.Model, params, state, x, y, *, mesh=None) -> PerExamp
 
 def total(l2) -> jax.Array:
     """Σ over the leaves of per-leaf squared norms [B]: each example's squared gradient norm."""
-    return sum(jax.tree.leaves(l2))
+    return functools.reduce(jnp.add, jax.tree.leaves(l2))
 
 
 class LayerCost(NamedTuple):

@@ -38,8 +38,6 @@ def test_ops_lists_are_the_specs():
 PENDING_ALL = (
     "jax_resnet.bench",
     "jax_resnet.checkpoints",
-    "jax_resnet.curvature",
-    "jax_resnet.per_example",
     "jax_resnet.train",
 )
 
