@@ -30,6 +30,7 @@ SLOW = {
     "tests/test_train.py::test_sharded_step_equals": "8 simulated devices in a child process",
     "tests/test_train.py::test_a_second_process_with_the_same_seed": "a training run in a child process",
     "tests/test_rules.py::test_every_rule_sharded": "8 simulated devices in a child process",
+    "tests/test_laplace.py::test_linearised_logits_are_the_jacobian_times_the_draw[gn_resnet8]": "the MLP is fast",
     # The rule matrix's further transformations; test_vjp_matches_autodiff_float32/64
     # (jitted VJPs and finite differences) stay fast for every rule.
     "tests/test_rules.py::test_vjp_without_jit": "op by op in float64",
