@@ -93,10 +93,10 @@ USER_ERRORS = [
     # laplace
     (["laplace", "{missing}"], 2, "argument RUN_DIR: {missing} is not a folder; expected a `jax-resnet train` run's"),
     (["laplace", "{dir}"], 2, "argument RUN_DIR: {dir} has no checkpoints/ folder"),
-    (["laplace", "{dir}", "--structure", "full"], 2, "argument --structure: invalid choice: 'full'"),
-    (["laplace", "{dir}", "--rotations", "0,ten"], 2, "argument --rotations: expected comma-separated angles"),
-    (["laplace", "{dir}", "--samples", "0"], 2, "argument --samples: expected a positive integer, got 0"),
-    (["laplace", "{dir}", "--prior-precision", "-1"], 2, "argument --prior-precision: expected a positive finite"),
+    (["laplace", "--structure", "full", "{dir}"], 2, "argument --structure: invalid choice: 'full'"),
+    (["laplace", "--rotations", "0,ten", "{dir}"], 2, "argument --rotations: expected comma-separated angles"),
+    (["laplace", "--samples", "0", "{dir}"], 2, "argument --samples: expected a positive integer, got 0"),
+    (["laplace", "--prior-precision", "-1", "{dir}"], 2, "argument --prior-precision: expected a positive finite"),
 ]
 
 

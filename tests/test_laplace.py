@@ -35,6 +35,8 @@ _gn = functools.partial(
 )
 # name: (model, one example's shape). 55 and about 300 parameters.
 CASES = {"mlp": (_mlp, (5,)), "gn_resnet8": (_gn, (4, 4, 1))}
+# The tests take the whole network's posterior unless they say otherwise (fit's default is the last layer).
+_fit = functools.partial(laplace.fit, subset="all")
 SPLIT = (3, 3, 1)  # batch sizes of the seven examples `_data` draws, the last batch shorter
 
 
@@ -164,7 +166,7 @@ def _log_lik(model, params, state, x, y):
 @pytest.mark.parametrize("name", list(CASES))
 def test_diag_posterior_precision_equals_the_oracle(name):
     model, params, state, x, y = _data(CASES[name])
-    la = laplace.fit(model, params, state, _batches(x, y), prior_precision=0.7)
+    la = _fit(model, params, state, _batches(x, y), prior_precision=0.7)
     ggn, _ = _oracle_ggn(model, params, state, x, y)
     assert la.n_data == len(y)
     precision = ravel_pytree(laplace.posterior_precision_diagonal(la))[0]
@@ -175,7 +177,7 @@ def test_diag_posterior_precision_equals_the_oracle(name):
 
 def test_log_marginal_likelihood_equals_a_dense_computation_diag():
     model, params, state, x, y = _data(CASES["mlp"])
-    la = laplace.fit(model, params, state, _batches(x, y), prior_precision=0.7)
+    la = _fit(model, params, state, _batches(x, y), prior_precision=0.7)
     ggn, _ = _oracle_ggn(model, params, state, x, y)
     dense_diag = jnp.diag(jnp.diag(ggn))
     log_lik = float(_log_lik(model, params, state, x, y))
@@ -184,7 +186,7 @@ def test_log_marginal_likelihood_equals_a_dense_computation_diag():
         expected = _dense_log_marginal_likelihood(dense_diag, params, log_lik, lam)
         assert abs(laplace.log_marginal_likelihood(la, lam) - expected) < TOL * abs(expected)
     # The last layer alone: the head's block of the dense matrix, its parameters' norm and count.
-    last = laplace.fit(model, params, state, _batches(x, y), subset="last_layer", prior_precision=0.7)
+    last = _fit(model, params, state, _batches(x, y), subset="last_layer", prior_precision=0.7)
     flat = ravel_pytree(params)[0]
     in_head = lambda path, p: jnp.full(p.shape, float(path[0].key == "out"))
     head = np.asarray(ravel_pytree(jax.tree_util.tree_map_with_path(in_head, params))[0]).astype(bool)
@@ -205,7 +207,7 @@ def test_log_marginal_likelihood_equals_a_dense_computation_diag():
 def test_log_marginal_likelihood_equals_a_dense_computation_kfac(kflr):
     model, params, state, x, y = _data(CASES["mlp"])
     batches = _batches(x, y)
-    la = laplace.fit(model, params, state, batches, structure="kfac", prior_precision=0.7)
+    la = _fit(model, params, state, batches, structure="kfac", prior_precision=0.7)
     dense = _dense_kfac_ggn(model, params, state, batches)
     log_lik = float(_log_lik(model, params, state, x, y))
     for lam in (0.01, 0.7, 30.0):
@@ -219,7 +221,7 @@ def test_log_marginal_likelihood_equals_a_dense_computation_kfac(kflr):
 def test_fitted_prior_precision_maximises_the_dense_marginal_likelihood(structure, kflr):
     model, params, state, x, y = _data(CASES["mlp"])
     batches = _batches(x, y)
-    la = laplace.fit(model, params, state, batches, structure=structure)
+    la = _fit(model, params, state, batches, structure=structure)
     if structure == "diag":
         dense = jnp.diag(jnp.diag(_oracle_ggn(model, params, state, x, y)[0]))
     else:
@@ -237,7 +239,7 @@ def test_kflr_of_one_example_is_the_exact_ggn_block(kflr):
     """With one example each dense kernel's KFLR block N·kron(A, G) is the exact GGN block, and the
     fitted precision's diagonal there is that block's diagonal + λ."""
     model, params, state, x, y = _data(CASES["mlp"], n=1)
-    la = laplace.fit(model, params, state, [(x, y)], structure="kfac", prior_precision=0.7)
+    la = _fit(model, params, state, [(x, y)], structure="kfac", prior_precision=0.7)
     ggn, _ = _oracle_ggn(model, params, state, x, y)
     flat, unravel = ravel_pytree(params)
     index = unravel(jnp.arange(flat.size, dtype=jnp.float64))
@@ -256,7 +258,7 @@ def test_kflr_of_one_example_is_the_exact_ggn_block(kflr):
 @pytest.mark.parametrize("name", list(CASES))
 def test_linearised_logits_are_the_jacobian_times_the_draw(name):
     model, params, state, x, y = _data(CASES[name])
-    la = laplace.fit(model, params, state, _batches(x, y), prior_precision=0.7)
+    la = _fit(model, params, state, _batches(x, y), prior_precision=0.7)
     deviations = laplace.sample_deviations(la, jax.random.key(1), 3)
     logits = laplace.linearised_logits(la, x, deviations)
     _, jac = _oracle_ggn(model, params, state, x, y)
@@ -282,7 +284,7 @@ def test_linearised_logits_have_the_mean_and_covariance_J_sigma_Jt(structure, kf
     model, params, state, x, y = _data(CASES["mlp"])
     batches = _batches(x, y)
     lam = 0.7
-    la = laplace.fit(model, params, state, batches, structure=structure, prior_precision=lam)
+    la = _fit(model, params, state, batches, structure=structure, prior_precision=lam)
     sigma = _posterior_covariance(structure, model, params, state, x, y, batches, lam)
     _, jac = _oracle_ggn(model, params, state, x, y)
     jac = np.asarray(jac)
@@ -346,7 +348,7 @@ def test_rotation_by_90_degrees_is_rot90_and_fills_the_corners():
 
 def test_predictive_is_a_probability_and_the_methods_differ():
     model, params, state, x, y = _data(CASES["mlp"])
-    la = laplace.fit(model, params, state, _batches(x, y))
+    la = _fit(model, params, state, _batches(x, y))
     for method in laplace.PREDICTIVES:
         p = laplace.predictive(la, x, jax.random.key(0), samples=16, method=method)
         assert p.shape == (len(y), 3) and np.allclose(np.sum(np.asarray(p), 1), 1.0)
@@ -367,16 +369,16 @@ BAD = [
 def test_bad_arguments_are_named(kwargs, message):
     model, params, state, x, y = _data(CASES["mlp"])
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        laplace.fit(model, params, state, _batches(x, y), **kwargs)
+        _fit(model, params, state, _batches(x, y), **kwargs)
 
 
 def test_bad_batches_and_metric_inputs_are_named():
     model, params, state, x, y = _data(CASES["mlp"])
     with pytest.raises(ValueError, match=r"fit: argument `batches`: batch 0 must be \(x \[B, ...\], y \[B\]"):
-        laplace.fit(model, params, state, [(x, y[:3])])
+        _fit(model, params, state, [(x, y[:3])])
     with pytest.raises(ValueError, match="fit: argument `batches` holds no examples"):
-        laplace.fit(model, params, state, [])
-    la = laplace.fit(model, params, state, _batches(x, y))
+        _fit(model, params, state, [])
+    la = _fit(model, params, state, _batches(x, y))
     with pytest.raises(ValueError, match="predictive: argument `method` must be one of"):
         laplace.predictive(la, x, jax.random.key(0), method="probit")
     with pytest.raises(ValueError, match="sample_deviations: argument `samples` must be a Python int ≥ 1"):
@@ -391,7 +393,7 @@ def test_bad_batches_and_metric_inputs_are_named():
 def test_kfac_without_kflr_says_what_is_missing():
     model, params, state, x, y = _data(CASES["mlp"])
     with pytest.raises(NotImplementedError, match="structure='kfac' needs curvature.kflr"):
-        laplace.fit(model, params, state, _batches(x, y), structure="kfac")
+        _fit(model, params, state, _batches(x, y), structure="kfac")
 
 
 def test_the_command_on_a_digits_run(tmp_path, capsys):
@@ -413,7 +415,7 @@ def test_the_command_on_a_digits_run(tmp_path, capsys):
     finally:
         jax.config.update("jax_enable_x64", True)
     out = capsys.readouterr().out
-    result = json.loads((run / "laplace_diag_all.json").read_text())
+    result = json.loads((run / "laplace_diag_last_layer.json").read_text())
     assert json.loads((tmp_path / "out.json").read_text()) == result
     assert [r["degrees"] for r in result["rotations"]] == [0.0, 90.0] and result["n_train"] == 1347
     assert result["prior_precision_source"] == "marginal likelihood" and result["prior_precision"] > 0

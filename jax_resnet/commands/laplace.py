@@ -39,8 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add(
         "--subset",
         choices=laplace.SUBSETS,
-        default="all",
-        help="the parameters with a posterior: all (default) or last_layer (the head; the rest stay at the MAP)",
+        default="last_layer",
+        help="the parameters with a posterior: last_layer (default: the head; the rest stay at the MAP) or all",
     )
     add(
         "--rotations",
