@@ -5,6 +5,7 @@
     jax-resnet info MODEL [--input-size N ...] [--num-classes K] [--json [FILE]]
     jax-resnet flow   [--out runs/flow] [--quick] [--json [FILE]]
     jax-resnet bench  [--quick] [--workload NAME ...] [--json [FILE]] [--markdown FILE]
+    jax-resnet laplace RUN_DIR [--structure diag|kfac] [--rotations 0,15,...] [--samples S] [--json [FILE]]
 
 `python -m jax_resnet ...` is the same command. Each command's flags and run
 live in `jax_resnet/commands/<command>.py`; its module is imported only when
@@ -37,6 +38,7 @@ COMMANDS = {
     "info": "layers, parameter count and FLOPs of a model preset",
     "flow": "gradient norm per layer, plain vs residual networks, and a short training comparison",
     "bench": "training-step time and compiled memory: rules vs autodiff vs a Flax peer",
+    "laplace": "a Laplace approximation of a trained run against its MAP network, on rotated test images",
 }
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError, PermissionError)
 

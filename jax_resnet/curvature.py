@@ -31,6 +31,7 @@ DiagGGN, Dangel et al. 2020). Quantities, named after BackPACK's:
   kflr, kfac          Kronecker factors (A, G) of each kernel's block, jnp.kron(A, G) ≈ G_W,
                       exact / sampled columns; the diagonal for every other parameter
   ggn_vp              G·v, matrix free, with no forward mode
+  linearize           the logits with v ↦ J v and u ↦ Jᵀ u, reverse mode only (ggn_vp's, laplace's)
 
 Losses (`loss=`): "softmax_cross_entropy" (y: integer labels [B]; H_i = diag(p) − ppᵀ)
 and "mse_loss" (the seed's ½‖z_i − y_i‖² averaged over the batch; y: targets [B, C];
@@ -520,13 +521,36 @@ def ggn_vp(
     """
     _check_like("ggn_vp", params, v)
     _check_inputs("ggn_vp", x, y, loss)
-    logits, pullback = jax.vjp(lambda p: model.apply(p, state, x, train=train, grad=grad)[0], params)
+    logits, jvp, vjp = linearize(model, params, state, x, train=train, grad=grad)
     _check_targets("ggn_vp", logits, y, loss)
-    _, transpose = jax.vjp(lambda u: pullback(u)[0], jnp.zeros_like(logits))
-    (jv,) = transpose(v)
     factor = loss_hessian_factor(logits, loss)
-    hjv = jnp.einsum("bck,bdk,bd->bc", factor, factor, jv) / x.shape[0]
-    return pullback(hjv)[0]
+    hjv = jnp.einsum("bck,bdk,bd->bc", factor, factor, jvp(v)) / x.shape[0]
+    return vjp(hjv)
+
+
+def linearize(
+    model: models.Model, params, state, x, *, train: bool = True, grad: str | OpSet = "rules"
+) -> tuple[jax.Array, Callable[[Any], jax.Array], Callable[[jax.Array], Any]]:
+    """(z, v ↦ J v, u ↦ Jᵀ u): the batch's logits z = f(θ, x) and the two products with their
+    Jacobian J = ∂z/∂θ, from reverse mode alone (what `jax.linearize` gives by forward mode,
+    which the rules' `custom_vjp` refuse).
+
+    u ↦ Jᵀu is the network's VJP at the logits, linear in u; the VJP of a linear map A is Aᵀ,
+    so the VJP of u ↦ Jᵀu with cotangent v is (Jᵀ)ᵀ v = J v, at any u (zero is used). JAX builds
+    it by differentiating the rules' backward passes, plain `jnp`, in reverse mode. Both maps
+    can be `jax.vmap`ped over a leading axis of v or u.
+
+    Args:
+      model, params, state, x, train, grad: as in `ggn_vp`.
+
+    Returns:
+      (z [B, C], jvp: a tree like `params` -> [B, C], vjp: [B, C] -> a tree like `params`).
+
+    Derivation: derivations/curvature.md#ggn_vp
+    """
+    logits, pullback = jax.vjp(lambda p: model.apply(p, state, x, train=train, grad=grad)[0], params)
+    _, transpose = jax.vjp(lambda u: pullback(u)[0], jnp.zeros_like(logits))
+    return logits, lambda v: transpose(v)[0], lambda u: pullback(u)[0]
 
 
 # ------------------------------------------------------------------- checks

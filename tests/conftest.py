@@ -38,6 +38,7 @@ SLOW = {
     # These two need the docs extra, which `make docs` installs after `make test` has run.
     "tests/test_docs_site.py::test_plain_text_tables": "needs the docs extra (make docs)",
     "tests/test_docs_site.py::test_derivation_pointers": "needs the docs extra (make docs)",
+    "tests/test_laplace.py::test_linearised_logits_are_the_jacobian_times_the_draw[gn_resnet8]": "the MLP is fast",
     # The rule matrix's further transformations; test_vjp_matches_autodiff_float32/64
     # (jitted VJPs and finite differences) stay fast for every rule.
     "tests/test_rules.py::test_vjp_without_jit": "op by op in float64",

@@ -90,6 +90,13 @@ USER_ERRORS = [
     (["bench", "--rounds", "many"], 2, "argument --rounds: expected a positive integer, got 'many'"),
     (["bench", "--markdown", "{missing}/bench.md"], 2, "argument --markdown: cannot write {missing}/bench.md"),
     (["bench", "--round-seconds", "0"], 2, "argument --round-seconds: expected a positive finite number, got 0"),
+    # laplace
+    (["laplace", "{missing}"], 2, "argument RUN_DIR: {missing} is not a folder; expected a `jax-resnet train` run's"),
+    (["laplace", "{dir}"], 2, "argument RUN_DIR: {dir} has no checkpoints/ folder"),
+    (["laplace", "--structure", "full", "{dir}"], 2, "argument --structure: invalid choice: 'full'"),
+    (["laplace", "--rotations", "0,ten", "{dir}"], 2, "argument --rotations: expected comma-separated angles"),
+    (["laplace", "--samples", "0", "{dir}"], 2, "argument --samples: expected a positive integer, got 0"),
+    (["laplace", "--prior-precision", "-1", "{dir}"], 2, "argument --prior-precision: expected a positive finite"),
 ]
 
 
