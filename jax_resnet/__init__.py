@@ -3,7 +3,7 @@
 The modules, by layer (DESIGN.md): `ops` (the rules), `rules` (their
 registry), `gradcheck` and `testing` (checking a rule), `blocks`,
 `reversible` and `models` (networks as `init`/`apply`), `per_example`,
-`curvature` and `dp` (what a backward pass gives besides the gradient),
+`curvature`, `laplace` and `dp` (what a backward pass gives besides the gradient),
 `nnx` (Flax NNX modules over the same networks), `data`, `step` and `train`
 (training), `flow` and `bench` (studies), `checkpoints`.
 
@@ -26,10 +26,10 @@ from jax_resnet import blocks, curvature, gradcheck, models, ops, per_example, r
 from jax_resnet.curvature import hvp
 
 if TYPE_CHECKING:
-    from jax_resnet import bench, checkpoints, data, dp, flow, nnx, step, testing, train, verify
+    from jax_resnet import bench, checkpoints, data, dp, flow, laplace, nnx, step, testing, train, verify
 
 # Imported on first attribute access (PEP 562): each brings a heavy dependency or is a leaf few callers need.
-_LAZY = ("bench", "checkpoints", "data", "dp", "flow", "nnx", "step", "testing", "train", "verify")
+_LAZY = ("bench", "checkpoints", "data", "dp", "flow", "laplace", "nnx", "step", "testing", "train", "verify")
 
 __all__ = [
     "bench",
@@ -41,6 +41,7 @@ __all__ = [
     "flow",
     "gradcheck",
     "hvp",
+    "laplace",
     "models",
     "nnx",
     "ops",

@@ -81,6 +81,38 @@ import numpy as np
 
 from jax_resnet import checkpoints, curvature, data, models
 
+__all__ = [
+    "STRUCTURES",
+    "SUBSETS",
+    "PREDICTIVES",
+    "LOSS",
+    "ECE_BINS",
+    "ROTATIONS",
+    "TABLE_HEADER",
+    "KroneckerEig",
+    "Laplace",
+    "Reliability",
+    "fit",
+    "subset_mask",
+    "ggn_eigenvalues",
+    "log_marginal_likelihood",
+    "optimize_prior_precision",
+    "posterior_precision_diagonal",
+    "sample_deviations",
+    "linearised_logits",
+    "network_logits",
+    "predictive",
+    "reliability",
+    "metrics",
+    "plot_reliability",
+    "rotate",
+    "evaluate",
+    "study",
+    "format_row",
+    "format_table",
+    "write",
+]
+
 STRUCTURES = ("diag", "kfac")
 SUBSETS = ("all", "last_layer")
 PREDICTIVES = ("glm", "nn")
@@ -442,13 +474,13 @@ class Reliability(NamedTuple):
 
     Bin m holds the predictions whose confidence (top probability) lies in [m/M, (m+1)/M),
     the last bin closed at 1. `confidence` and `accuracy` are each bin's means (NaN where
-    `count` is 0); `ece` = Σ_m (count_m / n)·|accuracy_m − confidence_m|.
+    `counts` is 0); `ece` = Σ_m (counts_m / n)·|accuracy_m − confidence_m|.
     """
 
     edges: np.ndarray  # [M + 1]
     confidence: np.ndarray  # [M]
     accuracy: np.ndarray  # [M]
-    count: np.ndarray  # [M], int
+    counts: np.ndarray  # [M], int (not `count`: a NamedTuple has a method of that name)
     ece: float
 
 
@@ -493,7 +525,7 @@ def plot_reliability(ax, diagrams: dict[str, Reliability]) -> None:
     confidence, one line per entry (label: its name and ECE), and the diagonal of perfect calibration."""
     ax.plot([0, 1], [0, 1], color="gray", ls=":", lw=1)
     for name, r in diagrams.items():
-        used = r.count > 0
+        used = r.counts > 0
         ax.plot(r.confidence[used], r.accuracy[used], marker="o", ms=3, label=f"{name} (ECE {r.ece:.3f})")
     ax.set(xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1))
     ax.legend(loc="upper left", fontsize="small")
@@ -508,10 +540,10 @@ def rotate(x, degrees: float, fill: Sequence[float] | float = 0.0) -> jax.Array:
     x = jnp.asarray(x)
     if x.ndim != 4:
         raise ValueError(f"rotate: argument `x` must be images [N, H, W, C], got shape {tuple(x.shape)}")
-    fill = jnp.broadcast_to(jnp.asarray(fill, x.dtype), (x.shape[-1],))
+    background = jnp.broadcast_to(jnp.asarray(fill, x.dtype), (x.shape[-1],))
     angle = math.radians(degrees)
-    turned = jax.vmap(lambda im: pix.rotate(im - fill, angle, mode="constant", cval=0.0))(x)
-    return turned + fill
+    turned = jax.vmap(lambda im: pix.rotate(im - background, angle, mode="constant", cval=0.0))(x)
+    return turned + background
 
 
 # ------------------------------------------------------- the study on a run
@@ -640,7 +672,7 @@ def study(
 
 def _bins_json(r: Reliability) -> dict:
     nan_to_none = lambda a: [None if not np.isfinite(v) else float(v) for v in a]
-    return {"confidence": nan_to_none(r.confidence), "accuracy": nan_to_none(r.accuracy), "count": r.count.tolist()}
+    return {"confidence": nan_to_none(r.confidence), "accuracy": nan_to_none(r.accuracy), "count": r.counts.tolist()}
 
 
 TABLE_HEADER = "rotation   accuracy MAP / LA      NLL MAP / LA       ECE MAP / LA"

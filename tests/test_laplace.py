@@ -320,7 +320,7 @@ def test_expected_calibration_error_equals_a_loop_by_hand():
     labels = np.array([0, 0, 1, 0])
     # Bins of 0.1: the 0.95s share the last with the 1.0 (accuracy 2/3, confidence 0.9667), 0.55 is alone.
     r = laplace.reliability(probs, labels, bins=10)
-    assert r.count.tolist() == [0, 0, 0, 0, 0, 1, 0, 0, 0, 3]
+    assert r.counts.tolist() == [0, 0, 0, 0, 0, 1, 0, 0, 0, 3]
     assert abs(r.ece - (3 * abs(2 / 3 - (0.95 + 0.95 + 1.0) / 3) + abs(1 - 0.55)) / 4) < 1e-12
     rng = np.random.default_rng(0)
     logits = 3 * rng.standard_normal((500, 10))
@@ -328,7 +328,7 @@ def test_expected_calibration_error_equals_a_loop_by_hand():
     labels = rng.integers(0, 10, 500)
     ece, counts = _reliability_by_hand(probs, labels, laplace.ECE_BINS)
     r = laplace.reliability(probs, labels)
-    assert abs(r.ece - ece) < 1e-12 and r.count.tolist() == counts.tolist()
+    assert abs(r.ece - ece) < 1e-12 and r.counts.tolist() == counts.tolist()
     m = laplace.metrics(probs, labels)
     assert abs(m["nll"] - np.mean(-np.log(probs[np.arange(500), labels]))) < 1e-12
     assert m["accuracy"] == np.mean(probs.argmax(1) == labels)
