@@ -176,9 +176,7 @@ def _is_eig(leaf) -> bool:
 
 
 def _is_kronecker(leaf) -> bool:
-    # `curvature.Kronecker(a, g)` is looked up when called: it comes with `curvature.kflr`.
-    kind = getattr(curvature, "Kronecker", None)
-    return kind is not None and isinstance(leaf, kind)
+    return isinstance(leaf, curvature.Kronecker)
 
 
 # ------------------------------------------------------------------ fitting
@@ -251,11 +249,6 @@ def fit(
         raise ValueError(f"fit: argument `structure` must be one of {STRUCTURES}, got {structure!r}")
     if subset not in SUBSETS:
         raise ValueError(f"fit: argument `subset` must be one of {SUBSETS}, got {subset!r}")
-    if structure == "kfac" and not hasattr(curvature, "kflr"):
-        raise NotImplementedError(
-            "fit: structure='kfac' needs curvature.kflr and curvature.kfac (Kronecker factors), which this "
-            "version of jax_resnet.curvature does not have yet; use structure='diag'"
-        )
     if samples is not None:
         _check_samples("fit", samples)
         if key is None:

@@ -8,14 +8,11 @@ covariance against J Σ Jᵀ within a Monte Carlo tolerance derived from the Gau
 variance; the calibration error against a loop written out by hand; the rotation against
 `numpy.rot90`; and the refusals.
 
-The "kfac" structure needs `curvature.kflr`. Until it lands, `kflr_reference` below (dense
-layers of a residual MLP, written from the definition with jax.jacrev and jax.hessian) stands
-in for it under the same contract: a tree like `params` with `curvature.Kronecker(a, g)` at the
-kernels (mean-loss block ≈ kron(a, g)) and diagonals elsewhere. Once `curvature.kflr` exists,
-the tests use it, and `test_kflr_of_one_example_is_the_exact_ggn_block` checks it."""
+The "kfac" structure uses `curvature.kflr`; `kflr_reference` below (dense layers of a residual
+MLP, written from the definition with jax.jacrev and jax.hessian) checks it on a batch, and
+`test_kflr_of_one_example_is_the_exact_ggn_block` where KFLR is exact."""
 
 import functools
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -74,10 +71,7 @@ def _relative(actual, expected):
     return float(np.max(np.abs(np.asarray(actual) - np.asarray(expected))) / np.max(np.abs(np.asarray(expected))))
 
 
-# ------------------------------------------------ a KFLR stand-in (dense layers)
-class _Kronecker(NamedTuple):
-    a: jax.Array
-    g: jax.Array
+# ------------------------------------------------ KFLR from its definition (dense layers)
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("loss", "train"))
@@ -113,18 +107,29 @@ def kflr_reference(model, params, state, x, y, *, loss="softmax_cross_entropy", 
     for path, a in layer_inputs.items():
         delta = leaf_at(jac, path)["b"]  # [B, C, p]: ∂(logits_ic)/∂b = ∂(logits_ic)/∂z_i, the layer's output
         g = jnp.einsum("icp,icd,idq->pq", delta, hess, delta) / batch
-        kron = _Kronecker(a.T @ a / batch, g)
+        kron = curvature.Kronecker(a.T @ a / batch, g)
         leaf_at(out, path)["w"] = kron
     return out
 
 
 @pytest.fixture
-def kflr(monkeypatch):
-    """`curvature.kflr` if it exists, else the stand-in (with its Kronecker type) patched in."""
-    if not hasattr(curvature, "kflr"):
-        monkeypatch.setattr(curvature, "Kronecker", _Kronecker, raising=False)
-        monkeypatch.setattr(curvature, "kflr", kflr_reference, raising=False)
+def kflr():
     return curvature.kflr
+
+
+def test_kflr_equals_its_definition_on_a_batch(kflr):
+    """`curvature.kflr` of a residual MLP on a batch of 5 against `kflr_reference`, built from jacrev and hessian."""
+    model, params, state, x, y = _data(CASES["mlp"])
+    actual, expected = kflr(model, params, state, x, y, train=False), kflr_reference(model, params, state, x, y)
+    pairs = zip(jax.tree.leaves(actual, is_leaf=_is_kron), jax.tree.leaves(expected, is_leaf=_is_kron))
+    kernels = 0
+    for a, e in pairs:
+        if _is_kron(e):
+            assert _relative(a.a, e.a) < TOL and _relative(a.g, e.g) < TOL
+            kernels += 1
+        else:
+            assert _relative(a, e) < TOL
+    assert kernels == 3
 
 
 def _is_kron(leaf):
@@ -387,13 +392,6 @@ def test_bad_batches_and_metric_inputs_are_named():
         laplace.reliability(np.ones((3, 2)) / 2, np.zeros(4, int))
     with pytest.raises(ValueError, match="rotate: argument `x` must be images"):
         laplace.rotate(np.zeros((8, 8)), 30.0)
-
-
-@pytest.mark.skipif(hasattr(curvature, "kflr"), reason="curvature.kflr exists: the kfac structure is available")
-def test_kfac_without_kflr_says_what_is_missing():
-    model, params, state, x, y = _data(CASES["mlp"])
-    with pytest.raises(NotImplementedError, match="structure='kfac' needs curvature.kflr"):
-        _fit(model, params, state, _batches(x, y), structure="kfac")
 
 
 def test_the_command_on_a_digits_run(tmp_path, capsys):

@@ -4,7 +4,6 @@ cell that raises fails its test, and so does a printed claim "... difference x
 (threshold t)" with x > t. The repository keeps them without outputs,
 their set-up cell installs only in Colab, and the README lists them."""
 
-import importlib
 import json
 import os
 import pathlib
@@ -29,9 +28,6 @@ CELL_TIMEOUT_S = 600
 # measured in the kernel. Each must hold, and at least this many per notebook must be printed.
 CLAIM = re.compile(r"(?:difference|error) (\S+) .*\(threshold (\S+)\)$")
 CLAIMS = {"05_per_example_and_dp_sgd.ipynb": 4, "06_reversible_networks.ipynb": 2, "07_curvature_and_laplace.ipynb": 3}
-# What a notebook needs from the library beyond what every one has: notebook 07's section 2
-# calls `curvature.kflr` (the Kronecker factors of issue 21, which land separately).
-NEEDS = {"07_curvature_and_laplace.ipynb": ("jax_resnet.curvature", "kflr")}
 
 
 def _read(path):
@@ -61,10 +57,6 @@ def _kernel_config(tmp_path) -> Config:
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
 def test_notebook_runs_in_a_kernel(path, tmp_path, monkeypatch):
-    if path.name in NEEDS:
-        module, name = NEEDS[path.name]
-        if not hasattr(importlib.import_module(module), name):
-            pytest.skip(f"{path.name} calls {module}.{name}, which this checkout does not have yet")
     # The kernel inherits this environment: this checkout's package ahead of any
     # installed one, the small size, the CPU, Colab's defaults (x64 off, the inline
     # matplotlib backend), and a data folder without MNIST (notebook 03 falls back
