@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
+
+import jax
+from tqdm.auto import tqdm
 
 from jax_resnet import data, dp, models, train
 from jax_resnet.commands import (
+    human,
     nonnegative_float,
     nonnegative_int,
     out_dir,
     out_file,
     positive_float,
     positive_int,
+    write_json,
 )
 
 FAILURES = (train.TrainingError,)
@@ -79,7 +85,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="?",
         const="-",
         type=out_file,
-        default=d.json,
+        default=None,
         metavar="FILE",
         help="print the final metrics as JSON on stdout (the log then goes to stderr), or write them to FILE",
     )
@@ -102,7 +108,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="train without the gradient check, or despite its failure",
     )
-    add("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    add("--no-progress", dest="progress", action="store_false", help="no progress bar (one per epoch, on stderr)")
     add(
         "--dp-clip",
         type=float,
@@ -151,6 +157,31 @@ def config(args: argparse.Namespace) -> train.TrainConfig:
     return train.TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
 
 
+class ProgressBar(train.Observer):
+    """A tqdm bar per epoch on stderr: steps done, the epoch's mean loss and accuracy, examples/s."""
+
+    def epoch_start(self, epoch: int, epochs: int, steps: int) -> None:
+        self.bar = tqdm(
+            total=steps, desc=f"epoch {epoch + 1}/{epochs}", leave=False, file=sys.stderr, dynamic_ncols=True
+        )
+
+    def step(self, step, loss, accuracy, mean_loss, mean_accuracy, rate) -> None:
+        self.bar.set_postfix(loss=f"{mean_loss:.4f}", acc=f"{mean_accuracy:.4f}", ex_s=f"{rate:,.0f}", refresh=False)
+        self.bar.update(1)
+
+    def epoch_end(self, row: dict, tree: dict) -> None:
+        self.bar.close()
+
+    def stop(self, history: list[dict]) -> None:
+        if getattr(self, "bar", None) is not None:
+            self.bar.close()
+
+
 def run(args: argparse.Namespace) -> int:
-    train.train(config(args))
+    # Process 0 alone speaks for a run of several processes: the log, the bar, the JSON.
+    lead = jax.process_index() == 0
+    observers = [train.Console(human(args))] + ([ProgressBar()] if args.progress else []) if lead else []
+    metrics = train.train(config(args), observers)
+    if lead:
+        write_json(metrics, args.json)
     return 0
