@@ -1,6 +1,9 @@
-"""The training loop: data, the gradient gate, epochs of the step from
-`jax_resnet.step`, evaluation, orbax checkpoints (`jax_resnet.checkpoints`),
-metrics and plots, with data parallelism over the local devices.
+"""The training loop apart from its reporting: `train` runs data, the gradient gate, epochs
+of the step from `jax_resnet.step` and evaluation, and emits events (`Observer`); the run
+directory (`RunDir`: config, metrics, orbax checkpoints via `jax_resnet.checkpoints`, resume,
+plots) and the console (`Console`) subscribe to them, as the command line's progress bar
+and JSON output do (`jax_resnet.commands.train`). Data parallelism over the local devices,
+or over several processes' (`jax_resnet.distributed`).
 
 The main job (no flags: ResNet-8 on scikit-learn's digits, hand-derived
 gradients, checked against `jax.grad` before the first step):
@@ -77,13 +80,28 @@ number of devices. Try it on a CPU:
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m jax_resnet train --devices 8
 
-Several hosts (untested here; one process per host, as JAX's multi-process
-guide describes): call `jax.distributed.initialize()` before anything else
-touches JAX, then call `train(config)` in every process with the same config.
-The mesh then spans every process's devices (`devices` must be None), each
-process loads the same data, computes the same permutation and feeds its slice
-of each global batch (`jax.make_array_from_process_local_data`); orbax
-coordinates the checkpoint, and process 0 alone writes metrics and plots.
+Several processes (one per host; tested on one machine, see below): every process calls
+`jax.distributed.initialize` before anything touches a device (`jax_resnet.distributed`,
+which `jax-resnet train --coordinator HOST:PORT --num-processes N --process-id I` or
+`--cluster` calls), then `train(config)` with the same config, `out` one folder all of them
+see. The mesh spans every process's devices (`devices` must be None); each process loads
+the same data, computes the same permutation (or the same Poisson batches: a DP run's
+secret root is process 0's, broadcast) and puts only its rows of each global batch on its
+devices (`step.put_batch`, `jax.make_array_from_process_local_data`); BatchNorm statistics
+and gradients are reduced over the global batch, so the run equals one process's on the
+same batches. Every process takes part in orbax's checkpoints (process 0 writes the
+metadata and renames each when complete), and process 0 alone writes metrics, plots and
+the console log. On one machine:
+
+    python -m jax_resnet.launch -n 2 -- train --model tiny --out runs/two
+
+tests/test_multiprocess.py starts two real processes (one CPU device each, collectives over
+gloo, as JAX's own multi-process tests do) and checks: the parameters after 10 steps equal
+one process's on the same global batches to float32 rounding; a run stopped after a
+checkpoint and resumed on two processes ends bit for bit where an uninterrupted one does;
+the DP step and `per_example.quantities(mesh=)` across two processes equal one process's;
+a process that never joins, or dies mid-run, stops the other with a line naming it. Not
+tested here: a real network between hosts, GPUs or TPUs, more than two processes.
 """
 
 from __future__ import annotations
@@ -105,7 +123,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from jax_resnet import checkpoints, data, environment, models, per_example
+from jax_resnet import checkpoints, data, distributed, environment, models, per_example
 from jax_resnet import dp as dp_lib
 from jax_resnet import step as step_lib
 from jax_resnet.step import OPTIMIZERS, SCHEDULES
@@ -494,6 +512,7 @@ def train(config: TrainConfig = TrainConfig(), observers=None) -> dict[str, Any]
                 t = time.perf_counter()  # compiled ahead of the loop, so that throughput excludes compilation
                 run.step_for((run.rows, *run.ds.image_shape))
                 compile_time = time.perf_counter() - t
+            epoch = start_epoch
             try:
                 for epoch in range(start_epoch, config.epochs):
                     tree, row = _train_epoch(run, epoch, tree, emit)
@@ -503,6 +522,11 @@ def train(config: TrainConfig = TrainConfig(), observers=None) -> dict[str, Any]
                         row["epsilon"] = dp_lib.epsilon(config.dp, len(run.ds.x_train), row["step"])
                     history.append(row)
                     emit.epoch_end(row, tree)
+            except Exception as e:  # in a run of several processes: one of them gone?
+                gone = distributed.lost(e, f"in epoch {epoch + 1}", start)
+                if gone is None:
+                    raise
+                raise gone from e
             finally:
                 emit.stop(history)
         test = test or run.evaluate(tree)

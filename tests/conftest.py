@@ -30,6 +30,9 @@ SLOW = {
     "tests/test_train.py::test_sharded_step_equals": "8 simulated devices in a child process",
     "tests/test_train.py::test_a_second_process_with_the_same_seed": "a training run in a child process",
     "tests/test_rules.py::test_every_rule_sharded": "8 simulated devices in a child process",
+    "tests/test_multiprocess.py::test_two_processes_train": "three two-process training runs and a one-process one",
+    "tests/test_multiprocess.py::test_dp_step_and_per_example": "two processes compiling the DP step and tiny_gn",
+    "tests/test_multiprocess.py::test_a_process_that_dies": "a two-process training run, one process killed",
     # The rule matrix's further transformations; test_vjp_matches_autodiff_float32/64
     # (jitted VJPs and finite differences) stay fast for every rule.
     "tests/test_rules.py::test_vjp_without_jit": "op by op in float64",

@@ -1,4 +1,7 @@
-"""`jax-resnet train`: the main job; one flag per `TrainConfig` field (its docstring says which)."""
+"""`jax-resnet train`: the main job; one flag per `TrainConfig` field (its docstring says which),
+and the command's own: --json and --no-progress (what the command prints: `run` subscribes a
+`train.Console`, a `ProgressBar` and writes the JSON) and the multi-process flags
+(`jax_resnet.distributed.initialize`)."""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ import sys
 import jax
 from tqdm.auto import tqdm
 
-from jax_resnet import data, dp, models, train
+from jax_resnet import data, distributed, dp, models, train
 from jax_resnet.commands import (
     human,
     nonnegative_float,
@@ -145,6 +148,43 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="privacy accountant for ε (default: rdp; pld with --dp-max-batch)",
     )
     add(
+        "--coordinator",
+        metavar="HOST:PORT",
+        help="several processes: process 0's address and a free port (default $JAX_COORDINATOR_ADDRESS); "
+        "with --num-processes and --process-id",
+    )
+    add(
+        "--num-processes",
+        type=positive_int,
+        metavar="N",
+        help="several processes: how many (default $JAX_NUM_PROCESSES)",
+    )
+    add(
+        "--process-id",
+        type=nonnegative_int,
+        metavar="I",
+        help="several processes: this one's, 0..N-1 (default $JAX_PROCESS_ID)",
+    )
+    add(
+        "--cluster",
+        action="store_true",
+        help="several processes under SLURM, Open MPI or on a TPU pod: jax.distributed.initialize() finds the rest",
+    )
+    add(
+        "--join-timeout",
+        type=positive_float,
+        default=distributed.JOIN_TIMEOUT,
+        metavar="S",
+        help=f"seconds to wait for every process to join before stopping (default {distributed.JOIN_TIMEOUT})",
+    )
+    add(
+        "--heartbeat-timeout",
+        type=positive_int,
+        default=distributed.HEARTBEAT_TIMEOUT,
+        metavar="S",
+        help=f"seconds without a heartbeat before a process counts as dead (default {distributed.HEARTBEAT_TIMEOUT})",
+    )
+    add(
         "--dp-insecure-seed",
         action="store_true",
         help="derive DP noise and batches from --seed: reproducible, NOT private (for tests and debugging)",
@@ -178,10 +218,22 @@ class ProgressBar(train.Observer):
 
 
 def run(args: argparse.Namespace) -> int:
+    distributed.initialize(
+        args.coordinator,
+        args.num_processes,
+        args.process_id,
+        cluster=args.cluster,
+        join_timeout=args.join_timeout,
+        heartbeat_timeout=args.heartbeat_timeout,
+    )
     # Process 0 alone speaks for a run of several processes: the log, the bar, the JSON.
     lead = jax.process_index() == 0
     observers = [train.Console(human(args))] + ([ProgressBar()] if args.progress else []) if lead else []
-    metrics = train.train(config(args), observers)
+    try:
+        metrics = train.train(config(args), observers)
+    except distributed.ProcessLost as e:
+        print(f"jax-resnet train: error: {e}", file=sys.stderr)
+        distributed.leave(1)
     if lead:
         write_json(metrics, args.json)
     return 0
