@@ -50,8 +50,8 @@ def compute(mesh, put) -> dict:
     run = jax.jit(lambda p, s, x, y: per_example.quantities(model, p, s, x, y, which, mesh=mesh))
     loss, _, out = run(tree["params"], tree["state"], put(x, batch), put(y, batch))
     results["loss"] = local(loss)
-    gathered = multihost_utils.process_allgather(out["batch_l2"], tiled=True)
-    results.update({f"batch_l2{k}": np.asarray(v) for k, v in flat(gathered).items()})
+    whole = lambda a: np.asarray(a if a.is_fully_addressable else multihost_utils.process_allgather(a, tiled=True))
+    results.update({f"batch_l2{k}": whole(v) for k, v in flat(out["batch_l2"]).items()})
     for name in ("sum_grad_squared", "variance"):
         results.update({f"{name}{k}": local(v) for k, v in flat(out[name]).items()})
     return results

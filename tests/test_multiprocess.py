@@ -92,8 +92,9 @@ def test_two_processes_train_as_one_and_resume_bit_identically(tmp_path):
     assert meta["step"] == 10 and json.loads((tmp_path / "two" / "metrics.json").read_text())["num_processes"] == 2
     # Global-batch BatchNorm statistics and all-reduced gradients: one process's run, to float32 rounding.
     # Measured: parameters 1.2e-7 relative to each array's largest entry after 10 Adam steps.
-    for part in ("params", "state", "opt_state"):
-        assert _max_rel_err(two[part], reference[part]) <= 1e-5, part
+    errors = {part: _max_rel_err(two[part], reference[part]) for part in ("params", "state", "opt_state")}
+    print("two processes vs one, max relative error:", errors)
+    assert max(errors.values()) <= 1e-5, errors
 
     resumed, meta = checkpoints.load(tmp_path / "resumed")
     assert meta["step"] == 10
@@ -120,6 +121,8 @@ def test_dp_step_and_per_example_quantities_across_two_processes_equal_one_proce
     # Measured: at most 5e-7 relative to each array's largest entry (float32 sums in another order).
     errors = {n: _max_rel_err(results[f"every/{n}"], results[f"one/{n}"]) for n in names}
     worst = max(errors, key=errors.get)
+    for kind in ("dp_params", "loss", "batch_l2", "sum_grad_squared", "variance"):
+        print(kind, "max relative error:", max(e for n, e in errors.items() if n.startswith(kind)))
     assert errors[worst] <= 1e-5, (worst, errors[worst])
     assert results["one/batch_l2['head']['w']"].shape == (16,)  # every process's examples, gathered
 
