@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo verify test test-slow test-lowest lint format bench clean
+.PHONY: demo verify test test-slow test-lowest lint typecheck format bench docs clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -57,9 +57,27 @@ test-lowest: $(UV)
 	$(LOWEST_PY) .ci/lowest_bounds.py peers
 	$(LOWEST_PY) -m pytest -q tests/test_bench.py tests/test_dp.py -k jax_privacy
 
-lint: $(BIN)/.installed
+# The documentation site (docs/README.md): sources where they live, warnings are errors, a fresh
+# environment each time so that no warning hides in an unchanged page. tests/test_docs_site.py
+# (make test-slow) opens every page in Chromium.
+$(BIN)/.installed-docs: $(BIN)/.installed pyproject.toml
+	$(BIN)/python -m pip install --quiet -e ".[docs]"
+	touch $@
+
+docs: $(BIN)/.installed-docs $(KATEX)
+	rm -rf docs/api/generated
+	$(BIN)/sphinx-build -b html -c docs -W --keep-going -E -q . docs/_build/html
+	@echo "built docs/_build/html/index.html"
+
+lint: $(BIN)/.installed typecheck
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# mypy rather than pyright: a pure-Python wheel from PyPI, no Node.js runtime to fetch on first run, so it
+# installs with the dev extra like the other tools (and under `make test-lowest`'s resolution); settings in
+# pyproject.toml's [tool.mypy].
+typecheck: $(BIN)/.installed
+	$(BIN)/python -m mypy
 
 format: $(BIN)/.installed
 	$(BIN)/ruff format .
@@ -69,4 +87,4 @@ bench: $(BIN)/.installed
 	$(BIN)/jax-resnet bench --json benchmarks/results.json --markdown benchmarks/results.md
 
 clean:
-	rm -rf $(VENV) $(LOWEST) runs .pytest_cache .hypothesis
+	rm -rf $(VENV) $(LOWEST) runs .pytest_cache .hypothesis docs/_build docs/api/generated

@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import importlib
 
 import jax
 
@@ -23,6 +24,5 @@ def enable_x64() -> contextlib.AbstractContextManager:
     """A context in which float64 is on (`jax.enable_x64`; `jax.experimental.enable_x64` before it existed)."""
     if hasattr(jax, "enable_x64"):
         return jax.enable_x64(True)
-    from jax.experimental import enable_x64 as experimental_enable_x64
-
-    return experimental_enable_x64()
+    # Looked up by name: the installed jax, whose types mypy reads, no longer has it.
+    return importlib.import_module("jax.experimental").enable_x64()

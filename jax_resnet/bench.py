@@ -1,7 +1,7 @@
 """`jax-resnet bench`: one training step, three ways, side by side in one process.
 
 For every workload the same step — forward, backward, and an optax update
-(SGD with momentum 0.9) on softmax cross-entropy — is compiled and timed for
+(SGD with momentum 0.9) on softmax cross-entropy — is compiled and timed for:
 
   rules     the library, `model.apply(..., grad="rules")`: hand-derived VJPs;
   autodiff  the library, `model.apply(..., grad="autodiff")`: reference ops, JAX's VJPs;
@@ -426,7 +426,7 @@ def init_library(model: models.Model, key, dtype=jnp.float32):
 def build_peer(workload: Workload, params, state, dtype=jnp.float32) -> nnx.Module:
     """The workload's Flax peer holding the library's weights and BatchNorm statistics.
 
-    Built abstractly (`nnx.eval_shape`: Flax's initialisers never run), then `load`ed.
+    Built abstractly (`nnx.eval_shape`: Flax's initialisers never run), then filled by `load`.
     """
     net = nnx.eval_shape(lambda: workload.peer(dtype, nnx.Rngs(0)))
     net.load(*jax.device_put((params, state)))

@@ -14,6 +14,11 @@ Mappings in Deep Residual Networks"):
 - preact_basic (v2): h = relu(bn1(x)); y = conv3x3(relu(bn2(conv3x3(h)))) + s(x or h)
 - preact_bottleneck (v2): the same with the 1x1-3x3-1x1 body.
 
+A bottleneck's 3x3 convolution is grouped when `groups` > 1: ResNeXt's block
+(Xie et al. 2017, "Aggregated Residual Transformations", Fig. 3(c)). A Wide
+ResNet's block (Zagoruyko & Komodakis 2016) is preact_basic at a larger width.
+Each kind is one row of `KINDS`: its convolutions and its apply function.
+
 Shortcut s: identity when shapes agree, otherwise option "A" (strided
 subsampling, zero-padded channels, no parameters) or option "B" (1x1
 projection and BatchNorm).
@@ -32,13 +37,37 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import chex
 import jax
 import jax.numpy as jnp
 
 from jax_resnet.ops import OpSet
+
+__all__ = [
+    "BN_MOMENTUM",
+    "BN_EPS",
+    "NORMS",
+    "GN_EPS",
+    "BlockKind",
+    "Conv",
+    "KINDS",
+    "BlockSpec",
+    "he_normal",
+    "init_conv",
+    "init_dense",
+    "init_bn",
+    "check_norm",
+    "init_norm",
+    "normalize",
+    "running_statistics",
+    "batch_norm",
+    "init_block",
+    "apply_block",
+]
+
 
 BN_MOMENTUM = 0.9  # running = momentum · running + (1 − momentum) · batch
 BN_EPS = 1e-5
@@ -47,41 +76,59 @@ GN_EPS = 1e-5
 
 
 class BlockKind(NamedTuple):
-    """One row of the block table: the body's shape and where normalisation sits.
+    """One row of the block table: what a kind needs, so that a new kind is one row here.
 
-    bottleneck: the body is 1x1-3x3-1x1 (output width · 4) instead of 3x3-3x3.
-    preact: v2 (BN-ReLU before each convolution, nothing after the add) instead
-    of v1 (BN after each convolution, ReLU after the add).
+    Attributes:
+      expansion: output channels per unit of `width`.
+      convs: `spec -> [Conv, ...]`, the body's convolutions in order
+        (parameters `conv0`, `conv1`, ...).
+      apply: `(ops, spec, params, state, x, *, train) -> (y, new_state)`, how
+        the layers are arranged: `_apply_v1` or `_apply_v2`, or a new function
+        for a new arrangement.
+      preact: v2 (BN-ReLU before each convolution, nothing after the add; a
+        network normalises once at its stem and once before its head) instead
+        of v1 (BN after each convolution, ReLU after the add): where
+        `init_block` puts the norms and which weight starts at zero for
+        `zero_init_residual`.
     """
 
     expansion: int
-    bottleneck: bool
+    convs: Callable[[BlockSpec], list[Conv]]
+    apply: Callable[..., tuple[Any, dict]]
     preact: bool
 
 
-# Adding a block kind is one row here; a new arrangement of the layers is one
-# more apply function beside `_apply_v1` and `_apply_v2`.
-KINDS = {
-    "basic": BlockKind(expansion=1, bottleneck=False, preact=False),
-    "bottleneck": BlockKind(expansion=4, bottleneck=True, preact=False),
-    "preact_basic": BlockKind(expansion=1, bottleneck=False, preact=True),
-    "preact_bottleneck": BlockKind(expansion=4, bottleneck=True, preact=True),
-}
+class Conv(NamedTuple):
+    """One convolution of a block's body: a `kernel`×`kernel` kernel, `groups` channel groups."""
+
+    kernel: int
+    in_channels: int
+    out_channels: int
+    stride: int
+    groups: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
 class BlockSpec:
-    """Static description of one residual block."""
+    """Static description of one residual block.
+
+    `groups` and `base_width` are torchvision's names for ResNeXt's cardinality
+    C and bottleneck width d (Xie et al. 2017): a bottleneck body's 3x3
+    convolution is grouped, with width · base_width / 64 · groups channels
+    (`width` itself when groups = 1 and base_width = 64, a plain ResNet).
+    """
 
     kind: str
     in_channels: int
-    width: int  # channels of the 3x3 convolutions; output is width · expansion
+    width: int  # the body's channels (a bottleneck's before grouping); output is width · expansion
     stride: int = 1
     shortcut: str = "B"  # "A" or "B", used only when the shape changes
     residual: bool = True
     zero_init_residual: bool = False
     norm: str = "batch"  # "batch" or "group"
     norm_groups: int = 32  # GroupNorm's groups, at most: gcd(norm_groups, channels) per layer
+    groups: int = 1  # channel groups of the grouped convolution (ResNeXt's cardinality)
+    base_width: int = 64  # channels per group per 64 of `width` (ResNeXt's d)
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -89,6 +136,24 @@ class BlockSpec:
         if self.shortcut not in ("A", "B"):
             raise ValueError(f"BlockSpec: `shortcut` must be 'A' or 'B', got {self.shortcut!r}")
         check_norm("BlockSpec", self.norm, self.norm_groups)
+        for field in ("in_channels", "width", "stride", "groups", "base_width"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"BlockSpec: `{field}` must be a positive int, got {value!r}")
+        if (self.groups, self.base_width) != (1, 64) and self.convs() == dataclasses.replace(
+            self, groups=1, base_width=64
+        ).convs():
+            raise ValueError(
+                f"BlockSpec: kind {self.kind!r} has no grouped convolution, so `groups` and `base_width` would "
+                f"change nothing (use a bottleneck kind); got groups={self.groups}, base_width={self.base_width}"
+            )
+        for conv in self.convs():
+            if min(conv.in_channels, conv.out_channels) < conv.groups:
+                raise ValueError(
+                    f"BlockSpec: every convolution needs ≥ 1 channel per group; `width`={self.width}, "
+                    f"`groups`={self.groups} and `base_width`={self.base_width} give "
+                    f"{conv.in_channels} -> {conv.out_channels} in {conv.groups} group(s)"
+                )
 
     @property
     def row(self) -> BlockKind:
@@ -111,23 +176,44 @@ class BlockSpec:
     def changes_shape(self) -> bool:
         return self.stride != 1 or self.in_channels != self.out_channels
 
-    def convs(self) -> list[tuple[int, int, int, int]]:
-        """(kernel, in, out, stride) of the body's convolutions, in order."""
-        c, w, o, s = self.in_channels, self.width, self.out_channels, self.stride
-        if not self.row.bottleneck:
-            return [(3, c, w, s), (3, w, o, 1)]
-        # Stride on the 3x3 convolution (ResNet v1.5, as in torchvision); same parameter count.
-        return [(1, c, w, 1), (3, w, w, s), (1, w, o, 1)]
+    def convs(self) -> list[Conv]:
+        """The body's convolutions, in order (its row's rule)."""
+        return self.row.convs(self)
+
+
+# ------------------------------------------------------------------- bodies
+def _basic_convs(spec: BlockSpec) -> list[Conv]:
+    """Two 3x3 convolutions, the stride on the first (He et al. 2015, Fig. 2)."""
+    return [Conv(3, spec.in_channels, spec.width, spec.stride), Conv(3, spec.width, spec.out_channels, 1)]
+
+
+def _bottleneck_convs(spec: BlockSpec) -> list[Conv]:
+    """1x1 reduce, 3x3 (grouped when `groups` > 1: ResNeXt's aggregated transformations, Xie et al. 2017,
+    Fig. 3(c)), 1x1 expand; the stride on the 3x3 (ResNet v1.5, as in torchvision: the same parameter count)."""
+    inner = spec.width * spec.base_width // 64 * spec.groups
+    return [
+        Conv(1, spec.in_channels, inner, 1),
+        Conv(3, inner, inner, spec.stride, spec.groups),
+        Conv(1, inner, spec.out_channels, 1),
+    ]
 
 
 # ------------------------------------------------------------------ parameters
-def he_normal(key, shape, fan_in, dtype):
-    """N(0, 2/fan_in) (He et al. 2015, "Delving Deep into Rectifiers")."""
-    return math.sqrt(2.0 / fan_in) * jax.random.normal(key, shape, dtype)
+def he_normal(key, shape, fan_in, dtype, gain=2.0):
+    """N(0, gain/fan_in): gain 2 for a layer followed by ReLU (He et al. 2015, "Delving Deep into
+    Rectifiers"), 1 for a network's linear head."""
+    return math.sqrt(gain / fan_in) * jax.random.normal(key, shape, dtype)
 
 
-def init_conv(key, k, c_in, c_out, dtype, scale=1.0):
-    return {"w": scale * he_normal(key, (k, k, c_in, c_out), k * k * c_in, dtype)}
+def init_conv(key, k, c_in, c_out, dtype, scale=1.0, groups=1):
+    """{"w": HWIO kernel [k, k, c_in / groups, c_out]}, He-normal over its fan-in k·k·c_in/groups, times `scale`."""
+    fan_in = k * k * c_in // groups
+    return {"w": scale * he_normal(key, (k, k, c_in // groups, c_out), fan_in, dtype)}
+
+
+def init_dense(key, n_in, n_out, dtype, gain=2.0):
+    """{"w": [n_in, n_out] He-normal with `gain`, "b": zeros}."""
+    return {"w": he_normal(key, (n_in, n_out), n_in, dtype, gain), "b": jnp.zeros((n_out,), dtype)}
 
 
 def init_bn(c, dtype, scale=1.0):
@@ -162,16 +248,22 @@ def normalize(ops: OpSet, norm: str, norm_groups: int, params, state, x, *, trai
     return ops.group_norm(x, params["gamma"], params["beta"], groups=groups, eps=GN_EPS), state
 
 
+def running_statistics(state, mean, var, momentum=BN_MOMENTUM):
+    """BatchNorm's running averages after one training batch, in the dtypes of `state`:
+    running ← momentum · running + (1 − momentum) · batch, for "mean" and "var".
+
+    The batch statistics enter as state, not as a path for gradients (`stop_gradient`).
+    Derivation: derivations/blocks.md#batchnorm-running-statistics-are-state
+    """
+    batch = {"mean": jax.lax.stop_gradient(mean), "var": jax.lax.stop_gradient(var)}
+    return {k: (momentum * state[k] + (1 - momentum) * batch[k]).astype(state[k].dtype) for k in ("mean", "var")}
+
+
 def batch_norm(ops: OpSet, params, state, x, *, train):
     """BatchNorm over all axes but channels; returns (y, new_state)."""
     if train:
         y, mean, var = ops.batch_norm_train(x, params["gamma"], params["beta"], eps=BN_EPS)
-        mean, var = jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var)
-        new_state = {
-            "mean": BN_MOMENTUM * state["mean"] + (1 - BN_MOMENTUM) * mean,
-            "var": BN_MOMENTUM * state["var"] + (1 - BN_MOMENTUM) * var,
-        }
-        return y, new_state
+        return y, running_statistics(state, mean, var)
     y = ops.batch_norm_eval(x, params["gamma"], params["beta"], state["mean"], state["var"], eps=BN_EPS)
     return y, state
 
@@ -187,11 +279,14 @@ def init_block(key, spec: BlockSpec, dtype=jnp.float32):
     convs = spec.convs()
     keys = jax.random.split(key, len(convs) + 1)
     params, state = {}, {}
-    for i, (k, c_in, c_out, _) in enumerate(convs):
+    for i, conv in enumerate(convs):
         last = i == len(convs) - 1 and spec.zero_init_residual
-        params[f"conv{i}"] = init_conv(keys[i], k, c_in, c_out, dtype, 0.0 if last and spec.preact else 1.0)
+        kernel_scale = 0.0 if last and spec.preact else 1.0
+        params[f"conv{i}"] = init_conv(
+            keys[i], conv.kernel, conv.in_channels, conv.out_channels, dtype, kernel_scale, conv.groups
+        )
         # v1 normalises each conv's output; v2 normalises each conv's input.
-        bn_channels = c_in if spec.preact else c_out
+        bn_channels = conv.in_channels if spec.preact else conv.out_channels
         scale = 0.0 if last and not spec.preact else 1.0
         params[f"bn{i}"], state[f"bn{i}"] = init_norm(bn_channels, dtype, spec.norm, scale)
     if spec.projects:
@@ -204,6 +299,10 @@ def init_block(key, spec: BlockSpec, dtype=jnp.float32):
 # ----------------------------------------------------------------------- apply
 def _norm(ops: OpSet, spec: BlockSpec, params, state, x, *, train):
     return normalize(ops, spec.norm, spec.norm_groups, params, state, x, train=train)
+
+
+def _conv(ops: OpSet, conv: Conv, params, x):
+    return ops.conv2d(x, params["w"], stride=conv.stride, padding="SAME", groups=conv.groups)
 
 
 def _shortcut(ops: OpSet, spec: BlockSpec, params, state, x, *, train):
@@ -223,8 +322,8 @@ def _apply_v1(ops: OpSet, spec: BlockSpec, params, state, x, *, train):
     new_state = {}
     h = x
     n = len(spec.convs())
-    for i, (_, _, _, stride) in enumerate(spec.convs()):
-        h = ops.conv2d(h, params[f"conv{i}"]["w"], stride=stride, padding="SAME")
+    for i, conv in enumerate(spec.convs()):
+        h = _conv(ops, conv, params[f"conv{i}"], h)
         h, new_state[f"bn{i}"] = _norm(ops, spec, params[f"bn{i}"], state[f"bn{i}"], h, train=train)
         if i < n - 1:
             h = ops.relu(h)
@@ -240,12 +339,12 @@ def _apply_v2(ops: OpSet, spec: BlockSpec, params, state, x, *, train):
     new_state = {}
     h = x
     pre = None
-    for i, (_, _, _, stride) in enumerate(spec.convs()):
+    for i, conv in enumerate(spec.convs()):
         h, new_state[f"bn{i}"] = _norm(ops, spec, params[f"bn{i}"], state[f"bn{i}"], h, train=train)
         h = ops.relu(h)
         if i == 0:
             pre = h
-        h = ops.conv2d(h, params[f"conv{i}"]["w"], stride=stride, padding="SAME")
+        h = _conv(ops, conv, params[f"conv{i}"], h)
     if spec.residual:
         # Option B projects the pre-activated input (He et al. 2016, §3); identity and option A use x itself.
         s, shortcut_state = _shortcut(ops, spec, params, state, pre if spec.projects else x, train=train)
@@ -258,5 +357,15 @@ def apply_block(ops: OpSet, spec: BlockSpec, params, state, x, *, train):
     """Run one block; returns (y, new_state)."""
     chex.assert_rank(x, 4)  # NHWC
     chex.assert_axis_dimension(x, 3, spec.in_channels)
-    apply = _apply_v2 if spec.preact else _apply_v1
-    return apply(ops, spec, params, state, x, train=train)
+    return spec.row.apply(ops, spec, params, state, x, train=train)
+
+
+# The block table. A new kind is one row here: its convolutions (a rule above, or a new one) and its
+# apply (`_apply_v1` or `_apply_v2`, or one new function for a new arrangement of the layers), plus
+# its section in derivations/blocks.md.
+KINDS: dict[str, BlockKind] = {
+    "basic": BlockKind(expansion=1, convs=_basic_convs, apply=_apply_v1, preact=False),
+    "bottleneck": BlockKind(expansion=4, convs=_bottleneck_convs, apply=_apply_v1, preact=False),
+    "preact_basic": BlockKind(expansion=1, convs=_basic_convs, apply=_apply_v2, preact=True),
+    "preact_bottleneck": BlockKind(expansion=4, convs=_bottleneck_convs, apply=_apply_v2, preact=True),
+}

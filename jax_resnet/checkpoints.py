@@ -17,6 +17,17 @@ import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+__all__ = [
+    "manager",
+    "save",
+    "restore_meta",
+    "restore_tree",
+    "restore_newest_intact",
+    "load",
+    "finished_steps",
+    "remove_unfinished",
+]
+
 
 def manager(directory: Path, max_to_keep: int) -> ocp.CheckpointManager:
     """A synchronous checkpoint manager over `directory` (created if missing).

@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{e.prog}: error: {e} (see {e.prog} --help)", file=sys.stderr)
         return 2
     except SystemExit as e:  # --help
-        return 0 if e.code is None else e.code
+        return e.code if isinstance(e.code, int) else 0
+    assert command is not None, "the parser accepts no arguments without a command"
     module = _module(command)
     try:
         return module.run(args)

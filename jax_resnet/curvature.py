@@ -28,12 +28,16 @@ DiagGGN, Dangel et al. 2020). Quantities, named after BackPACK's:
   diag_ggn_mc         the same with K = M sampled columns e_ŷ − p, ŷ ~ softmax(z_i)
   batch_diag_ggn      (1/B) diag(J_iᵀ H_i J_i) per example, [B, *shape]; Σ_i = diag_ggn
   batch_diag_ggn_mc   its Monte Carlo twin
+  kflr, kfac          Kronecker factors (A, G) of each kernel's block, jnp.kron(A, G) ≈ G_W,
+                      exact / sampled columns; the diagonal for every other parameter
   ggn_vp              G·v, matrix free, with no forward mode
 
 Losses (`loss=`): "softmax_cross_entropy" (y: integer labels [B]; H_i = diag(p) − ppᵀ)
 and "mse_loss" (the seed's ½‖z_i − y_i‖² averaged over the batch; y: targets [B, C];
 H_i = I). BatchNorm in training mode couples the examples, so J_i depends on the
-whole batch and one backward cannot separate them: the diagonals refuse it
+whole batch and one backward cannot separate them: `diag_ggn` and `diag_ggn_mc`
+then take one backward per (example, column), B·C (B·M) of them, through the
+ordinary rules; the per-example diagonals and the Kronecker factors refuse it
 (`CurvatureError`) and take `train=False` (running statistics); `ggn_vp` handles it.
 
 Derivation: derivations/curvature.md.
@@ -52,18 +56,39 @@ Example:
     >>> x, y = jnp.ones((5, 4), jnp.float32), jnp.arange(5) % 3
     >>> curvature.diag_ggn(model, params, state, x, y)["out"]["w"].shape
     (8, 3)
+    >>> factors = curvature.kflr(model, params, state, x, y)["out"]["w"]  # jnp.kron(a, g) ≈ the block
+    >>> factors.a.shape, factors.g.shape
+    ((8, 8), (3, 3))
 """
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from jax_resnet import models, per_example
 from jax_resnet.ops import OpSet
+
+__all__ = [
+    "LOSSES",
+    "CurvatureError",
+    "BATCHNORM_TRAIN_MESSAGE",
+    "Kronecker",
+    "hvp",
+    "loss_hessian_factor",
+    "sampled_factor",
+    "diag_ggn",
+    "diag_ggn_mc",
+    "batch_diag_ggn",
+    "batch_diag_ggn_mc",
+    "kflr",
+    "kfac",
+    "ggn_vp",
+]
 
 
 def hvp(f: Callable[[Any], jax.Array], params: Any, v: Any) -> Any:
@@ -98,6 +123,7 @@ def _check_like(name: str, params: Any, v: Any) -> None:
     """ValueError naming the first difference unless `v` has the structure and leaf shapes of `params`."""
     p_leaves, p_def = jax.tree_util.tree_flatten(params)
     v_leaves, v_def = jax.tree_util.tree_flatten(v)
+    p_def, v_def = typing.cast(Any, p_def), typing.cast(Any, v_def)  # jaxlib's stub declares no PyTreeDef.__ne__
     if p_def != v_def:
         raise ValueError(f"{name}: argument `v` must have the structure of `params`: got {v_def}, expected {p_def}")
     for path_p, a, b in zip(jax.tree_util.tree_flatten_with_path(params)[0], p_leaves, v_leaves):
@@ -116,10 +142,11 @@ class CurvatureError(ValueError):
 
 BATCHNORM_TRAIN_MESSAGE = (
     "the model uses BatchNorm in training mode, whose batch statistics couple the examples: every logit "
-    "depends on every example, so one backward pass per factor column cannot separate the (example, column) "
-    "pairs the diagonal sums over (the exact diagonal would take B·C backward passes; not offered yet). "
-    "Pass train=False (BatchNorm on its running statistics, the network as evaluated), use a GroupNorm model "
-    "(norm='group'), or use ggn_vp, which handles the coupling"
+    "depends on every example, so no example's own share of a parameter's contribution exists in a backward "
+    "pass of the batch, and neither per-example quantities nor Kronecker factors (sums of per-example, "
+    "per-position terms) are defined by it. diag_ggn and diag_ggn_mc take such a model exactly, at one "
+    "backward pass per (example, column): B·C (B·M). Pass train=False (BatchNorm on its running statistics, "
+    "the network as evaluated), use a GroupNorm model (norm='group'), or use ggn_vp, which handles the coupling"
 )
 
 
@@ -181,33 +208,72 @@ def sampled_factor(logits: jax.Array, key: jax.Array, samples: int, loss: str = 
 
 
 # -------------------------------------------------------------- the diagonals
-def _pushed(name: str, model: models.Model, params, state, x, y, factor, kind: str, loss: str, train: bool):
-    """Each factor column pushed back through the tapped backward, under `jax.vmap`: a tree of the
-    `kind` tap ("sum_sq" or "grad") per parameter leaf, with a leading axis over the K columns.
+def _pushed(name: str, model: models.Model, params, state, x, y, factor, kinds, loss: str, train: bool):
+    """Each factor column pushed back through the tapped backward, under `jax.vmap`: a tree of
+    `per_example.Quantities` (the `kinds` asked for, a tuple or a function of a leaf's path) per
+    parameter leaf, each field with a leading axis over the K columns; or None where BatchNorm in
+    training mode couples the examples (the caller decides: `_coupled_diagonal`, or refuse).
 
     `factor(logits) -> S [B, C, K]`. Column k enters as the logits' cotangent S[:, :, k]/√B, so
     example i's contribution to a parameter is J_iᵀ s_{i,k}/√B and its square carries the mean's 1/B.
     """
     _check_inputs(name, x, y, loss)
     try:
-        logits, vjp = per_example.logits_vjp(model, params, state, x, (kind,), train=train)
+        logits, vjp = per_example.logits_vjp(model, params, state, x, kinds, train=train)
     except per_example.PerExampleError as err:
-        reason = BATCHNORM_TRAIN_MESSAGE if str(err) == per_example.BATCHNORM_MESSAGE else str(err)
-        raise CurvatureError(f"{name}: {reason}") from err
+        if str(err) == per_example.BATCHNORM_MESSAGE:
+            return None
+        raise CurvatureError(f"{name}: {err}") from err
     _check_targets(name, logits, y, loss)
     columns = jnp.moveaxis(factor(logits), -1, 0) / jnp.sqrt(jnp.asarray(x.shape[0], logits.dtype))
-    _, taps = per_example.split(jax.vmap(lambda ct: vjp(ct)[0])(columns))
+    return per_example.split(jax.vmap(lambda ct: vjp(ct)[0])(columns))[1]
+
+
+def _field(taps, kind: str):
     return jax.tree.map(lambda q: getattr(q, kind), taps, is_leaf=per_example.is_quantities)
 
 
-def _diagonal(taps):
-    """Σ_k Σ_i (J_iᵀ s_{i,k})²/B from the `sum_sq` taps [K, *shape]."""
-    return jax.tree.map(lambda q: jnp.sum(q, axis=0), taps)
+def _refuse_coupled(name: str, taps):
+    if taps is None:
+        raise CurvatureError(f"{name}: {BATCHNORM_TRAIN_MESSAGE}")
+    return taps
+
+
+def _diagonal(name: str, model, params, state, x, y, factor, loss: str, train: bool):
+    """Σ_k Σ_i (J_iᵀ s_{i,k})²/B from the `sum_sq` taps [K, *shape]; with BatchNorm in training
+    mode, one backward per (example, column) instead (`_coupled_diagonal`)."""
+    taps = _pushed(name, model, params, state, x, y, factor, ("sum_sq",), loss, train)
+    if taps is None:
+        return _coupled_diagonal(name, model, params, state, x, y, factor, loss, train)
+    return jax.tree.map(lambda q: jnp.sum(q, axis=0), _field(taps, "sum_sq"))
+
+
+def _coupled_diagonal(name: str, model: models.Model, params, state, x, y, factor, loss: str, train: bool):
+    """diag G = Σ_j Σ_k (J_jᵀ s_{j,k}/√B)² where every logit depends on every example (BatchNorm in
+    training mode): for each example j (a `lax.scan`), its K columns as logits' cotangents with
+    row j alone filled, pushed back through the network's ordinary backward under `jax.vmap`, each
+    whole gradient squared. B·K backward passes; J_j = ∂z_j/∂θ through the batch statistics.
+
+    Derivation: derivations/curvature.md#batchnorm-in-training-mode
+    """
+    logits, pullback = jax.vjp(lambda p: model.apply(p, state, x, train=train)[0], params)
+    _check_targets(name, logits, y, loss)
+    batch = x.shape[0]
+    columns = factor(logits) / jnp.sqrt(jnp.asarray(batch, logits.dtype))  # [B, C, K]
+
+    def example(total, j):
+        rows = jax.nn.one_hot(j, batch, dtype=logits.dtype)  # [B]
+        cts = rows[None, :, None] * jnp.moveaxis(columns[j], -1, 0)[:, None, :]  # [K, B, C]: row j alone
+        grads = jax.vmap(lambda ct: pullback(ct)[0])(cts)
+        return jax.tree.map(lambda t, g: t + jnp.sum(g * g, axis=0), total, grads), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    return jax.lax.scan(example, zeros, jnp.arange(batch))[0]
 
 
 def _batch_diagonal(taps):
     """Σ_k (J_iᵀ s_{i,k})²/B per example from the `grad` taps [K, B, *shape]."""
-    return jax.tree.map(lambda g: jnp.sum(g * g, axis=0), taps)
+    return jax.tree.map(lambda g: jnp.sum(g * g, axis=0), _field(taps, "grad"))
 
 
 def diag_ggn(
@@ -226,7 +292,9 @@ def diag_ggn(
         mse_loss: targets [B, C] shaped like the logits.
       loss: one of LOSSES.
       train: False runs BatchNorm on its running statistics; True (default) with
-        BatchNorm raises `CurvatureError` (the examples couple).
+        BatchNorm in the model computes diag G exactly for the coupled batch, from
+        one backward of the ordinary rules per (example, column): B·C backward
+        passes (`_coupled_diagonal`), against C for a model whose examples stay apart.
 
     Returns:
       A tree like `params`: each leaf diag G for that parameter.
@@ -234,7 +302,7 @@ def diag_ggn(
     Derivation: derivations/curvature.md#diag_ggn
     """
     factor = lambda z: loss_hessian_factor(z, loss)
-    return _diagonal(_pushed("diag_ggn", model, params, state, x, y, factor, "sum_sq", loss, train))
+    return _diagonal("diag_ggn", model, params, state, x, y, factor, loss, train)
 
 
 def diag_ggn_mc(
@@ -252,7 +320,8 @@ def diag_ggn_mc(
     """An unbiased Monte Carlo estimate of diag G from `samples` (M) labels drawn per example
     from the model's own prediction: (1/B) Σ_i (1/M) Σ_m (J_iᵀ (e_ŷ_{i,m} − p_i))² (`sampled_factor`).
 
-    M backward passes of the batch, vmapped, instead of C. Its variance falls as 1/M
+    M backward passes of the batch, vmapped, instead of C (with BatchNorm in training mode,
+    B·M backward passes, as `diag_ggn`). Its variance falls as 1/M
     (derivations/curvature.md#the-monte-carlo-factor-and-its-variance).
 
     Args:
@@ -267,28 +336,29 @@ def diag_ggn_mc(
     """
     _check_samples("diag_ggn_mc", samples)
     factor = lambda z: sampled_factor(z, key, samples, loss)
-    return _diagonal(_pushed("diag_ggn_mc", model, params, state, x, y, factor, "sum_sq", loss, train))
+    return _diagonal("diag_ggn_mc", model, params, state, x, y, factor, loss, train)
 
 
 def batch_diag_ggn(
     model: models.Model, params, state, x, y, *, loss: str = "softmax_cross_entropy", train: bool = True
 ) -> Any:
-    """Each example's share of diag G: (1/B) diag(J_iᵀ H_i J_i), leaves [B, *shape], summing over i to `diag_ggn`.
+    """Each example's share of diag G: (1/B) diag(J_iᵀ H_i J_i), leaves `[B, *shape]`, summing over i to `diag_ggn`.
 
     BackPACK's BatchDiagGGNExact; here each share carries the mean's 1/B.
     From the per-example `batch_grad` taps of each column, squared and summed over the C
-    columns; memory C·B·(parameters) for the taps.
+    columns; memory C·B·(parameters) for the taps. BatchNorm in training mode raises
+    `CurvatureError`: its examples couple, so no example has a share of its own.
 
-    Args:
-      As `diag_ggn`.
+    Arguments as for `diag_ggn`.
 
     Returns:
-      A tree like `params`, each leaf [B, *param.shape].
+      A tree like `params`, each leaf `[B, *param.shape]`.
 
     Derivation: derivations/curvature.md#batch_diag_ggn
     """
     factor = lambda z: loss_hessian_factor(z, loss)
-    return _batch_diagonal(_pushed("batch_diag_ggn", model, params, state, x, y, factor, "grad", loss, train))
+    taps = _pushed("batch_diag_ggn", model, params, state, x, y, factor, ("grad",), loss, train)
+    return _batch_diagonal(_refuse_coupled("batch_diag_ggn", taps))
 
 
 def batch_diag_ggn_mc(
@@ -305,17 +375,114 @@ def batch_diag_ggn_mc(
 ) -> Any:
     """The Monte Carlo twin of `batch_diag_ggn`: (1/B)(1/M) Σ_m (J_iᵀ (e_ŷ_{i,m} − p_i))² per example.
 
-    Args:
-      As `diag_ggn_mc`.
+    Arguments as for `diag_ggn_mc`.
 
     Returns:
-      A tree like `params`, each leaf [B, *param.shape]; Σ_i is `diag_ggn_mc` with the same key.
+      A tree like `params`, each leaf `[B, *param.shape]`; Σ_i is `diag_ggn_mc` with the same key.
 
     Derivation: derivations/curvature.md#batch_diag_ggn
     """
     _check_samples("batch_diag_ggn_mc", samples)
     factor = lambda z: sampled_factor(z, key, samples, loss)
-    return _batch_diagonal(_pushed("batch_diag_ggn_mc", model, params, state, x, y, factor, "grad", loss, train))
+    taps = _pushed("batch_diag_ggn_mc", model, params, state, x, y, factor, ("grad",), loss, train)
+    return _batch_diagonal(_refuse_coupled("batch_diag_ggn_mc", taps))
+
+
+# ---------------------------------------------------------- Kronecker factors
+class Kronecker(NamedTuple):
+    """A kernel's GGN block approximated as `jnp.kron(a, g)`, the kernel flattened to [d, p] row-major.
+
+    a: [d, d] over the kernel's inputs (d = fan-in: a dense layer's inputs, a convolution's
+      kh·kw·C patch in HWIO row order); g: [p, p] over its outputs.
+    """
+
+    a: jax.Array
+    g: jax.Array
+
+
+def _kronecker(name: str, model: models.Model, params, state, x, y, factor, loss: str, train: bool):
+    """Every kernel (`model.spec.weight_paths()`) as `Kronecker(A, Σ_k G_k)` from its `kron` taps, and
+    every other leaf as its diagonal Σ_k from its `sum_sq` taps, the columns k of `factor` pushed
+    back under `jax.vmap` (`_pushed`). A = (1/(B·T)) Σ_{i,t} a aᵀ does not depend on the column."""
+    kernels = {path for _, path in model.spec.weight_paths()}
+    kinds = lambda path: ("kron",) if path in kernels else ("sum_sq",)
+    taps = _refuse_coupled(name, _pushed(name, model, params, state, x, y, factor, kinds, loss, train))
+
+    def one(q):
+        if q.kron is None:
+            return jnp.sum(q.sum_sq, axis=0)
+        a, g = q.kron
+        return Kronecker(a[0], jnp.sum(g, axis=0))
+
+    return jax.tree.map(one, taps, is_leaf=per_example.is_quantities)
+
+
+def kflr(model: models.Model, params, state, x, y, *, loss: str = "softmax_cross_entropy", train: bool = True) -> Any:
+    """Kronecker factors of each kernel's GGN block from the exact factor (BackPACK's KFLR), and
+    the exact diagonal (`diag_ggn`) of every other parameter, for the mean loss.
+
+    For a kernel W [d, p] used as y_{i,t} = a_{i,t}·W at T positions per example (a dense layer:
+    T = 1, or the middle positions of [B, ..., d]; a convolution: the output pixels, a_{i,t}
+    the im2col patch; a projection: the output pixels), its GGN block is
+    G_W = Σ_{i,k} Σ_{t,t'} (a_{i,t} a_{i,t'}ᵀ) ⊗ (δ_{i,t,k} δ_{i,t',k}ᵀ), δ_{·,k} the cotangent of its
+    outputs when column k of the loss Hessian's factor, s_{·,k}/√B, enters at the logits. KFLR
+    treats the positions like extra examples (the "expand" convention of Eschenhagen et al.
+    2023, "Kronecker-Factored Approximate Curvature for Modern Neural Network Architectures",
+    as curvlinops' KFAC with `kfac_approx="expand"`) and factors the sum:
+
+      G_W ≈ A ⊗ G,   A = (1/(B·T)) Σ_{i,t} a_{i,t} a_{i,t}ᵀ,   G = Σ_k Σ_{i,t} δ_{i,t,k} δ_{i,t,k}ᵀ,
+
+    so the mean's 1/B sits in G (through the columns' 1/√B) and the 1/(B·T) of the average over
+    rows in A. Exact where a has one row per example and is the same across columns: one
+    example through a dense layer (B = T = 1) gives G_W = a aᵀ ⊗ Σ_k δ_k δ_kᵀ.
+    Cost: one forward, C backward passes (vmapped), plus the factors' d² and p² per kernel.
+
+    Args:
+      model, params, state, x, y, loss, train: as in `diag_ggn` (BatchNorm in training mode raises
+        `CurvatureError`: its examples couple).
+
+    Returns:
+      A tree like `params`: each dense, conv2d and projection kernel a `Kronecker(a [d, d], g [p, p])`,
+      `jnp.kron(a, g)` ≈ its GGN block; every other leaf (biases, norm scales and shifts) its exact
+      diagonal GGN, shaped like the leaf. A reversible stage's stacked kernel [n, ...] gets one
+      pair per coupling, a [n, d, d] and g [n, p, p].
+
+    Derivation: derivations/curvature.md#kflr
+    """
+    factor = lambda z: loss_hessian_factor(z, loss)
+    return _kronecker("kflr", model, params, state, x, y, factor, loss, train)
+
+
+def kfac(
+    model: models.Model,
+    params,
+    state,
+    x,
+    y,
+    key: jax.Array,
+    samples: int = 1,
+    *,
+    loss: str = "softmax_cross_entropy",
+    train: bool = True,
+) -> Any:
+    """KFAC (Martens and Grosse 2015): `kflr` with `samples` (M) sampled factor columns
+    (`sampled_factor`, labels drawn from the model's own prediction), and `diag_ggn_mc`'s
+    estimate for every leaf that is not a kernel. E[G] is KFLR's G and A is KFLR's A, so
+    `jnp.kron(a, g)` is an unbiased estimate of KFLR's block, its error falling as 1/√M.
+
+    Args:
+      model, params, state, x, y, loss, train: as in `kflr`.
+      key: a `jax.random` key for the labels.
+      samples: M ≥ 1, a static Python int.
+
+    Returns:
+      A tree like `params`, as `kflr`'s.
+
+    Derivation: derivations/curvature.md#kfac
+    """
+    _check_samples("kfac", samples)
+    factor = lambda z: sampled_factor(z, key, samples, loss)
+    return _kronecker("kfac", model, params, state, x, y, factor, loss, train)
 
 
 # ------------------------------------------------------------------- ggn_vp

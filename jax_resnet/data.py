@@ -4,14 +4,14 @@ Everything here is plain numpy; arrays go to JAX only in the training loop.
 `load` returns a `Dataset` whose images are float32, NHWC, scaled to [0, 1]
 and then standardised per channel with the *training* set's mean and standard
 deviation (kept as `Dataset.mean` / `Dataset.std`, so the test set is
-standardised with exactly the same numbers). Labels are int32.
+standardised with exactly the same numbers). Labels are int32. The data sets:
 
-| name        | source                                         | image shape | train / test   | `--augment`      |
-|-------------|------------------------------------------------|-------------|----------------|------------------|
-| `digits`    | `sklearn.datasets.load_digits()`, offline      | 8 x 8 x 1   | 1,347 / 450    | shift ±1         |
-| `mnist`     | four IDX files in `data_dir`                   | 28 x 28 x 1 | 60,000 / 10,000| shift ±2         |
-| `cifar10`   | python pickles in `data_dir` (dir or .tar.gz)  | 32 x 32 x 3 | 50,000 / 10,000| shift ±4, flips  |
-| `synthetic` | Gaussian blobs around per-class prototypes     | 8 x 8 x 1   | 512 / 128      | shift ±1         |
+  | name        | source                                         | image shape | train / test   | `--augment`      |
+  |-------------|------------------------------------------------|-------------|----------------|------------------|
+  | `digits`    | `sklearn.datasets.load_digits()`, offline      | 8 x 8 x 1   | 1,347 / 450    | shift ±1         |
+  | `mnist`     | four IDX files in `data_dir`                   | 28 x 28 x 1 | 60,000 / 10,000| shift ±2         |
+  | `cifar10`   | python pickles in `data_dir` (dir or .tar.gz)  | 32 x 32 x 3 | 50,000 / 10,000| shift ±4, flips  |
+  | `synthetic` | Gaussian blobs around per-class prototypes     | 8 x 8 x 1   | 512 / 128      | shift ±1         |
 
 (`AUGMENTATIONS`: a shift is padding and a random crop, done on the device
 in the training step.)
@@ -55,6 +55,37 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+__all__ = [
+    "DATASETS",
+    "DATA_DIR_ENV",
+    "MNIST_URL",
+    "MNIST_SHA256",
+    "MNIST_FILES",
+    "CIFAR10_URL",
+    "CIFAR10_ARCHIVE",
+    "CIFAR10_DIR",
+    "CIFAR10_SHA256",
+    "CIFAR10_TRAIN_BATCHES",
+    "CIFAR10_TEST_BATCH",
+    "IDX_IMAGES_MAGIC",
+    "IDX_LABELS_MAGIC",
+    "DataError",
+    "Augmentation",
+    "AUGMENTATIONS",
+    "Dataset",
+    "load",
+    "default_data_dir",
+    "digits",
+    "synthetic",
+    "read_idx",
+    "read_mnist",
+    "mnist_file_names",
+    "read_cifar10",
+    "num_batches",
+    "batches",
+]
+
 
 DATASETS = ("digits", "mnist", "cifar10", "synthetic")
 
@@ -363,16 +394,18 @@ def read_mnist(
             gz = stem + ".gz"
             _download(MNIST_URL + gz, data_dir / gz, "sha256", MNIST_SHA256[gz])
         found = {key: _find_idx(data_dir, stem) for key, stem in MNIST_FILES.items()}
-    elif missing:
+        missing = [MNIST_FILES[key] for key, path in found.items() if path is None]
+    if missing:
         looked_for = "; ".join(_either(mnist_file_names(stem)) for stem in missing)
         raise DataError(
             f"mnist: missing file(s) in {data_dir}: looked for {looked_for}. Fetch them with "
             f"load('mnist', {str(data_dir)!r}, download=True) (the CLI's --download), or download the .gz "
             f"files from {MNIST_URL} into that folder."
         )
+    paths = {key: path for key, path in found.items() if path is not None}
     split = []
     for prefix in ("train", "test"):
-        images_path, labels_path = found[f"{prefix}_images"], found[f"{prefix}_labels"]
+        images_path, labels_path = paths[f"{prefix}_images"], paths[f"{prefix}_labels"]
         images = read_idx(images_path, magic=IDX_IMAGES_MAGIC)
         labels = read_idx(labels_path, magic=IDX_LABELS_MAGIC)
         if images.shape[1:] != (28, 28):
@@ -384,7 +417,8 @@ def read_mnist(
             )
         _check_labels(labels_path, labels, 10)
         split += [images[..., None], labels]
-    return tuple(split)
+    x_train, y_train, x_test, y_test = split
+    return x_train, y_train, x_test, y_test
 
 
 def mnist_file_names(stem: str) -> tuple[str, ...]:

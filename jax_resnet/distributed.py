@@ -18,7 +18,7 @@ Failures JAX leaves silent or fatal become one line each:
 - A process that never joins: `jax.distributed.initialize` blocks until its own timeout and
   then aborts the process from C++ with a message that names neither the missing process
   nor the wait. Here a watchdog ends the waiting process first, after `join_timeout`
-  seconds, with a `JoinTimeout` line naming this process, the missing ones when it can tell
+  seconds, with one line (`join_timeout_message`) naming this process, the missing ones when it can tell
   (of two processes, the other), the coordinator and the time waited.
 - A process that dies mid-run: the others' next collective fails at once (gloo: "Connection
   closed by peer"); `lost` turns that into a `ProcessLost` error naming the process(es) that
@@ -35,16 +35,24 @@ import time
 
 import jax
 
+__all__ = [
+    "ENV",
+    "JOIN_TIMEOUT",
+    "HEARTBEAT_TIMEOUT",
+    "ProcessLost",
+    "settings",
+    "initialize",
+    "join_timeout_message",
+    "lost",
+    "leave",
+]
+
 # Read by `initialize` where the flags are not given; the launcher (`jax_resnet.launch`) sets them.
 # JAX itself reads JAX_COORDINATOR_ADDRESS only.
 ENV = {"coordinator": "JAX_COORDINATOR_ADDRESS", "num_processes": "JAX_NUM_PROCESSES", "process_id": "JAX_PROCESS_ID"}
 JOIN_TIMEOUT = 300  # seconds a process waits for all to join (JAX's initialization_timeout default)
 HEARTBEAT_TIMEOUT = 100  # seconds without a heartbeat before JAX declares a process dead (JAX's default)
 _JAX_GRACE = 60  # JAX's own join timeout is longer, so that the watchdog speaks first
-
-
-class JoinTimeout(RuntimeError):
-    """Not every process joined within the join timeout."""
 
 
 class ProcessLost(RuntimeError):
@@ -85,7 +93,7 @@ def initialize(
     come from the arguments or `ENV`; with none of them set this is a one-process run and
     nothing happens. A process still waiting for the others after `join_timeout` seconds
     writes one line naming itself, the missing process(es) where it can tell, the
-    coordinator and the wait, and exits with status 1 (`JoinTimeout`'s message).
+    coordinator and the wait (`join_timeout_message`), and exits with status 1.
 
     Raises:
       ValueError: an incomplete or inconsistent set (the message names the missing flag).
@@ -100,7 +108,7 @@ def initialize(
     if all(v is None for v in given.values()):
         return False
     missing = [flag for flag, v in given.items() if v is None]
-    if missing:
+    if missing or coordinator is None or num_processes is None or process_id is None:
         raise ValueError(
             f"{', '.join(missing)}: a multi-process run needs --coordinator HOST:PORT, --num-processes N and "
             f"--process-id I together (or {', '.join(ENV.values())}), or --cluster"

@@ -64,6 +64,37 @@ import optax
 
 from jax_resnet import models, per_example
 
+__all__ = [
+    "SAMPLERS",
+    "ACCOUNTANTS",
+    "PAD_LABEL",
+    "NEIGHBOURING",
+    "RDP_ORDERS",
+    "PLD_DISCRETIZATION",
+    "NOISE_STREAM",
+    "DPConfig",
+    "check",
+    "physical_batch_size",
+    "DPRandomness",
+    "poisson_indices",
+    "pad_indices",
+    "gather",
+    "poisson_batch",
+    "ClippedSum",
+    "real_rows",
+    "clip_factors",
+    "clipped_grad_sum",
+    "chunked",
+    "noisy_mean",
+    "update_fn",
+    "sampling_rate",
+    "dp_event",
+    "accountant",
+    "epsilon",
+    "summary",
+]
+
+
 SAMPLERS = ("poisson", "shuffle")
 ACCOUNTANTS = ("rdp", "pld")
 PAD_LABEL = -1  # the label of a padding row: it contributes nothing
@@ -110,7 +141,7 @@ class DPConfig:
 
 
 def _positive_int(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and bool(value >= 1)
 
 
 def check(config: DPConfig) -> None:
@@ -336,12 +367,8 @@ def clipped_grad_sum(
     again = per_example.split(vjp(ct_logits * factors[:, None])[0])[0] if len(gram) > len(io) else None
 
     def clipped(key_path, _):
-        path = per_example.path_of(key_path)
-        return (
-            batch * per_example.subtree(again, path)
-            if path in gram and path not in io
-            else per_example.subtree(kept, path)
-        )
+        path = models.path_of(key_path)
+        return batch * models.subtree(again, path) if path in gram and path not in io else models.subtree(kept, path)
 
     losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
     loss = jnp.sum(mask * losses) / jnp.maximum(jnp.sum(mask), 1.0)
@@ -412,12 +439,12 @@ def update_fn(
     (`per_example.per_device`, `jax.shard_map` over axis "data") and the sums are
     added: per-example work never crosses devices, and XLA's SPMD partitioner never
     sees the per-example convolution (whose batch-grouped form it partitions
-    wrongly, `per_example._conv2d_batch_grad`).
+    wrongly, `ops.conv.conv2d_contributions`).
     """
     devices = 1 if mesh is None else mesh.size
     rows = (chunk or physical_batch_size(config, devices)) // devices
     clipped_sum = chunked(functools.partial(clipped_grad_sum, model, l2_norm_clip=config.l2_norm_clip), rows)
-    if devices > 1:
+    if mesh is not None and devices > 1:
         clipped_sum = _per_device(clipped_sum, mesh)
 
     def update(params, state, opt_state, x, y, key):
@@ -444,7 +471,7 @@ def _per_device(clipped_sum: Callable, mesh: jax.sharding.Mesh) -> Callable:
         loss = jax.lax.psum(out.loss * count, "data") / jnp.maximum(total, 1.0)
         return out._replace(loss=loss, clipped_sum=jax.tree.map(lambda g: jax.lax.psum(g, "data"), out.clipped_sum))
 
-    out_specs = ClippedSum(loss=P(), logits=P("data"), clipped_sum=P(), norms=P("data"))
+    out_specs = ClippedSum._make((P(), P("data"), P(), P("data")))  # loss, logits, clipped_sum, norms
     return per_example.per_device(local, mesh, in_specs=(P(), P(), P("data"), P("data")), out_specs=out_specs)
 
 

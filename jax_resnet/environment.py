@@ -15,6 +15,8 @@ from importlib import metadata
 
 import jax
 
+__all__ = ["PACKAGES", "record"]
+
 PACKAGES = ("jaxlib", "flax", "optax")
 
 

@@ -8,8 +8,9 @@ it instead of repeating it (derivations/bp_vs_resnet.md has the figures):
   order, at initialisation, from one batch in train mode.
 - `layer_gradients`: the same, plus ‖∂L/∂h‖ for the activation h entering
   each block (each hidden layer of an MLP), taken as the gradient with
-  respect to a zero perturbation added there through the model's forward
-  hook (`Model.apply(..., hook=)`): the network runs its own forward pass.
+  respect to a zero perturbation (a *probe*) added there through the model's
+  forward hook (`Model.apply(..., hook=)`): the network runs its own forward
+  pass.
 - `sweep`: plain vs residual CIFAR nets (BatchNorm, He et al. 2015 §4.2) at
   several depths on a batch of random images, and plain vs residual MLPs (no
   normalisation) at several depths on the digits data.
@@ -43,7 +44,7 @@ import os
 import platform
 import time
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -51,6 +52,41 @@ import numpy as np
 
 from jax_resnet import data, environment, models, step
 from jax_resnet.ops import opset
+
+__all__ = [
+    "CIFAR_DEPTHS",
+    "CIFAR_BATCH",
+    "MLP_DEPTHS",
+    "MLP_WIDTH",
+    "MLP_BATCH",
+    "TRAIN_DEPTH",
+    "TRAIN_STEPS",
+    "TRAIN_BATCH",
+    "LEARNING_RATES",
+    "default_learning_rate",
+    "QUICK",
+    "LayerGradients",
+    "probed_loss",
+    "block_inputs",
+    "layer_gradients",
+    "gradient_norms",
+    "scale_residual_branches",
+    "MLPVariant",
+    "MLP_VARIANTS",
+    "TRAIN_VARIANTS",
+    "random_images",
+    "digits_batch",
+    "sweep",
+    "train_compare",
+    "final_loss",
+    "FLOOR",
+    "plot",
+    "format_table",
+    "study",
+    "to_json",
+    "write",
+]
+
 
 CIFAR_DEPTHS = (8, 20, 56, 110)
 CIFAR_BATCH = 16
@@ -60,17 +96,12 @@ MLP_BATCH = 64
 TRAIN_DEPTH = 32
 TRAIN_STEPS = 400
 TRAIN_BATCH = 64
-LEARNING_RATES = {"sgd": 0.01, "adam": 1e-3}  # one per optimiser, not tuned per model
+# One learning rate per optimizer of `step.make_optimizer` the study offers, not tuned per model.
+LEARNING_RATES = {"momentum": 0.01, "adam": 1e-3}
 QUICK = {"cifar_depths": (8,), "cifar_batch": 4, "mlp_depths": (2, 8), "train_depth": 8, "steps": 20}
 
 
 # ----------------------------------------------------------- measurements
-def _at(tree, path):
-    for key in path:
-        tree = tree[key]
-    return tree
-
-
 class LayerGradients(NamedTuple):
     """What one backward pass at initialisation says about gradient flow."""
 
@@ -79,17 +110,17 @@ class LayerGradients(NamedTuple):
     inputs: list[tuple[str, float]]  # (block, ‖∂L/∂h‖₂) for the activation h entering it
 
 
-def tapped_loss(model: models.Model, grad: str = "rules") -> Callable:
-    """loss(params, taps, state, x, y): the training loss with `taps[i]` added
+def probed_loss(model: models.Model, grad: str = "rules") -> Callable:
+    """loss(params, probes, state, x, y): the training loss with `probes[i]` added
     to the activation entering block i (through the model's forward hook).
 
-    The gradient with respect to a zero tap is ∂L/∂h for that block input h,
+    The gradient with respect to a zero probe is ∂L/∂h for that block input h,
     before both the branch and the shortcut.
     """
     loss_op = opset(grad).softmax_cross_entropy
 
-    def loss(params, taps, state, x, y):
-        logits, _ = model.apply(params, state, x, train=True, grad=grad, hook=lambda i, h: h + taps[i])
+    def loss(params, probes, state, x, y):
+        logits, _ = model.apply(params, state, x, train=True, grad=grad, hook=lambda i, h: h + probes[i])
         return loss_op(logits, y)
 
     return loss
@@ -99,7 +130,7 @@ def tapped_loss(model: models.Model, grad: str = "rules") -> Callable:
 def _compiled_gradients(model: models.Model, grad: str):
     # Cached per (model, grad): Model is a frozen dataclass, so twins built
     # again (another seed, a rescaled init) reuse one compilation.
-    return jax.jit(jax.value_and_grad(tapped_loss(model, grad), argnums=(0, 1)))
+    return jax.jit(jax.value_and_grad(probed_loss(model, grad), argnums=(0, 1)))
 
 
 def block_inputs(model: models.Model, params, state, x) -> list[jax.ShapeDtypeStruct]:
@@ -120,11 +151,11 @@ def layer_gradients(model: models.Model, params, state, x, y, *, grad: str = "ru
     One compiled backward pass (train mode, so BatchNorm uses the batch's
     statistics) of the mean softmax cross-entropy with integer labels `y`.
     """
-    taps = [jnp.zeros(h.shape, h.dtype) for h in block_inputs(model, params, state, x)]
-    loss, (ct_params, ct_taps) = _compiled_gradients(model, grad)(params, taps, state, x, y)
+    probes = [jnp.zeros(h.shape, h.dtype) for h in block_inputs(model, params, state, x)]
+    loss, (ct_params, ct_probes) = _compiled_gradients(model, grad)(params, probes, state, x, y)
     spec = model.spec
-    weights = [(name, float(jnp.linalg.norm(_at(ct_params, path)))) for name, path in spec.weight_paths()]
-    inputs = [(n, float(jnp.linalg.norm(ct))) for n, ct in zip(spec.hook_points(), ct_taps)]
+    weights = [(name, float(jnp.linalg.norm(models.subtree(ct_params, path)))) for name, path in spec.weight_paths()]
+    inputs = [(n, float(jnp.linalg.norm(ct))) for n, ct in zip(spec.hook_points(), ct_probes)]
     return LayerGradients(float(loss), weights, inputs)
 
 
@@ -239,14 +270,16 @@ def sweep(
     from the same PRNG key, so plain and residual twins have equal weights.
 
     Returns:
-      {"gradient_norms": {model: [{"layer", "norm"}]},
-       "input_gradient_norms": {model: [{"block", "norm"}]},
-       "summary": {model: {"family" ("cifar" or "mlp"), "depth", "layers",
-                           "loss", "first", "last", "head",
-                           "first_over_last", "input_first_over_last"}},
-       "wall_s": {model: seconds, compile included}}
+      A dict of four tables, by model name:
+
+        {"gradient_norms": {model: [{"layer", "norm"}]},
+         "input_gradient_norms": {model: [{"block", "norm"}]},
+         "summary": {model: {"family" ("cifar" or "mlp"), "depth", "layers",
+                             "loss", "first", "last", "head",
+                             "first_over_last", "input_first_over_last"}},
+         "wall_s": {model: seconds, compile included}}
     """
-    out = {"gradient_norms": {}, "input_gradient_norms": {}, "summary": {}, "wall_s": {}}
+    out: dict[str, dict] = {"gradient_norms": {}, "input_gradient_norms": {}, "summary": {}, "wall_s": {}}
 
     def record(name, family, depth, g, seconds):
         out["gradient_norms"][name] = [{"layer": n, "norm": v} for n, v in g.weights]
@@ -292,8 +325,11 @@ def _batch_stream(ds, batch_size, seed):
         yield from data.batches(ds.x_train, ds.y_train, batch_size, key_or_seed=(seed, epoch))
 
 
-def _optimizer(name: str, learning_rate: float):
-    return step.make_optimizer("momentum" if name == "sgd" else name, learning_rate)
+def default_learning_rate(optimizer: str, owner: str = "flow") -> float:
+    """`LEARNING_RATES[optimizer]`; a ValueError naming `owner` for an optimizer the study does not offer."""
+    if optimizer not in LEARNING_RATES:
+        raise ValueError(f"{owner}: argument `optimizer` must be one of {sorted(LEARNING_RATES)}, got {optimizer!r}")
+    return LEARNING_RATES[optimizer]
 
 
 def train_compare(
@@ -302,7 +338,7 @@ def train_compare(
     width: int = MLP_WIDTH,
     steps: int = TRAIN_STEPS,
     batch_size: int = TRAIN_BATCH,
-    optimizer: str = "sgd",
+    optimizer: str = "momentum",
     learning_rate: float | None = None,
     variants: Sequence[MLPVariant] = TRAIN_VARIANTS,
     seed: int = 0,
@@ -312,26 +348,25 @@ def train_compare(
 ) -> dict[str, list[float | None]]:
     """Minibatch loss per step for each MLP variant, trained from the same start.
 
-    Digits training set, mean softmax cross-entropy, `optimizer` "sgd" (momentum
-    0.9, default learning rate 0.01) or "adam" (default 1e-3). Every variant
+    Digits training set, mean softmax cross-entropy, `optimizer` "momentum"
+    (heavy ball, momentum 0.9, default learning rate 0.01) or "adam" (default
+    1e-3), as `step.make_optimizer` builds them. Every variant
     starts from weights drawn with the same key and sees the same batches in
     the same order (`data.batches` with key (seed, epoch)). A step whose loss
     is not finite is recorded as None (JSON null) and training of that variant
     stops there.
     """
-    if optimizer not in LEARNING_RATES:
-        raise ValueError(
-            f"train_compare: argument `optimizer` must be one of {sorted(LEARNING_RATES)}, got {optimizer!r}"
-        )
-    lr = LEARNING_RATES[optimizer] if learning_rate is None else learning_rate
+    default_lr = default_learning_rate(optimizer, "train_compare")
+    lr = default_lr if learning_rate is None else learning_rate
     ds = data.load("digits", seed=seed)
-    curves = {}
+    curves: dict[str, list[float | None]] = {}
     for variant in variants:
         t = time.perf_counter()
         model, params, state = variant.build(depth, width, jax.random.key(seed), dtype)
-        opt = _optimizer(optimizer, lr)
+        opt = step.make_optimizer(optimizer, lr)
         train_step, opt_state = step.make_train_step(model, opt, grad, dtype=jnp.dtype(dtype).name), opt.init(params)
-        losses, key = [], step.step_key(seed, 0)  # the step takes a key; without augmentation it reads none
+        losses: list[float | None] = []
+        key = step.step_key(seed, 0)  # the step takes a key; without augmentation it reads none
         for xb, yb in itertools.islice(_batch_stream(ds, batch_size, seed), steps):
             batch = (jnp.asarray(xb, dtype), jnp.asarray(yb), key)
             params, state, opt_state, m = train_step(params, state, opt_state, *batch)
@@ -350,7 +385,7 @@ def final_loss(curve: Sequence[float | None], window: int = 20) -> float | None:
     """Mean of the last `window` losses; None when training diverged."""
     if not curve or curve[-1] is None:
         return None
-    return float(np.mean(curve[-window:]))
+    return float(np.mean([v for v in curve[-window:] if v is not None]))  # only the last can be None
 
 
 # ---------------------------------------------------------------- reporting
@@ -470,7 +505,7 @@ def study(
     train_depth: int | None = None,
     steps: int | None = None,
     *,
-    optimizer: str = "sgd",
+    optimizer: str = "momentum",
     seed: int = 0,
     grad: str = "rules",
     quick: bool = False,
@@ -490,26 +525,24 @@ def study(
       (`write`); the field names are a contract.
     """
 
-    def pick(given, name, default):
+    def pick(given: Any, name: str, default: Any) -> Any:
         return given if given is not None else (QUICK[name] if quick else default)
 
     cifar_depths = tuple(pick(cifar_depths, "cifar_depths", CIFAR_DEPTHS))
     mlp_depths = tuple(pick(mlp_depths, "mlp_depths", MLP_DEPTHS))
-    train_depth = pick(train_depth, "train_depth", TRAIN_DEPTH)
-    steps = pick(steps, "steps", TRAIN_STEPS)
+    depth: int = pick(train_depth, "train_depth", TRAIN_DEPTH)
+    n_steps: int = pick(steps, "steps", TRAIN_STEPS)
     cifar_batch = pick(None, "cifar_batch", CIFAR_BATCH)
-    if optimizer not in LEARNING_RATES:
-        raise ValueError(f"study: argument `optimizer` must be one of {sorted(LEARNING_RATES)}, got {optimizer!r}")
-    learning_rate = LEARNING_RATES[optimizer]
+    learning_rate = default_learning_rate(optimizer, "study")
 
     started = time.perf_counter()
     log(f"gradient norms at init: CIFAR depths {cifar_depths}, MLP depths {mlp_depths} ({jax.default_backend()})")
     measured = sweep(cifar_depths, mlp_depths, cifar_batch=cifar_batch, seed=seed, grad=grad, log=log)
     sweep_s = time.perf_counter() - started
-    log(f"training: MLP depth {train_depth}, {steps} steps, {optimizer}")
+    log(f"training: MLP depth {depth}, {n_steps} steps, {optimizer}")
     t = time.perf_counter()
     training = train_compare(
-        train_depth, steps=steps, optimizer=optimizer, learning_rate=learning_rate, seed=seed, grad=grad, log=log
+        depth, steps=n_steps, optimizer=optimizer, learning_rate=learning_rate, seed=seed, grad=grad, log=log
     )
     train_s = time.perf_counter() - t
     env = environment.record()
@@ -527,13 +560,13 @@ def study(
             "mlp_input": f"first {MLP_BATCH} digits training images (data.load('digits'))",
             "mlp_variants": [dataclasses.asdict(v) for v in MLP_VARIANTS],
             "train": {
-                "depth": train_depth,
+                "depth": depth,
                 "width": MLP_WIDTH,
-                "steps": steps,
+                "steps": n_steps,
                 "batch_size": TRAIN_BATCH,
                 "optimizer": optimizer,
                 "learning_rate": learning_rate,
-                "momentum": step.MOMENTUM if optimizer == "sgd" else None,
+                "momentum": step.MOMENTUM if optimizer == "momentum" else None,
             },
             "loss": "mean softmax cross-entropy (ops.softmax_cross_entropy), train mode",
             "grad": grad,

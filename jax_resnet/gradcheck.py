@@ -41,12 +41,36 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-DEFAULT_RTOL = {jnp.dtype("float64"): 1e-10, jnp.dtype("float32"): 1e-5}
+__all__ = [
+    "DEFAULT_RTOL",
+    "DEFAULT_FD_RTOL",
+    "relative_error",
+    "leaf_errors",
+    "max_leaf_error",
+    "worst_leaf",
+    "float_argnums",
+    "comparison",
+    "pullback",
+    "restrict",
+    "random_like",
+    "vdot",
+    "is_float",
+    "array_error",
+    "central_differences",
+    "fd_steps",
+    "dot_product_errors",
+    "ArgReport",
+    "GradcheckReport",
+    "gradcheck",
+]
+
+
+DEFAULT_RTOL: dict[Any, float] = {jnp.dtype("float64"): 1e-10, jnp.dtype("float32"): 1e-5}
 DEFAULT_FD_RTOL = 1e-6
 
 
 # ----------------------------------------------------------------------------- errors
-def _array_error(a, e) -> float:
+def array_error(a, e) -> float:
     """max|a − e| / max|e| for two arrays (the absolute error when e is all zeros); NaN stays NaN."""
     a, e = np.asarray(a), np.asarray(e)
     a = a.astype(np.result_type(a.dtype, np.float64))
@@ -105,6 +129,8 @@ def leaf_errors(actual, expected) -> dict[str, float]:
         >>> leaf_errors({"w": np.ones(3), "b": np.zeros(2)}, {"w": np.full(3, 2.0), "b": np.zeros(2)})
         {"['b']": 0.0, "['w']": 0.5}
     """
+    a_def: Any  # jaxlib's PyTreeDef, which has no type stubs
+    e_def: Any
     a_leaves, a_def = jax.tree_util.tree_flatten_with_path(actual)
     e_leaves, e_def = jax.tree_util.tree_flatten_with_path(expected)
     if a_def != e_def:
@@ -114,7 +140,7 @@ def leaf_errors(actual, expected) -> dict[str, float]:
         key = jax.tree_util.keystr(path)
         if np.shape(a) != np.shape(e):
             raise ValueError(f"leaf_errors: leaf {key or '(root)'} has shape {np.shape(a)}, expected {np.shape(e)}")
-        out[key] = _array_error(a, e)
+        out[key] = array_error(a, e)
     return out
 
 
@@ -143,13 +169,14 @@ def worst_leaf(errors: Mapping[str, float]) -> tuple[float, str]:
 
 
 # ----------------------------------------------------------------------------- the core
-def _is_float(x) -> bool:
+def is_float(x) -> bool:
+    """True for a floating array or scalar."""
     return jnp.issubdtype(jnp.result_type(x), jnp.floating)
 
 
 def _is_float_tree(tree) -> bool:
     leaves = jax.tree.leaves(tree)
-    return bool(leaves) and all(_is_float(leaf) for leaf in leaves)
+    return bool(leaves) and all(is_float(leaf) for leaf in leaves)
 
 
 def float_argnums(args: Sequence[Any]) -> tuple[int, ...]:
@@ -157,16 +184,18 @@ def float_argnums(args: Sequence[Any]) -> tuple[int, ...]:
     return tuple(i for i, a in enumerate(args) if _is_float_tree(a))
 
 
-def _random_like(rng: np.random.Generator, tree):
+def random_like(rng: np.random.Generator, tree):
+    """Standard normal draws shaped and typed like each leaf of `tree` (arrays, or `jax.ShapeDtypeStruct` leaves)."""
     # numpy draws: a jax.random call would compile a kernel for every new shape.
     return jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(jnp.shape(x)), jnp.result_type(x)), tree)
 
 
-def _vdot(a, b) -> jax.Array:
-    return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+def vdot(a, b) -> jax.Array:
+    """⟨a, b⟩ of two pytrees of one structure: the sum over leaves of `jnp.vdot`."""
+    return jnp.asarray(sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))))
 
 
-def _restrict(f: Callable, args: Sequence[Any], argnums: Sequence[int]) -> Callable:
+def restrict(f: Callable, args: Sequence[Any], argnums: Sequence[int]) -> Callable:
     """f as a function of the arguments at `argnums` only, the others held at `args`."""
 
     def g(*diff):
@@ -178,22 +207,39 @@ def _restrict(f: Callable, args: Sequence[Any], argnums: Sequence[int]) -> Calla
     return g
 
 
-def _vjp(f: Callable, args: Sequence[Any], argnums: Sequence[int], ct) -> tuple[Any, tuple]:
-    """(f(*args), the VJP of f w.r.t. the arguments at `argnums` for cotangent `ct`)."""
-    y, pullback = jax.vjp(_restrict(f, args, argnums), *(args[i] for i in argnums))
-    return y, pullback(ct)
+def pullback(f: Callable, args: Sequence[Any], argnums: Sequence[int], ct) -> tuple[Any, tuple]:
+    """(`f(*args)`, the VJP of f w.r.t. the arguments at `argnums` for cotangent `ct`)."""
+    y, vjp_fn = jax.vjp(restrict(f, args, argnums), *(args[i] for i in argnums))
+    return y, vjp_fn(ct)
 
 
-def _central_differences(f: Callable, args, argnums, ct, directions, eps) -> list:
+def central_differences(f: Callable, args, argnums, ct, directions, eps) -> list:
     """⟨ct, (f(x + ε_k u_k) − f(x − ε_k u_k)) / 2ε_k⟩ for each argument k: the right side of the dot-product test."""
-    g = _restrict(f, args, argnums)
+    g = restrict(f, args, argnums)
     primals = [args[i] for i in argnums]
     out = []
     for k in range(len(argnums)):
         plus, minus = list(primals), list(primals)
         plus[k] = jax.tree.map(lambda p, u, k=k: p + eps[k] * u, primals[k], directions[k])
         minus[k] = jax.tree.map(lambda p, u, k=k: p - eps[k] * u, primals[k], directions[k])
-        out.append(_vdot(ct, jax.tree.map(lambda a, b, k=k: (a - b) / (2 * eps[k]), g(*plus), g(*minus))))
+        out.append(vdot(ct, jax.tree.map(lambda a, b, k=k: (a - b) / (2 * eps[k]), g(*plus), g(*minus))))
+    return out
+
+
+def comparison(fn: Callable, reference: Callable, args, argnums, ct, directions=None, eps=None, *, rule_vjp=True):
+    """The computation every check of a rule is made of, in one traceable function (`jax_resnet.testing`
+    jits it; `gradcheck` runs it as it is):
+
+      y: `fn(*args)`;  y_ref, want: `reference`'s output and VJP for the cotangent `ct`;
+      y_vjp, got: `fn`'s (when `rule_vjp`);  fd: per argument k, ⟨ct, (f(x + ε_k u_k) − f(x − ε_k u_k)) / 2ε_k⟩
+      along `directions[k]` with steps `eps[k]` (when `directions` is given): the dot-product test's right side.
+    """
+    out = {"y": fn(*args)}
+    out["y_ref"], out["want"] = pullback(reference, args, argnums, ct)
+    if rule_vjp:
+        out["y_vjp"], out["got"] = pullback(fn, args, argnums, ct)
+    if directions is not None:
+        out["fd"] = central_differences(fn, args, argnums, ct, directions, eps)
     return out
 
 
@@ -207,9 +253,9 @@ def fd_steps(args: Sequence[Any], argnums: Sequence[int], fd_eps: float) -> jax.
 
 
 def dot_product_errors(directions: Sequence[Any], cts: Sequence[Any], fd: Sequence[Any]) -> list[float]:
-    """The dot-product test per argument k: |⟨u_k, ct_k⟩ − fd_k| / max(|⟨u_k, ct_k⟩|, |fd_k|).
+    """The dot-product test per argument k: `|⟨u_k, ct_k⟩ − fd_k| / max(|⟨u_k, ct_k⟩|, |fd_k|)`.
 
-    `cts` is a VJP (rule or reference), `fd` what `_central_differences` gave
+    `cts` is a VJP (rule or reference), `fd` what `central_differences` gave
     for the same cotangent; the sums run in numpy (no kernel to compile).
     """
     out = []
@@ -321,24 +367,26 @@ def gradcheck(
         rtol = DEFAULT_RTOL[dtype]
 
     rng = np.random.default_rng(seed)
-    ct = _random_like(rng, jax.eval_shape(fn, *args))
-    y, got = _vjp(fn, args, argnums, ct)
-    y_ref, want = _vjp(reference, args, argnums, ct)
-
+    ct = random_like(rng, jax.eval_shape(fn, *args))
     fd_errs: list[float | None] = [None] * len(argnums)
-    if jax.config.jax_enable_x64:
-        to64 = lambda t: jax.tree.map(lambda a: jnp.asarray(a, jnp.float64) if _is_float(a) else a, t)
+    x64, same = bool(jax.config.read("jax_enable_x64")), dtype == jnp.float64
+    if x64:
+        to64 = lambda t: jax.tree.map(lambda a: jnp.asarray(a, jnp.float64) if is_float(a) else a, t)
         args64, ct64 = to64(args), to64(ct)
-        got64 = got if dtype == jnp.float64 else _vjp(fn, args64, argnums, ct64)[1]
-        directions = _random_like(rng, tuple(args64[i] for i in argnums))
-        fd = _central_differences(fn, args64, argnums, ct64, directions, fd_steps(args64, argnums, fd_eps))
-        fd_errs = dot_product_errors(directions, got64, fd)
+        directions = random_like(rng, tuple(args64[i] for i in argnums))
+        eps = fd_steps(args64, argnums, fd_eps)
+    p = comparison(fn, reference, args, argnums, ct, *((directions, eps) if x64 and same else ()))
+    y, got, y_ref, want = p["y_vjp"], p["got"], p["y_ref"], p["want"]
+    if x64:
+        p64 = p if same else comparison(fn, reference, args64, argnums, ct64, directions, eps)
+        fd_errs = list(dot_product_errors(directions, p64["got"], p64["fd"]))
 
     rows = []
     for k, i in enumerate(argnums):
         per_leaf = leaf_errors(got[k], want[k])
         err, where = worst_leaf(per_leaf)
-        fd_ok = fd_errs[k] is None or fd_errs[k] <= fd_rtol
+        fd_err = fd_errs[k]
+        fd_ok = fd_err is None or fd_err <= fd_rtol
         rows.append(
             ArgReport(
                 argnum=i,

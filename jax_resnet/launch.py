@@ -24,6 +24,8 @@ import time
 
 from jax_resnet.distributed import ENV
 
+__all__ = ["free_port", "start", "stop", "wait", "main"]
+
 
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 now (the coordinator binds it a moment later)."""

@@ -18,18 +18,9 @@ the reference ops and lets JAX differentiate them, so whole-model gradients
 can be compared. No global switch: each call chooses.
 
 Every spec (a network family) answers the same questions itself, so the
-trainer, the studies and the CLI never dispatch on its type:
-
-  init(key, dtype) -> (params, state)
-  forward(ops, params, state, x, *, train, hook=None) -> (out, new_state)
-      the one place the family's layers are sequenced; `hook(i, h) -> h`
-      (optional) sees the activation entering block i (the head's input is
-      the last point), which is how studies tap the network without copying it
-  hook_points() -> names of those points, in order
-  weight_paths() -> (name, path into params) of each conv/dense kernel, input side first
-  describe() -> lines for `jax-resnet info`
-  input_shape() -> one example's usual shape
-  for_data(image_shape, num_classes=None) -> the same family sized for a data set
+trainer, the studies and the CLI never dispatch on its type: the `Spec`
+protocol below declares them, and every family implements it
+(`tests/test_api.py` checks each one).
 
 Weight decay applies to the leaves `weight_paths` names (`kernel_mask`).
 """
@@ -41,31 +32,71 @@ import functools
 import itertools
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
 
 from jax_resnet import blocks, reversible
 from jax_resnet._compile import compile_once
-from jax_resnet.ops import OpSet, opset
+from jax_resnet.ops import OpSet, activations, opset
 
 # ImageNet stem: (convolution padding, max-pool padding).
 STEM_PADDINGS = {"torchvision": (3, 1), "same": ("SAME", "SAME")}
-ACTIVATIONS = ("relu", "leaky_relu", "tanh", "sigmoid", "gelu", "silu", "softplus", "identity")
+# The activation rules (ops/activations.py lists them), and no activation at all.
+ACTIVATIONS = (*activations.OPS, "identity")
 
 
 def _activation(ops: OpSet, name: str) -> Callable:
     return (lambda x: x) if name == "identity" else getattr(ops, name)
 
 
+Hook = Callable[[int, Any], Any]
+
+
 def _no_hook(i, h):
     return h
 
 
-def _init_dense(key, n_in, n_out, dtype, gain=2.0):
-    w = jnp.sqrt(gain / n_in) * jax.random.normal(key, (n_in, n_out), dtype)
-    return {"w": w, "b": jnp.zeros((n_out,), dtype)}
+@runtime_checkable
+class Spec(Protocol):
+    """What a network family answers: the contract `Model` (and every study) relies on.
+
+    A spec is a frozen dataclass (hashable: it is part of compiled functions' cache keys).
+    """
+
+    def init(self, key: jax.Array, dtype: Any) -> tuple[Any, Any]:
+        """(params, state): pytrees of arrays of `dtype`."""
+        ...
+
+    def forward(self, ops: OpSet, params: Any, state: Any, x: jax.Array, *, train: bool, hook: Hook = _no_hook):
+        """(out, new_state): the one place the family's layers are sequenced.
+
+        `hook(i, h) -> h` sees the activation entering block i (the head's
+        input is the last point): how studies reach inside the network without
+        copying it.
+        """
+        ...
+
+    def hook_points(self) -> list[str]:
+        """Names of the points `hook` sees, in order."""
+        ...
+
+    def weight_paths(self) -> list[tuple[str, tuple]]:
+        """(name, path into params) of each conv/dense kernel, input side first."""
+        ...
+
+    def describe(self) -> list[str]:
+        """Lines for `jax-resnet info`."""
+        ...
+
+    def input_shape(self) -> tuple[int, ...]:
+        """One example's usual shape."""
+        ...
+
+    def for_data(self, image_shape: tuple[int, ...], num_classes: int | None = None) -> Spec:
+        """The same family sized for a data set (one example's shape; None keeps the classes)."""
+        ...
 
 
 def _init_runs(init, keys, specs, dtype) -> tuple[list, list]:
@@ -127,14 +158,14 @@ class MLPSpec:
     def init(self, key, dtype):
         keys = jax.random.split(key, self.depth + 2)
         params = {
-            "in": _init_dense(keys[0], self.in_features, self.width, dtype),
+            "in": blocks.init_dense(keys[0], self.in_features, self.width, dtype),
             "hidden": _init_runs(
-                lambda k, _, dt: (_init_dense(k, self.width, self.width, dt), {}),
+                lambda k, _, dt: (blocks.init_dense(k, self.width, self.width, dt), {}),
                 keys[1:-1],
                 [None] * self.depth,
                 dtype,
             )[0],
-            "out": _init_dense(keys[-1], self.width, self.out_features, dtype, gain=1.0),
+            "out": blocks.init_dense(keys[-1], self.width, self.out_features, dtype, gain=1.0),
         }
         return params, {}
 
@@ -195,6 +226,10 @@ class ResNetSpec:
     `norm`: "batch" (BatchNorm, as in the papers) or "group" (GroupNorm with
     gcd(norm_groups, C) groups per layer, Wu & He 2018), in every place a
     BatchNorm would sit; the parameter count is the same.
+
+    `groups`, `base_width` (bottleneck kinds): the 3x3 convolution of every
+    block is grouped, ResNeXt's cardinality and bottleneck width
+    (`blocks.BlockSpec`).
     """
 
     stage_sizes: tuple[int, ...]
@@ -210,6 +245,8 @@ class ResNetSpec:
     stem_padding: str = "torchvision"
     norm: str = "batch"
     norm_groups: int = 32
+    groups: int = 1
+    base_width: int = 64
 
     def __post_init__(self):
         blocks.check_norm("ResNetSpec", self.norm, self.norm_groups)
@@ -246,6 +283,8 @@ class ResNetSpec:
                     zero_init_residual=self.zero_init_residual,
                     norm=self.norm,
                     norm_groups=self.norm_groups,
+                    groups=self.groups,
+                    base_width=self.base_width,
                 )
                 specs.append(spec)
                 c = spec.out_channels
@@ -263,7 +302,7 @@ class ResNetSpec:
         c = specs[-1].out_channels
         if self.preact:
             params["final_bn"], state["final_bn"] = blocks.init_norm(c, dtype, self.norm)
-        params["head"] = _init_dense(keys[-1], c, self.num_classes, dtype, gain=1.0)
+        params["head"] = blocks.init_dense(keys[-1], c, self.num_classes, dtype, gain=1.0)
         return params, state
 
     def forward(self, ops: OpSet, params, state, x, *, train, hook=_no_hook):
@@ -300,7 +339,7 @@ class ResNetSpec:
         return [f"block{i}" for i in range(sum(self.stage_sizes))] + ["head"]
 
     def weight_paths(self) -> list[tuple[str, tuple]]:
-        paths = [("stem", ("stem", "w"))]
+        paths: list[tuple[str, tuple]] = [("stem", ("stem", "w"))]
         for i, spec in enumerate(self.block_specs()):
             paths += [(f"block{i}.conv{j}", ("blocks", i, f"conv{j}", "w")) for j in range(len(spec.convs()))]
             if spec.projects:
@@ -320,9 +359,10 @@ class ResNetSpec:
     def describe(self) -> list[str]:
         kind = "ResNet" if self.residual else "plain net"
         norm = "BatchNorm" if self.norm == "batch" else f"GroupNorm (≤ {self.norm_groups} groups)"
+        grouped = f" ({self.groups} groups of {self.base_width} per 64 channels)" if self.groups > 1 else ""
         lines = [
-            f"{kind}: {self.stem} stem ({self.stem_width} channels), {self.block} blocks, shortcut {self.shortcut}, "
-            f"{norm}"
+            f"{kind}: {self.stem} stem ({self.stem_width} channels), {self.block} blocks{grouped}, "
+            f"shortcut {self.shortcut}, {norm}"
         ]
         for i, spec in enumerate(self.block_specs()):
             lines.append(
@@ -384,7 +424,8 @@ class RevNetSpec:
 
     def stages(self) -> list[tuple[reversible.CouplingSpec | None, reversible.CouplingSpec, int]]:
         """Per stage: (the non-reversible first coupling or None, the reversible coupling, how many)."""
-        out, c = [], self.stem_width
+        out: list[tuple[reversible.CouplingSpec | None, reversible.CouplingSpec, int]] = []
+        c = self.stem_width
         for s, (n, width) in enumerate(zip(self.stage_sizes, self.widths)):
             first = reversible.CouplingSpec(self.block, c, width, 2 if s > 0 else 1, self.shortcut)
             rev = reversible.CouplingSpec(self.block, first.out_channels, width)
@@ -410,7 +451,7 @@ class RevNetSpec:
             params["stages"].append(p)
             state["stages"].append(st)
         params["final_bn"], state["final_bn"] = blocks.init_bn(self.out_channels, dtype)
-        params["head"] = _init_dense(keys[-1], self.out_channels, self.num_classes, dtype, gain=1.0)
+        params["head"] = blocks.init_dense(keys[-1], self.out_channels, self.num_classes, dtype, gain=1.0)
         return params, state
 
     def forward(self, ops: OpSet, params, state, x, *, train, hook=_no_hook):
@@ -419,7 +460,7 @@ class RevNetSpec:
                 f"RevNet apply: argument `x` must be NHWC with {self.in_channels} channels, got shape {tuple(x.shape)}"
             )
         h = ops.conv2d(x, params["stem"]["w"], stride=1, padding="SAME")
-        new_state = {"stages": []}
+        new_state: dict[str, Any] = {"stages": []}
         for s, ((down, rev, n), p, st) in enumerate(zip(self.stages(), params["stages"], state["stages"])):
             x1, x2 = jnp.split(hook(s, h), 2, axis=-1)
             new_st = {}
@@ -448,9 +489,14 @@ class RevNetSpec:
     def hook_points(self) -> list[str]:
         return [f"stage{s}" for s in range(len(self.stage_sizes))] + ["head"]
 
+    def stacked_paths(self) -> list[tuple]:
+        """The subtrees of `params` whose leaves are stacked on a leading axis of couplings (the
+        reversible stages', run by one `lax.scan`): per-coupling quantities slice them alike."""
+        return [("stages", s, "rev") for s, (_, _, n) in enumerate(self.stages()) if n]
+
     def weight_paths(self) -> list[tuple[str, tuple]]:
         """Each kernel; a reversible stage's are stacked, one array [couplings, ...] per position."""
-        paths = [("stem", ("stem", "w"))]
+        paths: list[tuple[str, tuple]] = [("stem", ("stem", "w"))]
         for s, (down, rev, n) in enumerate(self.stages()):
             for part, spec in (("down", down), ("rev", rev if n else None)):
                 if spec is None:
@@ -491,6 +537,10 @@ class RevNetSpec:
         return dataclasses.replace(self, in_channels=image_shape[-1], num_classes=k)
 
 
+# The network families: each implements `Spec` (mypy checks this tuple; tests/test_api.py checks the signatures).
+FAMILIES: tuple[type[Spec], ...] = (MLPSpec, ResNetSpec, RevNetSpec)
+
+
 # ----------------------------------------------------------------------- Model
 @functools.lru_cache(maxsize=64)
 def _compiled_init(spec, dtype):
@@ -503,7 +553,7 @@ def _compiled_init(spec, dtype):
 class Model:
     """A spec with pure `init` and `apply`; hashable, so it can be a static arg."""
 
-    spec: Any
+    spec: Spec
     name: str = "model"
 
     def init(self, key, dtype=jnp.float32):
@@ -538,11 +588,20 @@ class Model:
         Weight decay applies there, not to biases or BatchNorm scales and shifts.
         """
         kernels = {path for _, path in self.spec.weight_paths()}
+        return jax.tree_util.tree_map_with_path(lambda key_path, _: path_of(key_path) in kernels, params)
 
-        def is_kernel(path, _):
-            return tuple(getattr(k, "key", getattr(k, "idx", None)) for k in path) in kernels
 
-        return jax.tree_util.tree_map_with_path(is_kernel, params)
+# ------------------------------------------------------------- paths into params
+def path_of(key_path) -> tuple:
+    """A `jax.tree_util` key path as a tuple of dict keys and list indices: the form of `Spec.weight_paths`."""
+    return tuple(getattr(k, "key", getattr(k, "idx", k)) for k in key_path)
+
+
+def subtree(tree, path: tuple):
+    """`tree[path[0]][path[1]]...`: the node at a path as `weight_paths` and `path_of` write it."""
+    for key in path:
+        tree = tree[key]
+    return tree
 
 
 def num_params(params) -> int:
@@ -558,13 +617,16 @@ def summary(model: Model, input_shape: tuple[int, ...]) -> dict:
     ResNet paper tabulates). Nothing is allocated: shapes only.
     """
     params, state = jax.eval_shape(lambda: model.init(jax.random.key(0)))
-    if getattr(model.spec, "unroll", None) is False:
+    spec: Any = model.spec
+    if getattr(spec, "unroll", None) is False:
         # XLA's cost analysis counts a loop's body once: count a scanned network's layers unrolled.
-        model = dataclasses.replace(model, spec=dataclasses.replace(model.spec, unroll=True))
+        model = dataclasses.replace(model, spec=dataclasses.replace(spec, unroll=True))
     x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
     lowered = jax.jit(lambda p, s, x: model.apply(p, s, x, train=False)[0]).lower(params, state, x)
     cost = lowered.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    if cost is None:
+        raise RuntimeError(f"summary: XLA gave no cost analysis for {model.name} on {jax.default_backend()}")
     return {
         "model": model.name,
         "input_shape": list(input_shape),
@@ -575,26 +637,68 @@ def summary(model: Model, input_shape: tuple[int, ...]) -> dict:
 
 
 # --------------------------------------------------------------------- presets
-def residual_mlp(
-    in_features=64, width=64, depth=2, out_features=10, activation="relu", output_activation="identity"
+def mlp(
+    in_features=64,
+    width=64,
+    depth=2,
+    out_features=10,
+    activation="relu",
+    output_activation="identity",
+    *,
+    residual=True,
 ) -> Model:
-    """The seed's residual network, generalised to `depth` skip-connected hidden layers.
+    """The seed's residual network, generalised to `depth` skip-connected hidden layers
+    (`residual_mlp`), or the same without the skip connections (`plain_mlp`, the seed's "BP network").
 
-    Command: jax-resnet train --model residual_mlp
+    Command: jax-resnet train --model residual_mlp   (or plain_mlp)
     """
-    spec = MLPSpec(in_features, width, depth, out_features, activation, output_activation, residual=True)
-    return Model(spec, "residual_mlp")
+    spec = MLPSpec(in_features, width, depth, out_features, activation, output_activation, residual=residual)
+    return Model(spec, "residual_mlp" if residual else "plain_mlp")
 
 
-def plain_mlp(
-    in_features=64, width=64, depth=2, out_features=10, activation="relu", output_activation="identity"
+def resnet(
+    stage_sizes,
+    block,
+    widths,
+    *,
+    stem="cifar",
+    stem_width=16,
+    shortcut="B",
+    num_classes=10,
+    in_channels=3,
+    dropout=0.0,
+    **options,
 ) -> Model:
-    """`residual_mlp` without the skip connections (the seed's "BP network").
+    """Any `ResNetSpec` from its stages: the builder under `cifar_resnet` and `imagenet_resnet`, and of the
+    families made of existing block kinds (ResNeXt, Wide ResNets), whose presets are its arguments.
 
-    Command: jax-resnet train --model plain_mlp
+    Args:
+      stage_sizes, block, widths: blocks per stage, their kind (`blocks.KINDS`), `width` per stage.
+      stem, stem_width, shortcut, num_classes, in_channels: as in `ResNetSpec`.
+      dropout: must be 0. Wide ResNets may drop out between a block's convolutions
+        (Zagoruyko & Komodakis 2016, §2.4), but `Model.apply` takes no random key, so
+        no forward pass here can draw a dropout mask.
+      **options: the other `ResNetSpec` fields (`groups`, `base_width`, `norm`, ...).
+
+    Command: jax-resnet train --model wrn16_8 --dataset cifar10 --data-dir DIR --optimizer momentum --lr 0.1
     """
-    spec = MLPSpec(in_features, width, depth, out_features, activation, output_activation, residual=False)
-    return Model(spec, "plain_mlp")
+    if dropout:
+        raise ValueError(
+            f"resnet: `dropout` must be 0, got {dropout!r}: dropout is not supported, because Model.apply "
+            "takes no random key to draw its masks from (train without it, as the presets do)"
+        )
+    spec = ResNetSpec(
+        stage_sizes=tuple(stage_sizes),
+        block=block,
+        widths=tuple(widths),
+        stem=stem,
+        stem_width=stem_width,
+        shortcut=shortcut,
+        num_classes=num_classes,
+        in_channels=in_channels,
+        **options,
+    )
+    return Model(spec, "resnet")
 
 
 def cifar_resnet(
@@ -622,21 +726,18 @@ def cifar_resnet(
             f"cifar_resnet: `depth` must be 6n+2 with n ≥ 1 (8, 14, 20, 32, 44, 56, 110, 1202), got {depth}"
         )
     n = (depth - 2) // 6
-    spec = ResNetSpec(
-        stage_sizes=(n,) * len(widths),
-        block=block,
-        widths=tuple(widths),
-        stem="cifar",
+    options = dict(residual=residual, zero_init_residual=zero_init_residual, norm=norm, norm_groups=norm_groups)
+    model = resnet(
+        (n,) * len(widths),
+        block,
+        widths,
         stem_width=widths[0],
         shortcut=shortcut,
         num_classes=num_classes,
         in_channels=in_channels,
-        residual=residual,
-        zero_init_residual=zero_init_residual,
-        norm=norm,
-        norm_groups=norm_groups,
+        **options,
     )
-    return Model(spec, f"{'resnet' if residual else 'plain'}{depth}")
+    return dataclasses.replace(model, name=f"{'resnet' if residual else 'plain'}{depth}")
 
 
 def imagenet_resnet(
@@ -660,13 +761,12 @@ def imagenet_resnet(
     Command (CPU-sized input; any data set, the head takes its classes):
     jax-resnet train --model resnet18 --dataset cifar10 --data-dir DIR --optimizer momentum --lr 0.1
     """
-    spec = ResNetSpec(
-        stage_sizes=tuple(stage_sizes),
-        block=block,
-        widths=tuple(width * 2**i for i in range(len(stage_sizes))),
+    model = resnet(
+        stage_sizes,
+        block,
+        [width * 2**i for i in range(len(stage_sizes))],
         stem="imagenet",
         stem_width=width,
-        shortcut="B",
         num_classes=num_classes,
         in_channels=in_channels,
         zero_init_residual=zero_init_residual,
@@ -674,7 +774,8 @@ def imagenet_resnet(
         norm=norm,
         norm_groups=norm_groups,
     )
-    return Model(spec, f"resnet{2 + sum(stage_sizes) * len(spec.block_specs()[0].convs())}")
+    depth = 2 + sum(stage_sizes) * len(blocks.BlockSpec(block, width, width).convs())
+    return dataclasses.replace(model, name=f"resnet{depth}")
 
 
 def revnet(
@@ -735,8 +836,8 @@ def _tiny(num_classes=10, in_channels=1) -> Model:
 
 
 tiny = _preset("tiny", _tiny)
-residual_mlp = _preset("residual_mlp", residual_mlp)
-plain_mlp = _preset("plain_mlp", plain_mlp)
+residual_mlp = _preset("residual_mlp", mlp, residual=True)
+plain_mlp = _preset("plain_mlp", mlp, residual=False)
 resnet8 = _preset("resnet8", cifar_resnet, 8)
 resnet14 = _preset("resnet14", cifar_resnet, 14)
 resnet20 = _preset("resnet20", cifar_resnet, 20)
@@ -765,6 +866,17 @@ revnet110 = _preset("revnet110", revnet, (9, 9, 9), "basic", (32, 64, 128))
 # RevNet-164 with option-B (projection) shortcuts where the shape changes, as the
 # bottleneck ResNet-164 it is compared with (He et al. 2016); tests/test_reversible.py counts it.
 revnet164 = _preset("revnet164", revnet, (9, 9, 9), "bottleneck", (32, 64, 128), shortcut="B")
+# ResNeXt-29 (Xie et al. 2017, §5.3 and Table 7): a 64-channel 3x3 stem, three stages of three bottleneck
+# blocks (width 64, 128, 256: outputs 256, 512, 1024), cardinality C with bottleneck width d = 64 in the
+# first stage (grouped 3x3 of C·d·2^stage channels), option-B projections; tests/test_models.py counts them.
+resnext29_8x64d = _preset("resnext29_8x64d", resnet, (3, 3, 3), "bottleneck", (64, 128, 256), stem_width=64, groups=8)
+resnext29_16x64d = _preset(
+    "resnext29_16x64d", resnet, (3, 3, 3), "bottleneck", (64, 128, 256), stem_width=64, groups=16
+)
+# Wide ResNets WRN-d-k (Zagoruyko & Komodakis 2016, Table 1): a 16-channel 3x3 stem, (d − 4)/6 pre-activation
+# basic blocks per stage of widths 16k, 32k, 64k, 1x1 projections where the shape changes; without dropout.
+wrn28_10 = _preset("wrn28_10", resnet, (4, 4, 4), "preact_basic", (160, 320, 640))
+wrn16_8 = _preset("wrn16_8", resnet, (2, 2, 2), "preact_basic", (128, 256, 512))
 # GroupNorm twins, whose examples do not interact: per-example gradients and DP-SGD
 # (jax_resnet.per_example). 16 groups at CIFAR widths (16, 32, 64), 32 (Wu & He 2018) at ImageNet's.
 resnet20_gn = _preset("resnet20_gn", cifar_resnet, 20, norm="group", norm_groups=16)
@@ -778,3 +890,62 @@ def get(name: str, **kwargs) -> Model:
     if name not in PRESETS:
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(PRESETS)}")
     return PRESETS[name](**kwargs)
+
+
+__all__ = [
+    "STEM_PADDINGS",
+    "ACTIVATIONS",
+    "Hook",
+    "Spec",
+    "MLPSpec",
+    "ResNetSpec",
+    "RevNetSpec",
+    "FAMILIES",
+    "Model",
+    "path_of",
+    "subtree",
+    "num_params",
+    "summary",
+    "mlp",
+    "cifar_resnet",
+    "imagenet_resnet",
+    "resnet",
+    "revnet",
+    "PRESETS",
+    "tiny",
+    "residual_mlp",
+    "plain_mlp",
+    "resnet8",
+    "resnet14",
+    "resnet20",
+    "resnet32",
+    "resnet44",
+    "resnet56",
+    "resnet110",
+    "resnet1202",
+    "plain8",
+    "plain14",
+    "plain20",
+    "plain32",
+    "plain44",
+    "plain56",
+    "plain110",
+    "preact_resnet20",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "preact_resnet18",
+    "revnet38",
+    "revnet110",
+    "revnet164",
+    "resnext29_8x64d",
+    "resnext29_16x64d",
+    "wrn28_10",
+    "wrn16_8",
+    "resnet20_gn",
+    "resnet18_gn",
+    "tiny_gn",
+    "get",
+]

@@ -65,6 +65,20 @@ from flax.nnx import initializers
 from jax_resnet import blocks, models
 from jax_resnet.ops import GRAD_MODES, _checks, opset
 
+__all__ = [
+    "default_kernel_init",
+    "default_bias_init",
+    "Linear",
+    "Conv",
+    "Projection",
+    "BatchNorm",
+    "Network",
+    "Block",
+    "to_pure",
+    "from_pure",
+]
+
+
 Initializer = Callable[..., jax.Array]
 
 # flax.nnx.Linear's and nnx.Conv's defaults.
@@ -77,6 +91,11 @@ def _positive_int(owner: str, name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{owner}: argument `{name}` must be a positive int, got {value!r}")
     return int(value)
+
+
+def _is_real(value: object) -> bool:
+    """A real number, not a bool (numpy scalars too: `numbers.Real` registers them; `float` does not)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _grad_mode(owner: str, grad) -> str:
@@ -149,7 +168,7 @@ class Linear(nnx.Module):
         bias_init: Initializer = default_bias_init,
         rngs: nnx.Rngs,
         grad: str = "rules",
-    ):
+    ) -> None:
         owner = type(self).__name__
         self.in_features = _positive_int(owner, "in_features", in_features)
         self.out_features = _positive_int(owner, "out_features", out_features)
@@ -163,7 +182,7 @@ class Linear(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         _check_features(type(self).__name__, x, self.in_features)
         kernel = self.kernel[...]
-        bias = self.bias[...] if self.use_bias else jnp.zeros((self.out_features,), kernel.dtype)
+        bias = jnp.zeros((self.out_features,), kernel.dtype) if self.bias is None else self.bias[...]
         x, kernel, bias = _promote(self.dtype, x, kernel, bias)
         return opset(self.grad).dense(x, kernel, bias)
 
@@ -207,7 +226,7 @@ class Conv(nnx.Module):
         bias_init: Initializer = default_bias_init,
         rngs: nnx.Rngs,
         grad: str = "rules",
-    ):
+    ) -> None:
         owner = type(self).__name__
         self.in_features = _positive_int(owner, "in_features", in_features)
         self.out_features = _positive_int(owner, "out_features", out_features)
@@ -241,7 +260,7 @@ class Conv(nnx.Module):
             dilation=self.kernel_dilation,
             groups=self.feature_group_count,
         )
-        if self.use_bias:
+        if self.bias is not None:
             y = y + self.bias[...].astype(y.dtype)
         return y
 
@@ -273,7 +292,7 @@ class Projection(nnx.Module):
         kernel_init: Initializer = default_kernel_init,
         rngs: nnx.Rngs,
         grad: str = "rules",
-    ):
+    ) -> None:
         owner = type(self).__name__
         self.in_features = _positive_int(owner, "in_features", in_features)
         self.out_features = _positive_int(owner, "out_features", out_features)
@@ -327,7 +346,7 @@ class BatchNorm(nnx.Module):
         bias_init: Initializer = initializers.zeros_init(),  # noqa: B008
         rngs: nnx.Rngs,
         grad: str = "rules",
-    ):
+    ) -> None:
         owner = type(self).__name__
         self.num_features = _positive_int(owner, "num_features", num_features)
         if use_running_average is not None and not isinstance(use_running_average, bool):
@@ -335,7 +354,7 @@ class BatchNorm(nnx.Module):
                 f"{owner}: argument `use_running_average` must be True, False or None, got {use_running_average!r}"
             )
         self.use_running_average = use_running_average
-        if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not 0 <= momentum <= 1:
+        if not _is_real(momentum) or not 0 <= momentum <= 1:
             raise ValueError(f"{owner}: argument `momentum` must be a number in [0, 1], got {momentum!r}")
         self.momentum = float(momentum)
         self.epsilon = _checks.positive_float(owner, "epsilon", epsilon)
@@ -363,12 +382,9 @@ class BatchNorm(nnx.Module):
             mean, var = (jnp.asarray(s, x.dtype) for s in (self.mean[...], self.var[...]))
             return ops.batch_norm_eval(x, scale, bias, mean, var, eps=self.epsilon)
         y, batch_mean, batch_var = ops.batch_norm_train(x, scale, bias, eps=self.epsilon)
-        # Statistics are state, not a path for gradients (as in blocks.batch_norm).
-        batch_mean, batch_var = jax.lax.stop_gradient(batch_mean), jax.lax.stop_gradient(batch_var)
-        m = self.momentum
-        running_mean, running_var = self.mean[...], self.var[...]
-        self.mean[...] = (m * running_mean + (1 - m) * batch_mean).astype(running_mean.dtype)
-        self.var[...] = (m * running_var + (1 - m) * batch_var).astype(running_var.dtype)
+        running = {"mean": self.mean[...], "var": self.var[...]}
+        new = blocks.running_statistics(running, batch_mean, batch_var, self.momentum)
+        self.mean[...], self.var[...] = new["mean"], new["var"]
         return y
 
     def set_view(self, use_running_average: bool | None = None):
@@ -410,6 +426,10 @@ class _PureHolder(nnx.Module):
         self.params = nnx.data(jax.tree.map(nnx.Param, params))
         self.state = nnx.data(jax.tree.map(nnx.BatchStat, state))
 
+    def _apply(self, params, state, x, *, train):
+        """The pure apply, `(params, state, x, *, train) -> (out, new_state)`: each subclass's own."""
+        raise NotImplementedError
+
     def _check_input(self, x) -> None:
         if not hasattr(x, "shape"):
             raise TypeError(f"{type(self).__name__}: argument `x` must be an array, got {type(x).__name__}")
@@ -449,7 +469,7 @@ class _PureHolder(nnx.Module):
 
 
 def _model(owner: str, name: str, model) -> models.Model:
-    """A `models.Model` from a Model, a spec with init and forward, or a preset name."""
+    """A `models.Model` from a Model, a `models.Spec`, or a preset name."""
     if isinstance(model, str):
         try:
             return models.get(model)
@@ -457,11 +477,11 @@ def _model(owner: str, name: str, model) -> models.Model:
             raise ValueError(f"{owner}: argument `{name}`: {e}") from None
     if isinstance(model, models.Model):
         return model
-    if callable(getattr(model, "init", None)) and callable(getattr(model, "forward", None)):
+    if isinstance(model, models.Spec):
         return models.Model(model)
     raise TypeError(
-        f"{owner}: argument `{name}` must be a jax_resnet.models.Model (e.g. models.resnet20()), a spec with "
-        f"init and forward (e.g. models.ResNetSpec) or a preset name such as 'tiny' (for one block use Block); "
+        f"{owner}: argument `{name}` must be a jax_resnet.models.Model (e.g. models.resnet20()), a "
+        f"jax_resnet.models.Spec (e.g. a models.ResNetSpec) or a preset name such as 'tiny' (for one block use Block); "
         f"got {type(model).__name__}"
     )
 
@@ -504,7 +524,7 @@ class Network(_PureHolder):
         dtype=None,
         param_dtype=jnp.float32,
         use_running_average: bool = False,
-    ):
+    ) -> None:
         owner = type(self).__name__
         self.model = _model(owner, "model", model)
         settings = dict(grad=grad, dtype=dtype, param_dtype=param_dtype, use_running_average=use_running_average)
@@ -518,8 +538,8 @@ class Block(_PureHolder):
     """One residual block of `jax_resnet.blocks` as a module: `blocks.init_block`'s weights, `apply_block`'s call.
 
     Args:
-      spec: a `jax_resnet.blocks.BlockSpec` (kind basic, bottleneck,
-        preact_basic or preact_bottleneck; shortcut "A" or "B").
+      spec: a `jax_resnet.blocks.BlockSpec` (a kind of `blocks.KINDS`;
+        shortcut "A" or "B").
       rngs, grad, dtype, param_dtype, use_running_average: as for `Network`.
 
     Example:
@@ -539,14 +559,12 @@ class Block(_PureHolder):
         dtype=None,
         param_dtype=jnp.float32,
         use_running_average: bool = False,
-    ):
+    ) -> None:
         owner = type(self).__name__
         if not isinstance(spec, blocks.BlockSpec):
             raise TypeError(
                 f"{owner}: argument `spec` must be a jax_resnet.blocks.BlockSpec, got {type(spec).__name__}"
             )
-        for field in ("in_channels", "width", "stride"):
-            _positive_int(owner, f"spec.{field}", getattr(spec, field))
         self.spec = spec
 
         def init(key, dtype):
@@ -582,13 +600,14 @@ def to_pure(module) -> tuple[Any, Any]:
 
 def _load(name: str, variables, values) -> None:
     """Set each Variable in `variables` to the array at the same path of `values`."""
+    treedef: Any  # jaxlib's PyTreeDef, which has no type stubs
     flat, treedef = jax.tree_util.tree_flatten_with_path(variables, is_leaf=_is_variable)
     if jax.tree.structure(values) != treedef:
-        want = {jax.tree_util.keystr(path) for path, _ in flat}
-        got = {jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(values)[0]}
+        expected = {jax.tree_util.keystr(path) for path, _ in flat}
+        given = {jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(values)[0]}
         raise ValueError(
             f"from_pure: argument `{name}` does not have the model's layout; "
-            f"missing {sorted(want - got) or 'nothing'}, unexpected {sorted(got - want) or 'nothing'} "
+            f"missing {sorted(expected - given) or 'nothing'}, unexpected {sorted(given - expected) or 'nothing'} "
             "(does the model match the one the pytrees were built from?)"
         )
     for (path, variable), value in zip(flat, treedef.flatten_up_to(values)):
@@ -624,6 +643,7 @@ def from_pure(model, params, state, *, grad: str = "rules", dtype=None):
     if not jnp.issubdtype(param_dtype, jnp.floating):
         raise TypeError(f"from_pure: argument `params` must hold floating arrays, got dtype {param_dtype}")
     settings = dict(grad=_grad_mode("from_pure", grad), dtype=dtype, param_dtype=param_dtype)
+    build: Callable[[], _PureHolder]
     if isinstance(model, blocks.BlockSpec):
         build = lambda: Block(model, rngs=nnx.Rngs(0), **settings)  # noqa: E731
     else:

@@ -48,6 +48,20 @@ from jax import lax
 from jax_resnet import blocks
 from jax_resnet.ops import OpSet, opset
 
+__all__ = [
+    "BLOCKS",
+    "CouplingSpec",
+    "init_coupling",
+    "init_stage",
+    "coupling",
+    "StageConfig",
+    "StageResiduals",
+    "stage",
+    "reconstruct",
+    "reconstruction_error",
+]
+
+
 # The residual functions' block kinds: F and G are pre-activation bodies.
 BLOCKS = ("basic", "bottleneck")
 
@@ -99,12 +113,12 @@ class CouplingSpec:
 
     @property
     def f(self) -> blocks.BlockSpec:
-        """F: x2 (in/2 channels) -> out/2 channels, carrying the stride."""
+        """The spec of F, x2 (in/2 channels) -> out/2 channels, carrying the stride."""
         return blocks.BlockSpec(self.kind, self.in_channels // 2, self.width // 2, self.stride, residual=False)
 
     @property
     def g(self) -> blocks.BlockSpec:
-        """G: y1 (out/2 channels) -> out/2 channels."""
+        """The spec of G, y1 (out/2 channels) -> out/2 channels."""
         return blocks.BlockSpec(self.kind, self.out_channels // 2, self.width // 2, 1, residual=False)
 
 
@@ -320,7 +334,7 @@ def reconstruct(ops: OpSet, spec: CouplingSpec, params, state, y1, y2, *, train:
 
 
 def reconstruction_error(ops: OpSet, spec: CouplingSpec, params, state, x1, x2, *, train: bool) -> jax.Array:
-    """max(|x̂1 − x1|, |x̂2 − x2|) / max(|x1|, |x2|): how far the inputs rebuilt from the stage's
+    """`max(|x̂1 − x1|, |x̂2 − x2|) / max(|x1|, |x2|)`: how far the inputs rebuilt from the stage's
     output (`reconstruct`) land from the true inputs, in the inputs' dtype."""
     y1, y2, _ = stage(ops, spec, params, state, x1, x2, train=train)
     r1, r2, _ = reconstruct(ops, spec, params, state, y1, y2, train=train)

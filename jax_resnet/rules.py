@@ -22,6 +22,14 @@ import jax
 from jax_resnet.gradcheck import DEFAULT_RTOL
 from jax_resnet.ops import SPECS
 
+__all__ = [
+    "Rule",
+    "entry",
+    "normal",
+    "REGISTRY",
+    "get",
+]
+
 
 @dataclasses.dataclass(frozen=True)
 class Rule:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
+from typing import Any
 
 import dm_pix as pix
 import jax
@@ -36,6 +37,35 @@ from jax_resnet._compile import run_once
 from jax_resnet._x64 import enable_x64
 from jax_resnet.gradcheck import max_leaf_error
 from jax_resnet.ops import OpSet, opset
+
+__all__ = [
+    "OPTIMIZERS",
+    "SCHEDULES",
+    "MOMENTUM",
+    "WARMUP_FRACTION",
+    "EVAL_BATCH",
+    "make_schedule",
+    "make_optimizer",
+    "cast",
+    "loss_fn",
+    "update_fn",
+    "augment_batch",
+    "step_key",
+    "make_mesh",
+    "shardings",
+    "make_train_step",
+    "compiled_train_step",
+    "evaluate",
+    "hits",
+    "masked_mean",
+    "put_batch",
+    "process_rows",
+    "host",
+    "init_train_state",
+    "GradCheck",
+    "check_gradients",
+]
+
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "warmup-cosine")
@@ -228,6 +258,16 @@ def shardings(mesh: jax.sharding.Mesh) -> tuple[jax.sharding.NamedSharding, jax.
     return jax.sharding.NamedSharding(mesh, P()), jax.sharding.NamedSharding(mesh, P("data"))
 
 
+def hits(logits: jax.Array, y: jax.Array) -> jax.Array:
+    """1.0 where the largest logit is the label's, else 0.0 (float32), per example."""
+    return (jnp.argmax(logits, axis=-1) == y).astype(jnp.float32)
+
+
+def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
+    """Σ mask·values / max(Σ mask, 1): a metric over the rows `mask` marks (`dp.real_rows`: not padding)."""
+    return jnp.sum(mask * values) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
 def _finite(params) -> jax.Array:
     # A NaN need not show in the loss (a ReLU mask can hide it), so the parameters are checked too.
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]))
@@ -275,17 +315,14 @@ def make_train_step(
 
         def private_or_not(params, state, opt_state, x, y, key):
             params, opt_state, out = dp_update(params, state, opt_state, x, y, key)
-            real = dp_lib.real_rows(y)
-            clipped = jnp.sum(real * (out.norms > dp.l2_norm_clip)) / jnp.maximum(jnp.sum(real), 1.0)
+            clipped = masked_mean(out.norms > dp.l2_norm_clip, dp_lib.real_rows(y))
             return params, state, opt_state, out.loss, out.logits, {"clipped": clipped}
 
     def step(params, state, opt_state, x, y, key):
         if augment is not None:
             x = augment_batch(key, x, augment)
         params, state, opt_state, loss, logits, extra = private_or_not(params, state, opt_state, x, y, key)
-        real = dp_lib.real_rows(y)
-        hits = (jnp.argmax(logits, axis=-1) == y).astype(jnp.float32)
-        accuracy = jnp.sum(real * hits) / jnp.maximum(jnp.sum(real), 1.0)
+        accuracy = masked_mean(hits(logits, y), dp_lib.real_rows(y))
         metrics = {"loss": loss, "accuracy": accuracy, "params_finite": _finite(params), **extra}
         return params, state, opt_state, metrics
 
@@ -321,7 +358,7 @@ def _eval_step(model: models.Model, dtype: str, mesh):
         logits = logits.astype(jnp.float32)
         nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=-1)[:, 0]
         predicted = jnp.argmax(logits, axis=-1)
-        correct = (predicted == y).astype(jnp.float32)
+        correct = hits(logits, y)
         k = logits.shape[-1]
         # Counts are whole numbers far below 2**24, so float32 holds them exactly.
         confusion = jnp.zeros((k, k), jnp.float32).at[y, predicted].add(weight)
@@ -363,7 +400,7 @@ def evaluate(
     size = -(-min(batch_size, n) // ndev) * ndev
     fn = _eval_step(model, dtype, mesh)
     total_loss = total_correct = 0.0
-    confusion = 0
+    confusion: Any = 0
     for xb, yb in data.batches(x, y, size, key_or_seed=None, shuffle=False, drop_last=False):
         m = len(xb)
         weight = np.zeros(size, np.float32)

@@ -128,6 +128,25 @@ from jax_resnet import dp as dp_lib
 from jax_resnet import step as step_lib
 from jax_resnet.step import OPTIMIZERS, SCHEDULES
 
+__all__ = [
+    "GRADS",
+    "DTYPES",
+    "OPTIMIZERS",
+    "SCHEDULES",
+    "RESUME_MUST_MATCH",
+    "TrainingError",
+    "GradCheckError",
+    "OutputError",
+    "TrainConfig",
+    "Setup",
+    "setup",
+    "Observer",
+    "train",
+    "RunDir",
+    "Console",
+    "per_class_errors",
+]
+
 GRADS = ("rules", "autodiff")
 DTYPES = ("float32", "bfloat16")
 # Settings a resumed run must share with its checkpoint: otherwise the result
@@ -252,7 +271,7 @@ class TrainConfig:
 
     @property
     def dp(self) -> dp_lib.DPConfig | None:
-        if self.dp_clip is None:
+        if self.dp_clip is None or self.dp_noise is None:  # __post_init__ refuses a clip without noise
             return None
         return dp_lib.DPConfig(
             l2_norm_clip=self.dp_clip,
@@ -568,9 +587,9 @@ def _gradient_gate(run: Setup, tree: dict, epoch: int, emit) -> step_lib.GradChe
         emit.note("gradient check skipped (--no-grad-check)")
         return None
     x, y = next(data.batches(run.ds.x_train, run.ds.y_train, c.batch_size, key_or_seed=(c.seed, epoch)))
-    local = jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), (tree["params"], tree["state"]))
+    params, state = (jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), tree[k]) for k in ("params", "state"))
     t = time.perf_counter()
-    check = step_lib.check_gradients(run.model, *local, x, y, tol=c.grad_check_tol)
+    check = step_lib.check_gradients(run.model, params, state, x, y, tol=c.grad_check_tol)
     emit.gradient_check(check, c.grad_check_tol, time.perf_counter() - t)
     if not check.ok(c.grad_check_tol):
         raise GradCheckError(
@@ -587,7 +606,7 @@ def _epoch_batches(run: Setup, epoch: int):
     (`dp.poisson_batch`, padded to whole chunks), or else fixed-size batches of a permutation
     seeded by (seed, epoch)."""
     c, ds = run.config, run.ds
-    if c.dp is not None and c.dp_sampler == "poisson":
+    if c.dp is not None and run.randomness is not None and c.dp_sampler == "poisson":
         for i in range(run.steps_per_epoch):
             step = epoch * run.steps_per_epoch + i
             yield dp_lib.poisson_batch(ds.x_train, ds.y_train, c.dp, run.randomness, step, run.mesh.size)
@@ -631,13 +650,14 @@ def _train_epoch(run: Setup, epoch: int, tree: dict, emit) -> tuple[dict, dict]:
     pending = None
     for i, (xb, yb) in enumerate(_epoch_batches(run, epoch)):
         global_step = epoch * steps + i
-        batch = [step_lib.put_batch(xb, batch_sharding), step_lib.put_batch(yb, batch_sharding)]
         key = step_lib.step_key(root, global_step, run.mesh)
-        params, state, opt_state, m = run.step_for(xb.shape)(params, state, opt_state, *batch, key)
+        xs, ys = step_lib.put_batch(xb, batch_sharding), step_lib.put_batch(yb, batch_sharding)
+        params, state, opt_state, m = run.step_for(xb.shape)(params, state, opt_state, xs, ys, key)
         if pending is not None:
             read(*pending)
         pending = (global_step + 1, m)
-    read(*pending)
+    if pending is not None:  # always: an epoch has at least one batch (batch_size ≤ examples)
+        read(*pending)
     seconds = time.perf_counter() - t0
     row = {
         "epoch": epoch + 1,
@@ -697,8 +717,10 @@ class RunDir(Observer):
     `writes` False (every process but process 0 of a multi-process run) it writes no file of
     its own and only takes its part in orbax's checkpoints, which every process must call."""
 
+    mngr: checkpoints.ocp.CheckpointManager  # open inside `checkpoints()`
+
     def __init__(self, out: Path, writes: bool = True):
-        self.out, self.writes, self.mngr = Path(out), writes, None
+        self.out, self.writes = Path(out), writes
         if writes:
             _make_writable(self.out)
 
@@ -734,7 +756,10 @@ class RunDir(Observer):
                 raise ValueError(
                     f"resume: {self.out} was trained with {', '.join(differ)}; pass the same settings, or a new --out"
                 )
-        step, restored, meta = checkpoints.restore_newest_intact(self.mngr, tree, note)
+        found = checkpoints.restore_newest_intact(self.mngr, tree, note)
+        if found is None:  # latest_step() saw one; it raises when all are damaged
+            raise ValueError(f"resume: the checkpoints under {self.out / 'checkpoints'} vanished while reading")
+        step, restored, meta = found
         note(f"resuming {self.out} from epoch {meta['epoch']} (step {step})")
         was = meta["config"]["epochs"]
         if was != config.epochs and config.schedule != "constant":
@@ -840,8 +865,9 @@ class Console(Observer):
             f"{_device_name(run.mesh)}{processes}, {c.optimizer} lr {c.lr:g} {c.schedule}, "
             f"batch {c.batch_size}, {c.dtype}, grad={c.grad}{augment} -> {out}"
         )
-        if c.dp is not None:
-            self.note(_dp_line(c.dp, run.dp_summary(run.total_steps), run.mesh.size))
+        dp = run.dp_summary(run.total_steps)
+        if c.dp is not None and dp is not None:
+            self.note(_dp_line(c.dp, dp, run.mesh.size))
 
     def gradient_check(self, check: step_lib.GradCheck, tol: float, seconds: float) -> None:
         recheck = ""
@@ -924,7 +950,7 @@ def _plot_confusion(confusion: np.ndarray, path: Path, dataset: str) -> None:
         dark = 0.6 * max(1, int(off.max()))
         for i, j in zip(*np.nonzero(confusion)):
             color = "tab:green" if i == j else "white" if off[i, j] > dark else "black"
-            ax.text(j, i, int(confusion[i, j]), ha="center", va="center", fontsize=7, color=color)
+            ax.text(j, i, str(int(confusion[i, j])), ha="center", va="center", fontsize=7, color=color)
     ax.set_xticks(range(k))
     ax.set_yticks(range(k), [f"{r['class']} ({r['error_rate']:.1%})" for r in per_class])
     ax.set_xlabel("predicted class")

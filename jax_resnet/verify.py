@@ -26,6 +26,12 @@ from jax_resnet import gradcheck as gc
 from jax_resnet import rules as rules_lib
 from jax_resnet._x64 import enable_x64
 
+__all__ = [
+    "verify_rule",
+    "verify",
+    "format_table",
+]
+
 
 def verify_rule(rule: rules_lib.Rule, dtype) -> dict:
     """Check one rule, with float64 enabled for the call; returns the JSON row (field names are a stable contract)."""

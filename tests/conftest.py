@@ -28,11 +28,19 @@ SLOW = {
     "tests/test_per_example.py::test_per_example_quantities_equal_vmap_of_grad[gn_bottleneck_B]": "bottleneck blocks",
     "tests/test_per_example.py::test_sharded_batch": "8 simulated devices in a child process",
     "tests/test_train.py::test_sharded_step_equals": "8 simulated devices in a child process",
+    "tests/test_curvature.py::test_diag_ggn_and_batch_diag_ggn_equal_the_oracle[gn_bottleneck_B]": "bottleneck blocks",
+    "tests/test_curvature.py::test_diag_ggn_with_batchnorm_in_training_mode_equals_the_oracle[revnet_train]": (
+        "the RevNet's B·C backward passes and 64 Monte Carlo draws"
+    ),
     "tests/test_train.py::test_a_second_process_with_the_same_seed": "a training run in a child process",
     "tests/test_rules.py::test_every_rule_sharded": "8 simulated devices in a child process",
     "tests/test_multiprocess.py::test_two_processes_train": "three two-process training runs and a one-process one",
     "tests/test_multiprocess.py::test_dp_step_and_per_example": "two processes compiling the DP step and tiny_gn",
     "tests/test_multiprocess.py::test_a_process_that_dies": "a two-process training run, one process killed",
+    "tests/test_docs_site.py::test_every_page_renders": "every page of the built site (make docs) in Chromium",
+    # These two need the docs extra, which `make docs` installs after `make test` has run.
+    "tests/test_docs_site.py::test_plain_text_tables": "needs the docs extra (make docs)",
+    "tests/test_docs_site.py::test_derivation_pointers": "needs the docs extra (make docs)",
     # The rule matrix's further transformations; test_vjp_matches_autodiff_float32/64
     # (jitted VJPs and finite differences) stay fast for every rule.
     "tests/test_rules.py::test_vjp_without_jit": "op by op in float64",

@@ -68,20 +68,20 @@ def test_weight_paths_put_an_option_b_projection_after_its_blocks_convolutions()
     assert names == ["stem", "block0.conv0", "block0.conv1"] + [
         f"block{i}.{w}" for i in (1, 2, 3) for w in ("conv0", "conv1", "proj")
     ] + ["head"]
-    assert all(flow._at(params, path).ndim in (2, 4) for _, path in model.spec.weight_paths())
+    assert all(models.subtree(params, path).ndim in (2, 4) for _, path in model.spec.weight_paths())
 
 
 @pytest.mark.parametrize("model", [models.residual_mlp(depth=4), models.resnet8()], ids=["residual_mlp4", "resnet8"])
 def test_the_hook_sees_every_block_input_and_a_zero_tap_changes_nothing(model):
-    """The study taps the model's own forward pass: with zero taps the loss is
+    """The study probes the model's own forward pass: with zero probes the loss is
     Model.apply's, and the hook is called once per named point, in order."""
     params, state = model.init(jax.random.key(0), F32)
     x, y = _batch_for(model)
     seen = flow.block_inputs(model, params, state, x)
     assert len(seen) == len(model.spec.hook_points())
-    taps = [jnp.zeros(h.shape, h.dtype) for h in seen]
+    probes = [jnp.zeros(h.shape, h.dtype) for h in seen]
     expected = opset("rules").softmax_cross_entropy(model.apply(params, state, x, train=True)[0], y)
-    assert flow.tapped_loss(model)(params, taps, state, x, y) == expected
+    assert flow.probed_loss(model)(params, probes, state, x, y) == expected
 
 
 def test_weight_gradients_are_those_of_model_apply():
@@ -93,7 +93,7 @@ def test_weight_gradients_are_those_of_model_apply():
         return opset("rules").softmax_cross_entropy(model.apply(p, state, x, train=True)[0], y)
 
     ct = jax.jit(jax.grad(loss))(params, x, y)
-    expected = [float(jnp.linalg.norm(flow._at(ct, path))) for _, path in model.spec.weight_paths()]
+    expected = [float(jnp.linalg.norm(models.subtree(ct, path))) for _, path in model.spec.weight_paths()]
     np.testing.assert_allclose([v for _, v in flow.gradient_norms(model, params, state, x, y)], expected, rtol=1e-5)
 
 
@@ -108,7 +108,7 @@ def test_rules_and_autodiff_measure_the_same_norms():
 
 
 def test_input_gradient_of_a_zero_tap_is_the_backpropagated_cotangent():
-    """For the MLP's output layer the tap's gradient is W_outᵀ-backpropagated ct_logits, computed by hand."""
+    """For the MLP's output layer the probe's gradient is W_outᵀ-backpropagated ct_logits, computed by hand."""
     model = models.plain_mlp(depth=4)
     params, state = model.init(jax.random.key(3), F32)
     x, y = _mlp_batch()

@@ -2,6 +2,7 @@
 with the hand-derived rules equal to JAX autodiff of the reference ops."""
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -70,6 +71,69 @@ def test_preact_resnet18_count_by_hand():
     assert _count(models.preact_resnet18()) == 11_689_512 - 128 - 1_792 - 896 + 1_024 == 11_687_720
 
 
+# ResNeXt-29, C×64d, by hand (Xie et al. 2017, §5.3): a 3x3 stem of 64 channels and BN; three stages of
+# three bottleneck blocks, stage s with a grouped 3x3 of D = C·64·2^s channels in C groups and output
+# O = 256·2^s, each conv followed by BN (2 parameters a channel), an option-B projection and BN where
+# the shape changes (the first block of each stage); the head 1024·10 + 10.
+def _resnext29_by_hand(cardinality):
+    total, c = 3 * 3 * 3 * 64 + 2 * 64, 64
+    for s in range(3):
+        inner, out = cardinality * 64 * 2**s, 256 * 2**s
+        for b in range(3):
+            total += c * inner + 2 * inner  # 1x1 reduce
+            total += 3 * 3 * (inner // cardinality) * inner + 2 * inner  # grouped 3x3
+            total += inner * out + 2 * out  # 1x1 expand
+            total += (c * out + 2 * out) if b == 0 else 0  # projection
+            c = out
+    return total + 1024 * 10 + 10
+
+
+# WRN-d-k by hand (Zagoruyko & Komodakis 2016, Table 1): a bare 3x3 stem of 16 channels; three stages of
+# n = (d − 4)/6 pre-activation blocks of width w = 16k·2^s, each BN (2 a channel), 3x3 conv, BN, 3x3 conv,
+# with a bare 1x1 projection in the first block of each stage; a final BN and the head 64k·10 + 10.
+def _wrn_by_hand(depth, k):
+    total, c = 3 * 3 * 3 * 16, 16
+    for s in range(3):
+        w = 16 * k * 2**s
+        for b in range((depth - 4) // 6):
+            total += 2 * c + 3 * 3 * c * w + 2 * w + 3 * 3 * w * w + (c * w if b == 0 else 0)
+            c = w
+    return total + 2 * c + c * 10 + 10
+
+
+@pytest.mark.parametrize(
+    "name, by_hand, published, cut",
+    [
+        # Xie et al. 2017, Table 7: 34.4M and 68.1M, the counts cut (not rounded) to 0.1M (68.155M).
+        ("resnext29_8x64d", _resnext29_by_hand(8), 34.4, math.floor),
+        ("resnext29_16x64d", _resnext29_by_hand(16), 68.1, math.floor),
+        # Zagoruyko & Komodakis 2016, Tables 1 and 4: 36.5M and 11.0M, rounded to 0.1M.
+        ("wrn28_10", _wrn_by_hand(28, 10), 36.5, round),
+        ("wrn16_8", _wrn_by_hand(16, 8), 11.0, round),
+    ],
+)
+def test_resnext_and_wide_resnet_counts(name, by_hand, published, cut):
+    n = _count(models.get(name))
+    assert n == by_hand
+    assert cut(n / 1e5) / 10 == published, n
+
+
+def test_resnext_groups_its_3x3_convolutions():
+    params, _ = jax.eval_shape(lambda: models.resnext29_8x64d().init(jax.random.key(0)))
+    # HWIO with I = D / C: 512 channels in 8 groups of 64 in the first stage.
+    assert params["blocks"][0]["conv1"]["w"].shape == (3, 3, 64, 512)
+    assert params["blocks"][0]["conv0"]["w"].shape == (1, 1, 64, 512)
+
+
+def test_dropout_and_groups_where_they_cannot_apply_are_refused():
+    with pytest.raises(ValueError, match="`dropout` must be 0.*no random key"):
+        models.wrn28_10(dropout=0.3)
+    with pytest.raises(ValueError, match="kind 'basic' has no grouped convolution"):
+        blocks.BlockSpec("basic", 8, 8, groups=2)
+    with pytest.raises(ValueError, match="≥ 1 channel per group.*give 8 -> 0"):
+        blocks.BlockSpec("bottleneck", 8, 2, groups=3, base_width=16)
+
+
 def test_preact_nets_normalise_once_at_the_stem():
     for name in ("preact_resnet18", "preact_resnet20"):
         params, _ = jax.eval_shape(lambda name=name: models.get(name).init(jax.random.key(0)))
@@ -132,6 +196,13 @@ SMALL = {
     "resnet18-small": (lambda: _imagenet_small("basic", 4), (2, 16, 16, 3)),
     "resnet50-small": (lambda: _imagenet_small("bottleneck", 2), (2, 16, 16, 3)),
     "preact_bottleneck-small": (lambda: _imagenet_small("preact_bottleneck", 2), (2, 16, 16, 3)),
+    # ResNeXt's grouped bottleneck (2 groups of 4 channels in the 3x3) and a Wide ResNet's pre-activation
+    # blocks with projections at both stages, built as their presets are.
+    "resnext-small": (
+        lambda: models.resnet((1, 1), "bottleneck", (2, 4), stem_width=4, groups=2, base_width=128, num_classes=5),
+        (2, 8, 8, 3),
+    ),
+    "wrn-small": (lambda: models.resnet((2, 1), "preact_basic", (4, 8), stem_width=2, num_classes=5), (2, 8, 8, 3)),
 }
 # float32 needs batches where BatchNorm is well conditioned: with 2 examples and
 # a 1x1 map, each channel normalises 2 numbers (x_hat = ±1) and backward
@@ -143,7 +214,7 @@ SMALL_F32 = {
 }
 
 
-def relative_error(actual, expected):
+def worst_leaf_error(actual, expected):
     """Worst per-leaf error, each leaf against its own scale.
 
     A leaf whose gradient vanishes (at most 1e-12 of the largest value in the
@@ -186,7 +257,7 @@ def _setup(name, dtype, table=SMALL):
 # Every family in train mode (batch statistics, the harder backward); eval mode
 # for the CIFAR and MLP families and one ImageNet bottleneck net with option-B
 # projections, which between them take every eval-mode path.
-EVAL_F64 = ("residual_mlp", "plain_mlp", "resnet8", "plain8", "preact_resnet8", "resnet50-small")
+EVAL_F64 = ("residual_mlp", "plain_mlp", "resnet8", "plain8", "preact_resnet8", "resnet50-small", "resnext-small")
 CASES_F64 = [(n, True) for n in SMALL] + [(n, False) for n in EVAL_F64]
 
 
@@ -197,7 +268,7 @@ def test_model_gradients_rules_equal_autodiff_float64(name, train):
     for grad in ("rules", "autodiff"):
         fn = jax.jit(jax.grad(functools.partial(_loss, model, grad, train), argnums=(0, 2), has_aux=True))
         grads[grad], _ = fn(params, state, x, labels)
-    assert relative_error(grads["rules"], grads["autodiff"]) <= 1e-10
+    assert worst_leaf_error(grads["rules"], grads["autodiff"]) <= 1e-10
     assert np.isfinite(np.asarray(jax.tree.leaves(grads["rules"])[0])).all()
 
 
@@ -211,7 +282,7 @@ def test_model_gradients_rules_equal_autodiff_float32(name, train):
     for grad in ("rules", "autodiff"):
         fn = jax.jit(jax.grad(functools.partial(_loss, model, grad, train), has_aux=True))
         grads[grad], _ = fn(params, state, x, labels)
-    assert relative_error(grads["rules"], grads["autodiff"]) <= 1e-4
+    assert worst_leaf_error(grads["rules"], grads["autodiff"]) <= 1e-4
 
 
 def test_jit_and_nojit_agree():
@@ -219,7 +290,7 @@ def test_jit_and_nojit_agree():
     fn = jax.grad(functools.partial(_loss, model, "rules", True), has_aux=True)
     eager, _ = fn(params, state, x, labels)
     compiled, _ = jax.jit(fn)(params, state, x, labels)
-    assert relative_error(eager, compiled) <= 1e-12
+    assert worst_leaf_error(eager, compiled) <= 1e-12
 
 
 def test_per_example_gradients_under_vmap():
@@ -232,10 +303,10 @@ def test_per_example_gradients_under_vmap():
         return jax.jit(jax.vmap(one))(x, labels)
 
     rules, autodiff = per_example("rules"), per_example("autodiff")
-    assert relative_error(rules, autodiff) <= 1e-10
+    assert worst_leaf_error(rules, autodiff) <= 1e-10
     # Row i of the vmapped result is the gradient of example i alone.
     single = jax.jit(jax.grad(lambda p: _loss(model, "rules", False, p, state, x[1:2], labels[1:2])[0]))(params)
-    assert relative_error(jax.tree.map(lambda g: g[1], rules), single) <= 1e-12
+    assert worst_leaf_error(jax.tree.map(lambda g: g[1], rules), single) <= 1e-12
 
 
 def test_hessian_vector_product_rules_equal_autodiff():
@@ -258,8 +329,8 @@ def test_hessian_vector_product_rules_equal_autodiff():
         return reverse, jax.jvp(jax.grad(functools.partial(loss, "rules")), (p,), (v,))[1]
 
     reverse, forward_over_reverse = products(params, v)
-    assert relative_error(reverse["rules"], reverse["autodiff"]) <= 1e-10
-    assert relative_error(forward_over_reverse, reverse["autodiff"]) <= 1e-10
+    assert worst_leaf_error(reverse["rules"], reverse["autodiff"]) <= 1e-10
+    assert worst_leaf_error(forward_over_reverse, reverse["autodiff"]) <= 1e-10
     assert float(jnp.abs(reverse["rules"]["hidden"][0]["w"]).max()) > 1e-3  # a Hessian that is not zero
     with pytest.raises(ValueError, match=r"hvp: argument `v` leaf \['in'\]\['b'\] has shape \(2,\), expected \(5,\)"):
         curvature.hvp(functools.partial(loss, "rules"), params, {**v, "in": {**v["in"], "b": jnp.ones(2)}})
@@ -381,3 +452,28 @@ def test_bad_inputs_name_the_argument():
         models.imagenet_resnet((1, 1, 1, 1), "basic", stem_padding="valid")
     with pytest.raises(ValueError, match="`block`"):
         models.cifar_resnet(8, block="wide")
+
+
+def test_a_new_block_kind_is_one_row(monkeypatch):
+    """A kind the library lacks (three 3x3 convolutions, arranged as v1) is one row of `blocks.KINDS`:
+    specs, init, forward, the parameter count and the hand-derived gradients follow from it."""
+
+    def three(spec):
+        c, w, o, s = spec.in_channels, spec.width, spec.out_channels, spec.stride
+        return [blocks.Conv(3, c, w, s), blocks.Conv(3, w, w, 1), blocks.Conv(3, w, o, 1)]
+
+    row = blocks.BlockKind(expansion=1, convs=three, apply=blocks.KINDS["basic"].apply, preact=False)
+    monkeypatch.setitem(blocks.KINDS, "triple", row)
+    model = models.resnet((1, 1), "triple", (2, 4), stem_width=2, num_classes=3)
+    params, state = model.init(jax.random.key(0), jnp.float64)
+    # stem 3·3·3·2 + 4; stage 1: 3 convs of 3·3·2·2 + 3 BNs of 4; stage 2: 3·3·2·4 + 2 × 3·3·4·4 + 3 × 8,
+    # projection 2·4 + 8; head 4·3 + 3.
+    assert models.num_params(params) == 58 + 120 + (72 + 288 + 24) + 16 + 15 == 593
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 6, 6, 3)))
+    labels = jnp.asarray([0, 2], jnp.int32)
+    grads = {
+        g: jax.jit(jax.grad(functools.partial(_loss, model, g, True), has_aux=True))(params, state, x, labels)[0]
+        for g in ("rules", "autodiff")
+    }
+    assert max_leaf_error(grads["rules"], grads["autodiff"])[0] <= 1e-10

@@ -432,7 +432,11 @@ def test_three_sgd_steps_with_nnx_optimizer_decrease_the_loss():
             r"Network: argument `use_running_average`",
         ),
         (lambda r: jrnnx.Block(models.tiny(), rngs=r), TypeError, r"Block: argument `spec` must be"),
-        (lambda r: jrnnx.Block(blocks.BlockSpec("basic", 4, 0), rngs=r), ValueError, r"Block: argument `spec.width`"),
+        (
+            lambda r: jrnnx.Block(blocks.BlockSpec("basic", 4, 0), rngs=r),
+            ValueError,
+            r"BlockSpec: `width` must be a positive",
+        ),
     ],
 )
 def test_constructors_name_the_bad_argument(build, error, match):

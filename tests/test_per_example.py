@@ -18,10 +18,10 @@ import numpy as np
 import optax
 import pytest
 
-from jax_resnet import dp, models, per_example
+from jax_resnet import dp, models, per_example, rules
 from jax_resnet._compile import compile_once
 from jax_resnet.gradcheck import max_leaf_error
-from jax_resnet.ops import AUTODIFF, RULES, opset
+from jax_resnet.ops import AUTODIFF, RULES, SPECS, contributions, opset
 
 TOL = 1e-10  # float64, relative to each leaf's (or example's) own scale
 
@@ -194,7 +194,7 @@ def test_conv_per_example_gradients_by_grouped_convolution(settings):
     x, w = jnp.asarray(rng.standard_normal((3, 9, 9, 2))), jnp.asarray(rng.standard_normal((3, 3, 2, 4)))
     config = conv.conv2d_config(x, w, **settings)
     ct_y = jnp.asarray(rng.standard_normal(conv.conv2d_reference(x, w, **settings).shape))
-    g, axis = per_example._conv2d_batch_grad(config, x, ct_y, (3, 3))
+    g, axis = conv._conv2d_batch_grad(config, x, ct_y, (3, 3))
     one = lambda xi, ci: jax.grad(lambda w: jnp.sum(conv.conv2d_reference(xi[None], w, **settings) * ci[None]))(w)
     np.testing.assert_allclose(jnp.moveaxis(g, axis, 0), jax.vmap(one)(x, ct_y), rtol=1e-12, atol=1e-12)
 
@@ -284,3 +284,37 @@ def test_sharded_batch_keeps_per_example_quantities_sharded_and_dp_step_equal(tm
         [sys.executable, "-c", SHARDED], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
     )
     assert result.returncode == 0 and result.stdout.strip().endswith("OK"), result.stdout + result.stderr
+
+
+# ------------------------------------------------------------- contributions
+_CONTRIBUTING = [rule for rule in rules.REGISTRY.values() if SPECS[rule.name.split("[")[0]].contributions]
+
+
+@pytest.mark.parametrize("rule", _CONTRIBUTING, ids=[rule.name for rule in _CONTRIBUTING])
+def test_contributions_sum_to_the_rules_parameter_cotangents(rule):
+    """Each registered op's contribution forms, summed over examples and positions, are its own
+    backward's parameter cotangents (which tests/test_rules.py checks against autodiff): a Weight's
+    Σ_{i,t} a_{i,t}ᵀ δ_{i,t} in the kernel's shape, and its patch-free G_i summed; a Vector's Σ u."""
+    spec = SPECS[rule.name.split("[")[0]]
+    settings = rule.fwd.keywords if isinstance(rule.fwd, functools.partial) else {}
+    args = rule.make_args(jax.random.key(0), jnp.float64)
+    config = None if spec.config is None else spec.config(*args, **settings)
+    y, res = spec.forward(config, *args)
+    ct_y = jnp.asarray(np.random.default_rng(0).standard_normal(y.shape))
+    cts = spec.backward(config, res, ct_y)
+    if spec.name == "conv2d" and config.groups != 1:  # a grouped kernel is block diagonal, not a·W
+        with pytest.raises(ValueError, match="conv2d: per-example contributions need groups=1"):
+            spec.contribute(config, res, ct_y)
+        return
+    forms = spec.contribute(config, res, ct_y)
+    assert len(forms) == len(spec.params) > 0
+    for position, form in zip(spec.params, forms):
+        param, want = args[position], cts[position]
+        if isinstance(form, contributions.Weight):
+            total = jnp.einsum("btd,btp->dp", form.a(), form.delta).reshape(param.shape)
+            if form.grads is not None:
+                g, axis = form.grads()
+                np.testing.assert_allclose(jnp.sum(g, axis=axis), want, rtol=1e-12, atol=1e-12)
+        else:
+            total = jnp.sum(form.per_example(), axis=0)
+        np.testing.assert_allclose(total, want, rtol=1e-12, atol=1e-12)

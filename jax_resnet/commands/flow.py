@@ -8,6 +8,7 @@ import os
 
 from jax_resnet import flow, models, step
 from jax_resnet.commands import add_json_flag, human, nonnegative_int, out_dir, positive_int, write_json
+from jax_resnet.ops import GRAD_MODES
 
 
 def cifar_depth(text: str) -> int:
@@ -53,11 +54,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add(
         "--optimizer",
         choices=sorted(flow.LEARNING_RATES),
-        default="sgd",
-        help=f"sgd (momentum {step.MOMENTUM}, lr {flow.LEARNING_RATES['sgd']}) or adam (lr {flow.LEARNING_RATES['adam']})",
+        default="momentum",
+        help=f"momentum ({step.MOMENTUM}, lr {flow.LEARNING_RATES['momentum']}) or adam (lr {flow.LEARNING_RATES['adam']})",
     )
     add("--seed", type=nonnegative_int, default=0)
-    add("--grad", choices=["rules", "autodiff"], default="rules", help="hand-derived VJPs or JAX autodiff")
+    add("--grad", choices=list(GRAD_MODES), default="rules", help="hand-derived VJPs or JAX autodiff")
     add("--quick", action="store_true", help="depth-8 CIFAR nets, small MLPs, 20 steps (under a minute; for tests)")
     add_json_flag(parser, "the result (also written to DIR/flow.json)")
 

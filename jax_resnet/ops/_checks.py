@@ -123,12 +123,12 @@ def padding(
     if form == "VALID":
         pads = ((0, 0), (0, 0))
     elif form == "SAME":
-        pads = []
+        same = []
         for n, k, s in zip(spatial, eff, stride):
             out = -(-n // s)
             total = max((out - 1) * s + k - n, 0)
-            pads.append((total // 2, total - total // 2))
-        pads = tuple(pads)
+            same.append((total // 2, total - total // 2))
+        pads = (same[0], same[1])
     else:
         pads = form
     for (lo, hi), n, k, axis in zip(pads, spatial, eff, ("height", "width")):

@@ -10,10 +10,12 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jax_resnet.ops import _checks
+from jax_resnet.ops import _checks, contributions
 
 # This module's ops, in `OpSet` order (jax_resnet/ops/__init__.py builds everything else from it).
 OPS = ("dense",)
+# The ops with parameters: their names among the rule's positional arguments.
+PARAMS = {"dense": ("w", "b")}
 
 
 class DenseResiduals(NamedTuple):
@@ -42,6 +44,18 @@ def _dense_bwd(res, ct_y):
 
 
 _dense.defvjp(_dense_fwd, _dense_bwd)
+
+
+# dense_contributions :: (DenseResiduals, ct_y) -> (Weight, Vector)
+def dense_contributions(res, ct_y):
+    """What each example contributes to w and b: every leading axis after the first is a position.
+
+    G_i^w = Σ_t x_{i,t}ᵀ δ_{i,t} (a Weight with a = x, δ = ct_y), G_i^b = Σ_t δ_{i,t} (a Vector).
+
+    Derivation: derivations/curvature.md#contributions
+    """
+    delta = contributions.positions(ct_y)
+    return contributions.Weight(contributions.positions(res.x), delta), contributions.Vector(delta)
 
 
 def dense(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:

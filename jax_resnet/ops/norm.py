@@ -25,10 +25,14 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jax_resnet.ops import _checks
+from jax_resnet.ops import _checks, contributions
 
 # This module's ops, in `OpSet` order (jax_resnet/ops/__init__.py builds everything else from it).
 OPS = ("batch_norm_train", "batch_norm_eval", "layer_norm", "group_norm")
+# The ops with parameters: their names among the rule's positional arguments. batch_norm_train
+# has no `_contributions`: its batch statistics make every example's output depend on every
+# example, so no one example's share of ct_gamma or ct_beta exists in its backward.
+PARAMS = {name: ("gamma", "beta") for name in OPS}
 
 
 # --------------------------------------------------------------------- shared algebra
@@ -54,6 +58,18 @@ def _standardize_bwd(x_hat, inv_std, ct_xhat, axes, m):
     sum_ct_xhat = jnp.sum(ct_xhat, axis=axes, keepdims=True)
     sum_ct_xhat_x_hat = jnp.sum(ct_xhat * x_hat, axis=axes, keepdims=True)
     return inv_std / m * (m * ct_xhat - sum_ct_xhat - x_hat * sum_ct_xhat_x_hat)
+
+
+# <norm>_contributions :: (config, residuals with x_hat, ct_y) -> (Vector, Vector)
+def _scale_shift_contributions(config, res, ct_y):
+    """What each example contributes to gamma and beta, for a norm whose x_hat of example i depends
+    on example i alone (batch_norm_eval, layer_norm, group_norm): u^gamma_{i,t} = δ_{i,t} ⊙ x_hat_{i,t},
+    u^beta_{i,t} = δ_{i,t}, at every position t of the example.
+
+    Derivation: derivations/curvature.md#contributions
+    """
+    delta = contributions.positions(ct_y)
+    return contributions.Vector(delta * contributions.positions(res.x_hat)), contributions.Vector(delta)
 
 
 def _count(shape, axes) -> int:
@@ -133,7 +149,7 @@ def batch_norm_train(x: jax.Array, gamma: jax.Array, beta: jax.Array, *, eps: fl
 
     VJP, with ct_xhat = ct_y·gamma and sums over the same m elements:
     ct_x = inv_std/m · (m·ct_xhat − Σct_xhat − x_hat·Σct_xhat·x_hat)
-           + ct_mean/m + ct_var·2·(x − mean)/m,
+    + ct_mean/m + ct_var·2·(x − mean)/m,
     ct_gamma = Σ ct_y·x_hat, ct_beta = Σ ct_y. Saves x_hat, inv_std and gamma.
     A batch of one element per channel gives var = 0, x_hat = 0, y = beta and
     ct_x = ct_mean (zero from the y path).
@@ -195,6 +211,7 @@ def _batch_norm_eval_bwd(config, res, ct_y):
 
 
 _batch_norm_eval.defvjp(_batch_norm_eval_fwd, _batch_norm_eval_bwd)
+batch_norm_eval_contributions = _scale_shift_contributions
 
 
 def batch_norm_eval_config(x, gamma, beta, mean, var, *, eps=1e-5) -> NormConfig:
@@ -263,6 +280,7 @@ def _layer_norm_bwd(config, res, ct_y):
 
 
 _layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+layer_norm_contributions = _scale_shift_contributions
 
 
 def layer_norm_config(x, gamma, beta, *, eps=1e-5) -> NormConfig:
@@ -344,6 +362,7 @@ def _group_norm_bwd(config, res, ct_y):
 
 
 _group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
+group_norm_contributions = _scale_shift_contributions
 
 
 def group_norm_config(x, gamma, beta, *, groups, eps=1e-5) -> GroupNormConfig:

@@ -46,7 +46,7 @@ def _geometry(op: str, shape: tuple, window, stride, padding) -> PoolGeometry:
     return PoolGeometry(window, stride, pads, in_hw)
 
 
-def _out_hw(geom: PoolGeometry) -> tuple[int, int]:
+def _out_hw(geom: PoolGeometry) -> tuple[int, ...]:
     return tuple(
         (n + lo + hi - k) // s + 1 for n, (lo, hi), k, s in zip(geom.in_hw, geom.pads, geom.window, geom.stride)
     )

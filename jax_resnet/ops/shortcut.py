@@ -18,10 +18,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jax_resnet.ops import _checks
+from jax_resnet.ops import _checks, contributions
 
 # This module's ops, in `OpSet` order (jax_resnet/ops/__init__.py builds everything else from it).
 OPS = ("add", "shortcut_pad", "projection")
+# The ops with parameters: their names among the rule's positional arguments.
+PARAMS = {"projection": ("w",)}
 
 
 def _subsample(x, stride):
@@ -215,6 +217,16 @@ def _projection_bwd(config, res, ct_y):
 
 
 _projection.defvjp(_projection_fwd, _projection_bwd)
+
+
+# projection_contributions :: (ProjectionConfig, ProjectionResiduals, ct_y) -> (Weight,)
+def projection_contributions(config, res, ct_y):
+    """What each example contributes to w: G_i = Σ_t x_s[i, t]ᵀ δ_{i,t} over the T = oh·ow output
+    pixels (a Weight with a = x_s, the saved subsample).
+
+    Derivation: derivations/curvature.md#contributions
+    """
+    return (contributions.Weight(contributions.positions(res.x_s), contributions.positions(ct_y)),)
 
 
 def projection_config(x, w, *, stride) -> ProjectionConfig:

@@ -6,37 +6,10 @@ tested for (`tests/test_rules.py` is built on this module), and returns a
 `RuleReport`: one `PropertyResult` per property, with rows per argument and
 per leaf, each error relative to that leaf's own scale.
 
-Properties (the names are stable; `report["vjp_float64"]`):
+Properties (the names are stable; `report["vjp_float64"]`), from the one
+table `PROPERTY_TABLE` of (name, description, check):
 
-==================  ==========================================================================
-forward             the rule's forward equals the reference's (float64), also under jax.vjp
-vjp_float64         the rule's VJP equals the reference's for a random cotangent, float64, jitted
-vjp_float64_nojit   the same without jit, op by op (a backward that depends on tracing shows here)
-vjp_float32         the same in float32, jitted
-finite_differences  dot-product test ⟨u, vjp(v)⟩ ≈ ⟨v, (f(x+εu) − f(x−εu)) / 2ε⟩ in float64,
-                    for the rule and for the reference: tells which of the two is wrong
-vmap                jax.vmap of the rule's VJP equals the reference's, and the rule slice by slice
-grad_of_grad        reverse over reverse: the gradient of ⟨w, vjp(v)⟩, rule vs reference
-composition         the VJP under jax.checkpoint (default policy and nothing_saveable) and
-                    inside lax.scan equals the plain VJP (float64); under remat the forward
-                    runs at most once more (counted per primitive in the jaxpr)
-sharded             one slice of the arguments per device over all local devices: jit of vmap
-                    with sharded arguments gives what shard_map of the plain VJP gives (skipped
-                    on one device)
-extremes            float32 arguments at the edges (first argument ×1e4, ×25, 1 + 1e-4·x,
-                    constant, zeros, denormals; a batch of one): the rule's forward and VJP
-                    are finite wherever the float64 reference fits in float32 and agree with
-                    it to EXTREMES_RTOL; where even the float64 reference overflows, a
-                    finite rule agrees with itself in float64 (more stable than its reference)
-low_precision       bfloat16 and float16 forward and VJP within LOW_PRECISION_RTOL of float32;
-                    outputs and cotangents keep the arguments' dtype (float32 stays float32
-                    with x64 on)
-custom_vjp_runs     `custom_vjp_call` is in the rule's jaxpr and not in the reference's
-residuals           `fwd` saves a NamedTuple with exactly the names listed in `residuals`
-forward_mode        jax.jvp of the rule fails with JAX's clear TypeError (custom_vjp has no
-                    forward mode), instead of quietly differentiating something else; second
-                    derivatives need no forward mode: `jax_resnet.hvp` is reverse over reverse
-==================  ==========================================================================
+{PROPERTY_TABLE}
 
 Everything float64 runs with x64 switched on for the call (no global
 change). Each property is computed in its own try block, so one that raises
@@ -86,7 +59,7 @@ Example: a rule of one's own, checked end to end.
     >>> report.failed
     ('vjp_float64', 'vjp_float64_nojit', 'vjp_float32', 'finite_differences', 'vmap', 'grad_of_grad', 'extremes')
     >>> print(report["vjp_float64"])  # doctest: +ELLIPSIS
-    FAIL  vjp_float64         the rule's VJP equals the reference's (float64, jitted)
+    FAIL  vjp_float64         the rule's VJP equals the reference's for a random cotangent (float64, jitted)
           VJP w.r.t. argument 0 (x) off by 3.3e-01 in float64 (tol 1e-10): finite differences agree with the reference...
     >>> "the backward is wrong, not the forward" in str(report)
     True
@@ -99,8 +72,9 @@ import dataclasses
 import functools
 import inspect
 import math
+import textwrap
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -109,39 +83,26 @@ import numpy as np
 from jax_resnet import gradcheck as gc
 from jax_resnet._x64 import enable_x64
 
-PROPERTIES: tuple[str, ...] = (
-    "forward",
-    "vjp_float64",
-    "vjp_float64_nojit",
-    "vjp_float32",
-    "finite_differences",
-    "vmap",
-    "grad_of_grad",
-    "composition",
-    "sharded",
-    "extremes",
-    "low_precision",
-    "custom_vjp_runs",
-    "residuals",
-    "forward_mode",
-)
+__all__ = [
+    "Property",
+    "PROPERTY_TABLE",
+    "PROPERTIES",
+    "DESCRIPTIONS",
+    "SAME_CODE_RTOL",
+    "GRAD_OF_GRAD_FACTOR",
+    "EXTREMES",
+    "EXTREMES_RTOL",
+    "REMAT_POLICIES",
+    "LOW_PRECISION_RTOL",
+    "Row",
+    "PropertyResult",
+    "RuleReport",
+    "RuleSpec",
+    "check",
+    "check_rule",
+    "rule_tests",
+]
 
-DESCRIPTIONS: dict[str, str] = {
-    "forward": "the rule's forward equals the reference's (float64)",
-    "vjp_float64": "the rule's VJP equals the reference's (float64, jitted)",
-    "vjp_float64_nojit": "the rule's VJP equals the reference's (float64, op by op, no jit)",
-    "vjp_float32": "the rule's VJP equals the reference's (float32, jitted)",
-    "finite_differences": "dot-product test against central finite differences (float64)",
-    "vmap": "jax.vmap of the rule's VJP equals the reference's and the rule slice by slice",
-    "grad_of_grad": "the backward is differentiable: grad of <w, vjp(v)> equals the reference's",
-    "composition": "under jax.checkpoint and lax.scan the VJP equals the plain one; remat reruns the forward once",
-    "sharded": "jit of vmap with sharded arguments equals shard_map of the plain VJP, over all local devices",
-    "extremes": "at extreme float32 arguments the rule is finite where the reference is, and accurate",
-    "low_precision": "bfloat16 and float16 within LOW_PRECISION_RTOL of float32; dtypes kept",
-    "custom_vjp_runs": "custom_vjp_call is in the rule's jaxpr and not in the reference's",
-    "residuals": "fwd saves a NamedTuple with exactly the listed residuals",
-    "forward_mode": "jax.jvp of the rule raises JAX's forward-mode TypeError (for second derivatives: jax_resnet.hvp)",
-}
 
 # The batched rule against the same rule slice by slice: the same code, so only
 # the order of a reduction may differ.
@@ -327,7 +288,7 @@ def check_rule(
     fd_eps: float = 1e-6,
     seed: int = 0,
     key_impl: str = "rbg",
-    properties: Iterable[str] = PROPERTIES,
+    properties: Iterable[str] | None = None,
 ) -> RuleReport:
     """Run every property of the registry's tests on one rule.
 
@@ -361,7 +322,7 @@ def check_rule(
       A `RuleReport`; `report.ok` is the verdict, `print(report)` says what
       failed, by how much and what to look at.
     """
-    properties = tuple(properties)
+    properties = PROPERTIES if properties is None else tuple(properties)
     unknown = [p for p in properties if p not in PROPERTIES]
     if unknown:
         raise ValueError(f"check_rule: unknown properties {unknown}; known: {', '.join(PROPERTIES)}")
@@ -433,7 +394,7 @@ class _Checker:
 
     def run(self, prop: str) -> PropertyResult:
         try:
-            return getattr(self, f"_{prop}")()
+            return _BY_NAME[prop].check(self)
         except _Raised as raised:
             hint = f"{_hint_for(raised.err)}; {raised.more}"
             return PropertyResult(prop, error=_exception_text(raised.err), hint=hint)
@@ -463,20 +424,14 @@ class _Checker:
         return _arg_names(self.reference, len(self.args64))
 
     def _cotangent(self, args):
-        return gc._random_like(np.random.default_rng(self.seed), jax.eval_shape(self.fn, *args))
+        return gc.random_like(np.random.default_rng(self.seed), jax.eval_shape(self.fn, *args))
 
     def _fused(self, *, rule_vjp: bool, fd: bool):
         """One jitted program: the plain forward, the reference's VJP, the rule's VJP, the central differences."""
         fn, reference, argnums = self.fn, self.reference, self.argnums
 
         def run(args, ct, directions, eps):
-            out = {"y": fn(*args)}
-            out["y_ref"], out["want"] = gc._vjp(reference, args, argnums, ct)
-            if rule_vjp:
-                out["y_vjp"], out["got"] = gc._vjp(fn, args, argnums, ct)
-            if fd:
-                out["fd"] = gc._central_differences(fn, args, argnums, ct, directions, eps)
-            return out
+            return gc.comparison(fn, reference, args, argnums, ct, directions if fd else None, eps, rule_vjp=rule_vjp)
 
         return jax.jit(run)
 
@@ -486,6 +441,7 @@ class _Checker:
         out, err = self._pass64_or_error
         if err is not None:
             raise err
+        assert out is not None, "the float64 pass gives a result or an error"
         return out
 
     @functools.cached_property
@@ -500,7 +456,7 @@ class _Checker:
         finite differences still speak; the error is kept under "rule_error"."""
         args, argnums = self.args64, self.argnums
         ct = self._cotangent(args)
-        directions = gc._random_like(np.random.default_rng(self.seed + 1), tuple(args[i] for i in argnums))
+        directions = gc.random_like(np.random.default_rng(self.seed + 1), tuple(args[i] for i in argnums))
         eps = gc.fd_steps(args, argnums, self.fd_eps)
         try:
             out = self._fused(rule_vjp=True, fd=True)(args, ct, directions, eps)
@@ -513,7 +469,7 @@ class _Checker:
         out["fd_rule"] = None if out["rule_error"] else gc.dot_product_errors(directions, out["got"], out["fd"])
         return out
 
-    def _leaf_rows(self, label: str, k: int, got, want, tol: float, note: Callable[[str, float], str]) -> list[Row]:
+    def _leaf_rows(self, label: str, k: int, got, want, tol: float, note: Callable[..., str]) -> list[Row]:
         """One row per leaf of argument k: `what` names the argument and, for a pytree argument, the leaf."""
         rows = []
         for path, err in gc.leaf_errors(got, want).items():
@@ -592,7 +548,7 @@ class _Checker:
 
     def _vjp_float64_nojit(self) -> PropertyResult:
         p, tol = self.pass64, self._tol(self.rtol, _F64)
-        _, got = gc._vjp(self.fn, self.args64, self.argnums, p["ct"])
+        _, got = gc.pullback(self.fn, self.args64, self.argnums, p["ct"])
 
         def note(k, path):
             if self._vjp64_ok(k, path):
@@ -653,12 +609,14 @@ class _Checker:
         fn, reference, argnums, tol = self.fn, self.reference, self.argnums, self._tol(self.rtol, _F64)
         slices = [tuple(self.make_args(self.key(s), jnp.float64)) for s in (1, 2)]
         stacked = _stack(slices)
-        ct = gc._random_like(np.random.default_rng(self.seed + 2), jax.eval_shape(jax.vmap(fn), *stacked))
+        ct = gc.random_like(np.random.default_rng(self.seed + 2), jax.eval_shape(jax.vmap(fn), *stacked))
 
         @jax.jit
         def run(stacked, ct):
-            batched = lambda f: jax.vmap(lambda a, c: gc._vjp(f, a, argnums, c))(stacked, ct)
-            one_by_one = [gc._vjp(fn, _unstack(stacked, s), argnums, _unstack(ct, s))[1] for s in range(len(slices))]
+            batched = lambda f: jax.vmap(lambda a, c: gc.pullback(f, a, argnums, c))(stacked, ct)
+            one_by_one = [
+                gc.pullback(fn, _unstack(stacked, s), argnums, _unstack(ct, s))[1] for s in range(len(slices))
+            ]
             return batched(fn), batched(reference), _stack(one_by_one)
 
         (y, got), (y_ref, want), sliced = run(stacked, ct)
@@ -693,17 +651,13 @@ class _Checker:
         args, argnums = self.args64, self.argnums
         tol = GRAD_OF_GRAD_FACTOR * self._tol(self.rtol, _F64)
         rng = np.random.default_rng(self.seed + 3)
-        ct = gc._random_like(rng, jax.eval_shape(self.fn, *args))
-        w = gc._random_like(rng, tuple(args[i] for i in argnums))
+        ct = gc.random_like(rng, jax.eval_shape(self.fn, *args))
+        w = gc.random_like(rng, tuple(args[i] for i in argnums))
 
         def second(f, args, ct, w):
             """∇_x ⟨w, vjp_f(x)(ct)⟩: reverse mode through the backward pass itself."""
 
-            def inner(*diff):
-                full = list(args)
-                for i, d in zip(argnums, diff):
-                    full[i] = d
-                return gc._vdot(w, gc._vjp(f, full, argnums, ct)[1])
+            inner = gc.restrict(lambda *full: gc.vdot(w, gc.pullback(f, full, argnums, ct)[1]), args, argnums)
 
             return jax.grad(inner, argnums=tuple(range(len(argnums))))(*(args[i] for i in argnums))
 
@@ -756,8 +710,8 @@ class _Checker:
         args, argnums, fn = self.args64, self.argnums, self.fn
         ct = self._cotangent(args)
         diff = tuple(args[i] for i in argnums)
-        forward = _primitive_counts(jax.make_jaxpr(lambda *d: jax.vjp(gc._restrict(fn, args, argnums), *d))(*diff))
-        vjp = lambda f: _primitive_counts(jax.make_jaxpr(lambda a, c: gc._vjp(f, a, argnums, c))(args, ct))
+        forward = _primitive_counts(jax.make_jaxpr(lambda *d: jax.vjp(gc.restrict(fn, args, argnums), *d))(*diff))
+        vjp = lambda f: _primitive_counts(jax.make_jaxpr(lambda a, c: gc.pullback(f, a, argnums, c))(args, ct))
         plain = vjp(fn)
         rows = []
         for name, policy in policies.items():
@@ -790,19 +744,16 @@ class _Checker:
         # One slice per device: the float64 arguments, each floating leaf scaled by its own noise (numpy draws;
         # no new random kernels to compile).
         rng = np.random.default_rng(self.seed + 5)
-        vary = lambda a: a * (1 + 0.1 * rng.standard_normal(a.shape)) if gc._is_float(a) else a
+        vary = lambda a: a * (1 + 0.1 * rng.standard_normal(a.shape)) if gc.is_float(a) else a
         slices = [jax.tree.map(lambda a: vary(np.asarray(a)), self.args64) for _ in range(n)]
         stacked = jax.tree.map(lambda *a: np.stack(a), *slices)
-        ct = gc._random_like(rng, jax.eval_shape(jax.vmap(fn), *stacked))
+        ct = gc.random_like(rng, jax.eval_shape(jax.vmap(fn), *stacked))
         mesh = Mesh(np.array(devices), ("devices",))
         spread = NamedSharding(mesh, PartitionSpec("devices"))
-        try:
-            from jax import shard_map
-        except ImportError:  # JAX before 0.6
-            from jax.experimental.shard_map import shard_map
+        from jax import shard_map
 
         def slice_vjp(args, c):
-            return gc._vjp(fn, args, argnums, c)[1]
+            return gc.pullback(fn, args, argnums, c)[1]
 
         def per_device(args, c):  # each device holds a block of one slice
             squeeze = lambda t: jax.tree.map(lambda a: a[0], t)
@@ -849,8 +800,8 @@ class _Checker:
 
         def evaluations(args, ct):
             return {
-                "rule": gc._vjp(fn, args, argnums, ct),
-                "reference64": gc._vjp(reference, up(args), argnums, up(ct)),
+                "rule": gc.pullback(fn, args, argnums, ct),
+                "reference64": gc.pullback(reference, up(args), argnums, up(ct)),
             }
 
         def scanned(stacked, cts, diff):
@@ -859,14 +810,16 @@ class _Checker:
             full = list(stacked)
             for i, d in zip(argnums, diff):
                 full[i] = d
-            step = jax.checkpoint(lambda total, xs: (total + gc._vdot(xs[1], fn(*xs[0])), None))
+            step = jax.checkpoint(lambda total, xs: (total + gc.vdot(xs[1], fn(*xs[0])), None))
             zero = jnp.zeros((), jax.tree.leaves(cts)[0].dtype)
             return jax.lax.scan(step, zero, (tuple(full), cts))[0]
 
         @jax.jit
         def run(args64, ct64, first, rest, ct, one_args, one_ct):
             composition = {
-                f"jax.checkpoint(policy={name})": gc._vjp(jax.checkpoint(fn, policy=policy), args64, argnums, ct64)[1]
+                f"jax.checkpoint(policy={name})": gc.pullback(jax.checkpoint(fn, policy=policy), args64, argnums, ct64)[
+                    1
+                ]
                 for name, policy in REMAT_POLICIES.items()
             }
             # Two copies of the arguments, the second with twice the cotangent: its gradient is twice the VJP.
@@ -880,7 +833,7 @@ class _Checker:
             cases = jax.vmap(lambda a0: evaluations((a0, *rest), ct))(first)
             low = {}
             for dtype in LOW_PRECISION_RTOL:
-                low[dtype.name] = gc._vjp(fn, _cast((first[0], *rest), dtype), argnums, _cast(ct, dtype))
+                low[dtype.name] = gc.pullback(fn, _cast((first[0], *rest), dtype), argnums, _cast(ct, dtype))
             return composition, cases, evaluations(one_args, one_ct), low
 
         # numpy from here: indexing device arrays would compile a kernel per shape.
@@ -902,8 +855,8 @@ class _Checker:
 
         @jax.jit
         def run(first, rest, ct, one_args, one_ct):
-            cases = jax.vmap(lambda a0: gc._vjp(fn, up((a0, *rest)), argnums, up(ct)))(first)
-            return cases, gc._vjp(fn, up(one_args), argnums, up(one_ct))
+            cases = jax.vmap(lambda a0: gc.pullback(fn, up((a0, *rest)), argnums, up(ct)))(first)
+            return cases, gc.pullback(fn, up(one_args), argnums, up(one_ct))
 
         return _split_cases(*jax.tree.map(np.asarray, run(**self.edge_pass["inputs"])))
 
@@ -937,7 +890,7 @@ class _Checker:
                     "float32 arguments give float32 outputs and cotangents (x64 on)",
                     None,
                     None,
-                    all(a.dtype == _F32 for a in base if gc._is_float(a)),
+                    all(a.dtype == _F32 for a in base if gc.is_float(a)),
                     "got "
                     + ", ".join(sorted({str(a.dtype) for a in base}))
                     + ": a float64 constant promotes the result",
@@ -948,7 +901,7 @@ class _Checker:
         )
         for name, out in p["low"].items():
             dtype, got = jnp.dtype(name), jax.tree.leaves(out)
-            kept = all(a.dtype == dtype for a in got if gc._is_float(a))
+            kept = all(a.dtype == dtype for a in got if gc.is_float(a))
             rows.append(
                 Row(
                     f"{name} arguments give {name} outputs and cotangents",
@@ -960,7 +913,7 @@ class _Checker:
             )
             tol = LOW_PRECISION_RTOL[dtype]
             for j, (a, b) in enumerate(zip(got, base)):
-                err = gc._array_error(np.asarray(a, np.float64), np.asarray(b, np.float64))
+                err = gc.array_error(np.asarray(a, np.float64), np.asarray(b, np.float64))
                 ok = err <= tol
                 rows.append(
                     Row(
@@ -1035,7 +988,7 @@ class _Checker:
 
     def _forward_mode(self) -> PropertyResult:
         args, k = self.args64, self.argnums[0]
-        f = gc._restrict(self.fn, args, (k,))
+        f = gc.restrict(self.fn, args, (k,))
         try:
             jax.jvp(f, (args[k],), (args[k],))
         except TypeError as err:
@@ -1054,6 +1007,114 @@ class _Checker:
             )
         note = "jax.jvp of the rule succeeded: it is not a custom_vjp (or has a custom_jvp), so forward mode bypasses the hand-written backward"
         return PropertyResult("forward_mode", (Row("jax.jvp raises TypeError", None, None, False, note),))
+
+
+class Property(NamedTuple):
+    """One property of the kit: its stable name, what it asserts, and the method of the kit's checker that
+    computes it (`checker -> PropertyResult`)."""
+
+    name: str
+    description: str
+    check: Callable[..., PropertyResult]
+
+
+# The kit's properties, in the order they run and are reported: the one place each is listed.
+PROPERTY_TABLE: tuple[Property, ...] = (
+    Property(
+        "forward",
+        "the rule's forward equals the reference's (float64), also under jax.vjp",
+        _Checker._forward,
+    ),
+    Property(
+        "vjp_float64",
+        "the rule's VJP equals the reference's for a random cotangent (float64, jitted)",
+        _Checker._vjp_float64,
+    ),
+    Property(
+        "vjp_float64_nojit",
+        "the rule's VJP equals the reference's without jit, op by op (a backward that depends on tracing shows here)",
+        _Checker._vjp_float64_nojit,
+    ),
+    Property("vjp_float32", "the rule's VJP equals the reference's in float32, jitted", _Checker._vjp_float32),
+    Property(
+        "finite_differences",
+        "dot-product test ⟨u, vjp(v)⟩ ≈ ⟨v, (f(x+εu) − f(x−εu)) / 2ε⟩ in float64, for the rule and for the "
+        "reference: tells which of the two is wrong",
+        _Checker._finite_differences,
+    ),
+    Property(
+        "vmap",
+        "jax.vmap of the rule's VJP equals the reference's, and the rule slice by slice",
+        _Checker._vmap,
+    ),
+    Property(
+        "grad_of_grad",
+        "reverse over reverse: the gradient of ⟨w, vjp(v)⟩, rule vs reference (the backward is differentiable)",
+        _Checker._grad_of_grad,
+    ),
+    Property(
+        "composition",
+        "the VJP under jax.checkpoint (default policy and nothing_saveable) and inside lax.scan equals the plain "
+        "VJP (float64); under remat the forward runs at most once more (counted per primitive in the jaxpr)",
+        _Checker._composition,
+    ),
+    Property(
+        "sharded",
+        "one slice of the arguments per device over all local devices: jit of vmap with sharded arguments gives "
+        "what shard_map of the plain VJP gives (skipped on one device)",
+        _Checker._sharded,
+    ),
+    Property(
+        "extremes",
+        "float32 arguments at the edges (first argument ×1e4, ×25, 1 + 1e-4·x, constant, zeros, denormals; a "
+        "batch of one): the rule's forward and VJP are finite wherever the float64 reference fits in float32 and "
+        "agree with it to EXTREMES_RTOL; where even the float64 reference overflows, a finite rule agrees with "
+        "itself in float64 (more stable than its reference)",
+        _Checker._extremes,
+    ),
+    Property(
+        "low_precision",
+        "bfloat16 and float16 forward and VJP within LOW_PRECISION_RTOL of float32; outputs and cotangents keep "
+        "the arguments' dtype (float32 stays float32 with x64 on)",
+        _Checker._low_precision,
+    ),
+    Property(
+        "custom_vjp_runs",
+        "`custom_vjp_call` is in the rule's jaxpr and not in the reference's",
+        _Checker._custom_vjp_runs,
+    ),
+    Property(
+        "residuals",
+        "`fwd` saves a NamedTuple with exactly the names listed in `residuals`",
+        _Checker._residuals,
+    ),
+    Property(
+        "forward_mode",
+        "jax.jvp of the rule fails with JAX's clear TypeError (custom_vjp has no forward mode), instead of "
+        "quietly differentiating something else; second derivatives need no forward mode: `jax_resnet.hvp` is "
+        "reverse over reverse",
+        _Checker._forward_mode,
+    ),
+)
+_BY_NAME = {p.name: p for p in PROPERTY_TABLE}
+PROPERTIES: tuple[str, ...] = tuple(_BY_NAME)
+DESCRIPTIONS: dict[str, str] = {p.name: p.description for p in PROPERTY_TABLE}
+
+
+def _rst_table(table: Sequence[Property], width: int = 74) -> str:
+    """The table as the reStructuredText simple table of the module's docstring."""
+    first = max(len(p.name) for p in table)
+    rule = "=" * first + "  " + "=" * width
+    lines = [rule]
+    for p in table:
+        wrapped = textwrap.wrap(p.description, width)
+        lines.append(f"{p.name:<{first}}  {wrapped[0]}")
+        lines += [" " * (first + 2) + more for more in wrapped[1:]]
+    return "\n".join([*lines, rule])
+
+
+if __doc__:  # None under python -OO
+    __doc__ = __doc__.replace("{PROPERTY_TABLE}", _rst_table(PROPERTY_TABLE))
 
 
 def _primitive_counts(closed_jaxpr) -> collections.Counter:
@@ -1101,7 +1162,7 @@ def _masked_error(got: np.ndarray, want: np.ndarray, where: np.ndarray) -> float
 
 
 def _cast(tree, dtype):
-    return jax.tree.map(lambda a: a.astype(dtype) if gc._is_float(a) else a, tree)
+    return jax.tree.map(lambda a: a.astype(dtype) if gc.is_float(a) else a, tree)
 
 
 def _split_cases(cases, one) -> dict:
@@ -1157,7 +1218,7 @@ class _Raised(Exception):
 
 
 # ----------------------------------------------------------------------------- pytest
-def rule_tests(rules: Iterable, *, properties: Iterable[str] = PROPERTIES, **options) -> Callable:
+def rule_tests(rules: Iterable, *, properties: Iterable[str] | None = None, **options) -> Callable:
     """A pytest test function parametrized over `rules` × `properties`.
 
     Each rule is checked once (the first of its items computes the report; the
@@ -1181,7 +1242,7 @@ def rule_tests(rules: Iterable, *, properties: Iterable[str] = PROPERTIES, **opt
     """
     import pytest
 
-    rules, properties = list(rules), tuple(properties)
+    rules, properties = list(rules), PROPERTIES if properties is None else tuple(properties)
     residuals = options.pop("residuals", None)
 
     @functools.cache
