@@ -5,7 +5,8 @@ registry), `gradcheck` and `testing` (checking a rule), `blocks`,
 `reversible` and `models` (networks as `init`/`apply`), `per_example`,
 `curvature`, `laplace` and `dp` (what a backward pass gives besides the gradient),
 `nnx` (Flax NNX modules over the same networks), `data`, `step` and `train`
-(training), `flow` and `bench` (studies), `checkpoints`.
+(training), `distributed` and `launch` (training across processes), `flow`
+and `bench` (studies), `environment` (where they ran), `checkpoints`.
 
     >>> import jax_resnet
     >>> model = jax_resnet.models.resnet20()
@@ -26,10 +27,40 @@ from jax_resnet import blocks, curvature, gradcheck, models, ops, per_example, r
 from jax_resnet.curvature import hvp
 
 if TYPE_CHECKING:
-    from jax_resnet import bench, checkpoints, data, dp, flow, laplace, nnx, step, testing, train, verify
+    from jax_resnet import (
+        bench,
+        checkpoints,
+        data,
+        distributed,
+        dp,
+        environment,
+        flow,
+        launch,
+        laplace,
+        nnx,
+        step,
+        testing,
+        train,
+        verify,
+    )
 
 # Imported on first attribute access (PEP 562): each brings a heavy dependency or is a leaf few callers need.
-_LAZY = ("bench", "checkpoints", "data", "dp", "flow", "laplace", "nnx", "step", "testing", "train", "verify")
+_LAZY = (
+    "bench",
+    "checkpoints",
+    "data",
+    "distributed",
+    "dp",
+    "environment",
+    "flow",
+    "launch",
+    "laplace",
+    "nnx",
+    "step",
+    "testing",
+    "train",
+    "verify",
+)
 
 __all__ = [
     "bench",
@@ -37,10 +68,13 @@ __all__ = [
     "checkpoints",
     "curvature",
     "data",
+    "distributed",
     "dp",
+    "environment",
     "flow",
     "gradcheck",
     "hvp",
+    "launch",
     "laplace",
     "models",
     "nnx",

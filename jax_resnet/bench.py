@@ -72,26 +72,22 @@ their baseline the non-private step, and every flag works for them as for the ot
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import functools
 import math
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
-import jaxlib
 import optax
 from flax import nnx
 
 from jax_resnet import blocks, models
 from jax_resnet import dp as dp_lib
 from jax_resnet import step as step_lib
+from jax_resnet.environment import record as environment_record
 from jax_resnet.ops import AUTODIFF, RULES, SPECS, OpSet
 
 METHODS = ("rules", "autodiff", "flax")
@@ -581,21 +577,8 @@ def _round_fields(times: Sequence[float], steps: int, batch_size: int, example_s
 
 
 def environment(quick: bool) -> dict:
-    """Where and when the numbers were taken; stored with every row."""
-    device = jax.devices()[0]
-    return {
-        "device": device.device_kind,
-        "platform": device.platform,
-        "device_count": jax.device_count(),
-        "cpu_count": os.cpu_count(),
-        "jax": jax.__version__,
-        "jaxlib": jaxlib.__version__,
-        "flax": flax.__version__,
-        "optax": optax.__version__,
-        "python": platform.python_version(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "quick": quick,
-    }
+    """Where and when the numbers were taken (`jax_resnet.environment.record`, and `quick`); stored with every row."""
+    return {**environment_record(), "quick": quick}
 
 
 def bench_workload(

@@ -13,16 +13,35 @@ import os
 import shutil
 from pathlib import Path
 
+import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+__all__ = [
+    "manager",
+    "save",
+    "restore_meta",
+    "restore_tree",
+    "restore_newest_intact",
+    "load",
+    "finished_steps",
+    "remove_unfinished",
+]
 
 
 def manager(directory: Path, max_to_keep: int) -> ocp.CheckpointManager:
-    """A synchronous checkpoint manager over `directory` (created if missing)."""
+    """A synchronous checkpoint manager over `directory` (created if missing).
+
+    In a run of several processes every process calls it and every save and restore, as orbax
+    requires: each writes the array shards its devices hold (replicated arrays: one copy), process
+    0 (orbax's primary host) writes the metadata and renames the finished checkpoint, and orbax's
+    barriers keep them in step. `directory` must then be one folder all processes see."""
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep,
         create=True,
         cleanup_tmp_directories=True,  # leftovers of a save that was killed
         enable_async_checkpointing=False,
+        multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=0),
     )
     return ocp.CheckpointManager(Path(directory).absolute(), options=options)
 
@@ -60,9 +79,11 @@ def restore_newest_intact(mngr: ocp.CheckpointManager, target: dict, log=print) 
             damaged.append((step, reason))
             log(f"resume: checkpoint step {step} is damaged ({reason}); trying an older one")
             continue
-        for bad, _ in damaged:
-            _set_aside(mngr, bad, log)
         if damaged:
+            if jax.process_index() == 0:  # one process moves them; the others wait until it has
+                for bad, _ in damaged:
+                    _set_aside(mngr, bad, log)
+            multihost_utils.sync_global_devices("jax_resnet.checkpoints: damaged checkpoints set aside")
             mngr.reload()
         return step, tree, meta
     if damaged:
@@ -87,8 +108,9 @@ def load(out: str | os.PathLike, step: int | None = None) -> tuple[dict, dict]:
 
     Returns:
       (tree, meta): tree has "params", "state" and "opt_state" (optax states
-      as nested containers, since no target structure is given); meta has
-      "epoch", "step", "seed" and "config".
+      as nested containers, since no target structure is given), every array
+      on this process's first device whatever devices and processes saved it;
+      meta has "epoch", "step", "seed" and "config".
     """
     directory = Path(out) / "checkpoints"
     options = ocp.CheckpointManagerOptions(read_only=True)
@@ -96,7 +118,11 @@ def load(out: str | os.PathLike, step: int | None = None) -> tuple[dict, dict]:
         step = mngr.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint under {directory}")
-        args = ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())
+        with ocp.StandardCheckpointer() as reader:  # the saved shapes and dtypes, without the saved devices
+            saved = reader.metadata((directory / str(step) / "state").absolute()).item_metadata
+        here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=here), saved)
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
         restored = mngr.restore(step, args=args)
     return restored.state, restored.meta
 

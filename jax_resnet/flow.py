@@ -36,7 +36,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import functools
 import itertools
 import json
@@ -51,7 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_resnet import data, models, step
+from jax_resnet import data, environment, models, step
 from jax_resnet.ops import opset
 
 __all__ = [
@@ -520,7 +519,8 @@ def study(
 
     Returns:
       `sweep`'s dict plus "training" (`train_compare`'s curves), "final_loss",
-      "config", "device", "jax_version", "platform", "measured_at" and
+      "config", "device", "jax_version", "platform", "measured_at", "environment"
+      (`environment.record`) and
       "timing_s" ({"sweep", "training", "total"}): what flow.json holds
       (`write`); the field names are a contract.
     """
@@ -545,6 +545,7 @@ def study(
         depth, steps=n_steps, optimizer=optimizer, learning_rate=learning_rate, seed=seed, grad=grad, log=log
     )
     train_s = time.perf_counter() - t
+    env = environment.record()
     return {
         **measured,
         "training": training,
@@ -573,10 +574,11 @@ def study(
             "dtype": "float32",
             "quick": quick,
         },
-        "device": f"{jax.default_backend()}: {jax.devices()[0].device_kind}, {os.cpu_count()} CPU cores",
-        "jax_version": jax.__version__,
+        "device": f"{env['platform']}: {env['device']}, {env['cpu_count']} CPU cores",
+        "jax_version": env["jax"],
         "platform": platform.platform(),
-        "measured_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "measured_at": env["date"],
+        "environment": env,
         "timing_s": {"sweep": sweep_s, "training": train_s, "total": time.perf_counter() - started},
     }
 

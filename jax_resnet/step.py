@@ -59,6 +59,7 @@ __all__ = [
     "hits",
     "masked_mean",
     "put_batch",
+    "process_rows",
     "host",
     "init_train_state",
     "GradCheck",
@@ -416,12 +417,26 @@ def evaluate(
 
 
 def put_batch(a: np.ndarray, sharding):
-    """A host batch as a global array split by `sharding` (each process feeds its slice)."""
+    """A host batch, the same in every process, as a global array split by `sharding`: each
+    process puts only its own rows (`process_rows`) on its devices."""
     if jax.process_count() == 1:
         return jax.device_put(a, sharding)
-    per = len(a) // jax.process_count()
-    i = jax.process_index()
-    return jax.make_array_from_process_local_data(sharding, a[i * per : (i + 1) * per], a.shape)
+    return jax.make_array_from_process_local_data(sharding, a[process_rows(sharding, a.shape)], a.shape)
+
+
+def process_rows(sharding, shape: tuple[int, ...]) -> slice:
+    """The rows of a global array of `shape` split by `sharding` that this process's devices hold:
+    one block, since `make_mesh` lists each process's devices together."""
+    n = shape[0]
+    blocks = sorted(
+        {
+            (i[0].start or 0, n if i[0].stop is None else i[0].stop)
+            for i in sharding.addressable_devices_indices_map(shape).values()
+        }
+    )
+    if any(a[1] != b[0] for a, b in zip(blocks, blocks[1:])):
+        raise ValueError(f"put_batch: this process's rows {blocks} are not one block; build the mesh with make_mesh")
+    return slice(blocks[0][0], blocks[-1][1])
 
 
 def host(x) -> float:

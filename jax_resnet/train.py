@@ -1,6 +1,9 @@
-"""The training loop: data, the gradient gate, epochs of the step from
-`jax_resnet.step`, evaluation, orbax checkpoints (`jax_resnet.checkpoints`),
-metrics and plots, with data parallelism over the local devices.
+"""The training loop apart from its reporting: `train` runs data, the gradient gate, epochs
+of the step from `jax_resnet.step` and evaluation, and emits events (`Observer`); the run
+directory (`RunDir`: config, metrics, orbax checkpoints via `jax_resnet.checkpoints`, resume,
+plots) and the console (`Console`) subscribe to them, as the command line's progress bar
+and JSON output do (`jax_resnet.commands.train`). Data parallelism over the local devices,
+or over several processes' (`jax_resnet.distributed`).
 
 The main job (no flags: ResNet-8 on scikit-learn's digits, hand-derived
 gradients, checked against `jax.grad` before the first step):
@@ -77,13 +80,28 @@ number of devices. Try it on a CPU:
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m jax_resnet train --devices 8
 
-Several hosts (untested here; one process per host, as JAX's multi-process
-guide describes): call `jax.distributed.initialize()` before anything else
-touches JAX, then call `train(config)` in every process with the same config.
-The mesh then spans every process's devices (`devices` must be None), each
-process loads the same data, computes the same permutation and feeds its slice
-of each global batch (`jax.make_array_from_process_local_data`); orbax
-coordinates the checkpoint, and process 0 alone writes metrics and plots.
+Several processes (one per host; tested on one machine, see below): every process calls
+`jax.distributed.initialize` before anything touches a device (`jax_resnet.distributed`,
+which `jax-resnet train --coordinator HOST:PORT --num-processes N --process-id I` or
+`--cluster` calls), then `train(config)` with the same config, `out` one folder all of them
+see. The mesh spans every process's devices (`devices` must be None); each process loads
+the same data, computes the same permutation (or the same Poisson batches: a DP run's
+secret root is process 0's, broadcast) and puts only its rows of each global batch on its
+devices (`step.put_batch`, `jax.make_array_from_process_local_data`); BatchNorm statistics
+and gradients are reduced over the global batch, so the run equals one process's on the
+same batches. Every process takes part in orbax's checkpoints (process 0 writes the
+metadata and renames each when complete), and process 0 alone writes metrics, plots and
+the console log. On one machine:
+
+    python -m jax_resnet.launch -n 2 -- train --model tiny --out runs/two
+
+tests/test_multiprocess.py starts two real processes (one CPU device each, collectives over
+gloo, as JAX's own multi-process tests do) and checks: the parameters after 10 steps equal
+one process's on the same global batches to float32 rounding; a run stopped after a
+checkpoint and resumed on two processes ends bit for bit where an uninterrupted one does;
+the DP step and `per_example.quantities(mesh=)` across two processes equal one process's;
+a process that never joins, or dies mid-run, stops the other with a line naming it. Not
+tested here: a real network between hosts, GPUs or TPUs, more than two processes.
 """
 
 from __future__ import annotations
@@ -105,10 +123,29 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from jax_resnet import checkpoints, data, models, per_example
+from jax_resnet import checkpoints, data, distributed, environment, models, per_example
 from jax_resnet import dp as dp_lib
 from jax_resnet import step as step_lib
 from jax_resnet.step import OPTIMIZERS, SCHEDULES
+
+__all__ = [
+    "GRADS",
+    "DTYPES",
+    "OPTIMIZERS",
+    "SCHEDULES",
+    "RESUME_MUST_MATCH",
+    "TrainingError",
+    "GradCheckError",
+    "OutputError",
+    "TrainConfig",
+    "Setup",
+    "setup",
+    "Observer",
+    "train",
+    "RunDir",
+    "Console",
+    "per_class_errors",
+]
 
 GRADS = ("rules", "autodiff")
 DTYPES = ("float32", "bfloat16")
@@ -180,12 +217,10 @@ class TrainConfig:
       out: output folder; None means runs/<timestamp> [--out].
       resume: continue from the newest checkpoint under `out` (or, with no
         `out`, the newest run under runs/) [--resume].
-      json: print the final metrics as JSON on stdout ("-"), or write them to this file [--json].
       data_dir, download: where MNIST/CIFAR-10 files are, and whether to fetch them [--data-dir, --download].
       devices: how many local devices to shard the batch over; None = all [--devices].
       grad_check_tol: largest accepted relative error of the gradient check [--grad-check-tol].
       skip_grad_check: train even without (or despite) the gradient check [--no-grad-check].
-      progress: show a tqdm progress bar [--no-progress turns it off].
       max_to_keep: how many checkpoints to keep.
       dp_clip, dp_noise, dp_delta: DP-SGD (`jax_resnet.dp`) when dp_clip is
         set: each example's gradient clipped to norm C = dp_clip, Gaussian
@@ -220,13 +255,11 @@ class TrainConfig:
     seed: int = 0
     out: str | None = None
     resume: bool = False
-    json: str | None = None
     data_dir: str | None = None
     download: bool = False
     devices: int | None = None
     grad_check_tol: float = 1e-4
     skip_grad_check: bool = False
-    progress: bool = True
     max_to_keep: int = 2
     dp_clip: float | None = None
     dp_noise: float | None = None
@@ -238,7 +271,7 @@ class TrainConfig:
 
     @property
     def dp(self) -> dp_lib.DPConfig | None:
-        if self.dp_clip is None:
+        if self.dp_clip is None or self.dp_noise is None:  # __post_init__ refuses a clip without noise
             return None
         return dp_lib.DPConfig(
             l2_norm_clip=self.dp_clip,
@@ -297,40 +330,90 @@ class TrainConfig:
             )
 
 
-# ------------------------------------------------------------------ pieces
+# ------------------------------------------------------------------ the run's fixed parts
 @functools.lru_cache(maxsize=8)
-def _optimizer(model, name, schedule, lr, total_steps, weight_decay) -> optax.GradientTransformation:
-    # Cached, so that a run with the same settings gets the same (hashable)
-    # object and `step.compiled_train_step` need not compile again (tests, notebooks).
-    return step_lib.make_optimizer(
-        name, step_lib.make_schedule(schedule, lr, total_steps), weight_decay, mask=model.kernel_mask
+def _optimizer(model, name, schedule, lr, total_steps, weight_decay):
+    """(learning-rate schedule, optimizer): the schedule built once, and the optimizer over it.
+
+    Cached, so that a run with the same settings gets the same (hashable) optimizer and
+    `step.compiled_train_step` need not compile again (tests, notebooks)."""
+    lr_schedule = step_lib.make_schedule(schedule, lr, total_steps)
+    return lr_schedule, step_lib.make_optimizer(name, lr_schedule, weight_decay, mask=model.kernel_mask)
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """What a run fixes before its first step: data, mesh, model, schedule and optimizer,
+    steps per epoch, and a DP run's randomness. Built once by `setup`; everything else reads it."""
+
+    config: TrainConfig
+    ds: data.Dataset
+    mesh: jax.sharding.Mesh
+    model: models.Model
+    steps_per_epoch: int
+    schedule: float | optax.Schedule
+    optimizer: optax.GradientTransformation
+    randomness: dp_lib.DPRandomness | None  # a DP run's: secret unless --dp-insecure-seed
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.config.epochs
+
+    def lr(self, step: int) -> float:
+        """The learning rate of (1-based) step `step`."""
+        return float(self.schedule(step - 1)) if callable(self.schedule) else self.schedule
+
+    @property
+    def augmentation(self) -> data.Augmentation | None:
+        return self.ds.augmentation if self.config.augment else None
+
+    @property
+    def rows(self) -> int:
+        """Rows of every training batch: the batch size, or a DP run's padded physical batch."""
+        c = self.config
+        return c.batch_size if c.dp is None else dp_lib.physical_batch_size(c.dp, self.mesh.size)
+
+    def step_for(self, x_shape: tuple[int, ...]):
+        """The compiled step for batches of `x_shape` (cached: a DP run's rare batch of two chunks compiles once)."""
+        c = self.config
+        return step_lib.compiled_train_step(
+            self.model, self.optimizer, c.grad, c.dtype, self.mesh, x_shape, self.augmentation, c.dp
+        )
+
+    def dp_summary(self, steps: int) -> dict | None:
+        """`dp.summary` of `steps` DP-SGD steps of this run, or None without DP."""
+        c = self.config
+        return None if c.dp is None else dp_lib.summary(c.dp, len(self.ds.x_train), steps, self.randomness)
+
+    def evaluate(self, tree: dict) -> dict:
+        """The test set under `tree` (running statistics): {"test_loss", "test_accuracy", "confusion"}."""
+        test = step_lib.evaluate(
+            self.model,
+            tree["params"],
+            tree["state"],
+            self.ds.x_test,
+            self.ds.y_test,
+            dtype=self.config.dtype,
+            mesh=self.mesh,
+        )
+        return {"test_loss": test["loss"], "test_accuracy": test["accuracy"], "confusion": test["confusion"]}
+
+
+def setup(config: TrainConfig) -> Setup:
+    """Load the data, build the mesh, the model for the data, the schedule and the optimizer."""
+    ds = data.load(config.dataset, config.data_dir, download=config.download, seed=config.seed)
+    mesh = step_lib.make_mesh(config.devices)
+    _check_sizes(config, len(ds.x_train), mesh)
+    model = models.get(config.model).for_data(ds.image_shape, ds.num_classes)
+    randomness = None
+    if config.dp is not None:
+        per_example.check_model(model)
+        randomness = dp_lib.DPRandomness.insecure(config.seed) if config.dp_insecure_seed else dp_lib.DPRandomness.new()
+    steps_per_epoch = data.num_batches(len(ds.x_train), config.batch_size)
+    schedule, optimizer = _optimizer(
+        model, config.optimizer, config.schedule, config.lr, steps_per_epoch * config.epochs, config.weight_decay
     )
-
-
-def _output_dir(config: TrainConfig) -> Path:
-    if config.out is not None:
-        return Path(config.out)
-    if config.resume:
-        runs = sorted(p for p in Path("runs").glob("*") if (p / "checkpoints").is_dir())
-        if not runs:
-            raise ValueError("resume: no run with checkpoints under runs/; pass --out DIR of the run to continue")
-        return runs[-1]
-    base = Path("runs") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    out, i = base, 1
-    while out.exists():
-        out, i = base.with_name(f"{base.name}-{i}"), i + 1
-    return out
-
-
-def _make_writable(out: Path) -> None:
-    """Create `out` and prove a file can be written there, before any training."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise ValueError(f"--out {out}: cannot write there ({e.strerror or e}); choose another folder") from None
+    return Setup(config, ds, mesh, model, steps_per_epoch, schedule, optimizer, randomness)
 
 
 def _check_sizes(config: TrainConfig, n_train: int, mesh) -> None:
@@ -346,107 +429,203 @@ def _check_sizes(config: TrainConfig, n_train: int, mesh) -> None:
         )
 
 
-def _resume(config: TrainConfig, mngr, tree: dict, out: Path, log) -> tuple[dict, int | None]:
-    """(tree, epoch to resume from or None): the newest checkpoint under `out`, if the config allows it."""
-    latest = mngr.latest_step()
-    if latest is None:
-        if config.resume:
-            log(f"resume: no checkpoint under {out / 'checkpoints'} yet; starting from scratch")
-        return tree, None
-    if not config.resume:
-        raise ValueError(
-            f"{out} already holds checkpoints; pass --resume to continue that run, or choose another --out"
-        )
-    # Settings first: a checkpoint of other settings (another optimizer's state) would not
-    # read back into this run's tree, and must not be taken for a damaged one.
-    saved = _saved_config(mngr)
-    if saved is not None:
-        # A setting newer than the checkpoint (absent from its config) had its default then.
-        saved = {**dataclasses.asdict(TrainConfig()), **saved}
-        differ = [
-            f"{k}={saved[k]!r} (now {getattr(config, k)!r})"
-            for k in RESUME_MUST_MATCH
-            if saved[k] != getattr(config, k)
-        ]
-        if differ:
-            raise ValueError(
-                f"resume: {out} was trained with {', '.join(differ)}; pass the same settings, or a new --out"
-            )
-    step, restored, meta = checkpoints.restore_newest_intact(mngr, tree, log)
-    log(f"resuming {out} from epoch {meta['epoch']} (step {step})")
-    was = meta["config"]["epochs"]
-    if was != config.epochs and config.schedule != "constant":
-        log(f"note: --epochs is now {config.epochs} (was {was}); the {config.schedule} schedule stretches")
-    return restored, meta["epoch"]
+# ----------------------------------------------------------------------- events
+class Observer:
+    """What the loop tells the outside, one method per event; each does nothing unless overridden.
+
+    `train` calls them in this order: `note` (any time), `start`, `gradient_check`, then per epoch
+    `epoch_start`, `step` (each step), `epoch_end`; `stop` when the epochs end or an error stops
+    them; `end` with the final metrics. The run directory (`RunDir`), the console (`Console`) and
+    the command line's progress bar (`jax_resnet.commands.train`) are observers."""
+
+    def note(self, text: str) -> None:
+        """A remark for a reader (resuming, a skipped check, a damaged checkpoint set aside)."""
+
+    def start(self, run: Setup, out: Path, num_params: int, start_epoch: int) -> None:
+        """Training (or reporting, when nothing is left to train) begins at epoch `start_epoch`."""
+
+    def gradient_check(self, check: step_lib.GradCheck, tol: float, seconds: float) -> None:
+        """The gradient gate's verdict (before `train` raises GradCheckError on a failure)."""
+
+    def epoch_start(self, epoch: int, epochs: int, steps: int) -> None:
+        """Epoch `epoch` (0-based) of `epochs` begins; it has `steps` steps."""
+
+    def step(self, step: int, loss: float, accuracy: float, mean_loss: float, mean_accuracy: float, rate: float):
+        """Global step `step` (1-based) is done: its loss and accuracy, the epoch's means so far and examples/s."""
+
+    def epoch_end(self, row: dict, tree: dict) -> None:
+        """An epoch ended: its row of metrics (test set included) and the trained state."""
+
+    def stop(self, history: list[dict]) -> None:
+        """The epochs ended, normally or not: every row so far (resumed ones included)."""
+
+    def end(self, metrics: dict) -> None:
+        """The run's final metrics (what `train` returns and metrics.json holds)."""
 
 
-def _saved_config(mngr) -> dict | None:
-    """The config of the newest checkpoint whose metadata reads, or None."""
-    for step in sorted(mngr.all_steps(), reverse=True):
-        try:
-            return checkpoints.restore_meta(mngr, step)["config"]
-        except Exception:  # a damaged checkpoint: restore_newest_intact names it
-            continue
-    return None
+class _Emit:
+    """Calls each observer's method of an event in turn."""
+
+    def __init__(self, observers):
+        self.observers = tuple(observers)
+
+    def __getattr__(self, event: str):
+        if not callable(getattr(Observer, event, None)):
+            raise AttributeError(f"Observer has no event {event!r}")
+
+        def emit(*args):
+            for observer in self.observers:
+                getattr(observer, event)(*args)
+
+        return emit
 
 
-def _gradient_gate(config: TrainConfig, model, tree, x, y, log) -> step_lib.GradCheck | None:
-    """Run the gradient check unless skipped; raise GradCheckError past the tolerance."""
-    if config.skip_grad_check:
-        log("gradient check skipped (--no-grad-check)")
+# ----------------------------------------------------------------------- train
+def train(config: TrainConfig = TrainConfig(), observers=None) -> dict[str, Any]:
+    """Run the training job `config` describes; return the final metrics.
+
+    The loop: `setup`, the run directory (`RunDir`: resume, then config.json), the gradient gate,
+    epochs of steps each followed by the test set and a checkpoint, then the summary. What it
+    does it tells `observers` (`Observer`'s events) and the run directory; None means a
+    `Console` on stdout. In a run of several processes (`jax.distributed`) only process 0
+    writes files and logs; every process takes part in the checkpoints.
+
+    The returned dict is what `metrics.json` holds. Stable fields:
+    test_accuracy, test_loss, train_loss, train_accuracy, epochs (completed,
+    in total), steps, examples_per_second (training steps only: compiled
+    ahead, evaluation and checkpoints not counted), grad_check_max_rel_err
+    and grad_check_dtype (None when skipped), grad_check_tol, wall_time_s, compile_time_s, model,
+    dataset, device, num_devices, num_processes, jax_version, environment (`environment.record`),
+    num_params, out, resumed_from_epoch, config; and, from the test set after the last epoch,
+    test_per_class (one row per class: class, examples, errors, error_rate,
+    most_confused_with; see `per_class_errors`) and test_confusion
+    (rows: true class, columns: predicted class; counts).
+
+    Raises:
+      ValueError: bad settings or data (the message says which and how to fix it).
+      GradCheckError: the gradient check failed and was not skipped.
+      TrainingError: the loss or the parameters became non-finite.
+    """
+    start = time.perf_counter()
+    lead = jax.process_index() == 0
+    if observers is None:
+        observers = [Console()] if lead else []
+    out = _output_dir(config)
+    run = setup(config)
+    run_dir = RunDir(out, writes=lead)
+    emit = _Emit([run_dir, *observers])
+    tree = step_lib.init_train_state(run.model, run.optimizer, config.seed, run.mesh)
+    try:
+        with run_dir.checkpoints(config.max_to_keep):
+            tree, resumed_from, history = run_dir.restore(config, tree, emit.note)
+            start_epoch = resumed_from or 0
+            num_params = models.num_params(tree["params"])
+            emit.start(run, out, num_params, start_epoch)
+            check, compile_time, test = None, 0.0, None
+            if start_epoch >= config.epochs:
+                emit.note(
+                    f"{out} has already trained {start_epoch} of {config.epochs} epochs; raise --epochs to train longer"
+                )
+            else:
+                check = _gradient_gate(run, tree, start_epoch, emit)
+                t = time.perf_counter()  # compiled ahead of the loop, so that throughput excludes compilation
+                run.step_for((run.rows, *run.ds.image_shape))
+                compile_time = time.perf_counter() - t
+            epoch = start_epoch
+            try:
+                for epoch in range(start_epoch, config.epochs):
+                    tree, row = _train_epoch(run, epoch, tree, emit)
+                    test = run.evaluate(tree)
+                    row.update(test_loss=test["test_loss"], test_accuracy=test["test_accuracy"], lr=run.lr(row["step"]))
+                    if config.dp is not None:
+                        row["epsilon"] = dp_lib.epsilon(config.dp, len(run.ds.x_train), row["step"])
+                    history.append(row)
+                    emit.epoch_end(row, tree)
+            except Exception as e:  # in a run of several processes: one of them gone?
+                gone = distributed.lost(e, f"in epoch {epoch + 1}", start)
+                if gone is None:
+                    raise
+                raise gone from e
+            finally:
+                emit.stop(history)
+        test = test or run.evaluate(tree)
+        wall_time = time.perf_counter() - start
+        metrics = _summary(run, out, history, start_epoch, resumed_from, check, compile_time, wall_time, num_params)
+        metrics.update(test_per_class=per_class_errors(test["confusion"]), test_confusion=test["confusion"].tolist())
+        emit.end(metrics)
+    except OSError as e:
+        if not lead:
+            raise
+        raise run_dir.output_error(e, emit.note) from e
+    return metrics
+
+
+def _output_dir(config: TrainConfig) -> Path:
+    if config.out is not None:
+        return Path(config.out)
+    if jax.process_count() > 1:
+        raise ValueError("out: a run of several processes needs --out, the same folder in every process")
+    if config.resume:
+        runs = sorted(p for p in Path("runs").glob("*") if (p / "checkpoints").is_dir())
+        if not runs:
+            raise ValueError("resume: no run with checkpoints under runs/; pass --out DIR of the run to continue")
+        return runs[-1]
+    base = Path("runs") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out, i = base, 1
+    while out.exists():
+        out, i = base.with_name(f"{base.name}-{i}"), i + 1
+    return out
+
+
+def _gradient_gate(run: Setup, tree: dict, epoch: int, emit) -> step_lib.GradCheck | None:
+    """On the first batch this run trains on: the gradient check unless skipped; GradCheckError past the tolerance.
+
+    Every process checks its own copy of the replicated parameters on the whole batch: the same numbers
+    everywhere, and no program that spans processes."""
+    c = run.config
+    if c.skip_grad_check:
+        emit.note("gradient check skipped (--no-grad-check)")
         return None
+    x, y = next(data.batches(run.ds.x_train, run.ds.y_train, c.batch_size, key_or_seed=(c.seed, epoch)))
+    params, state = (jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), tree[k]) for k in ("params", "state"))
     t = time.perf_counter()
-    check = step_lib.check_gradients(model, tree["params"], tree["state"], x, y, tol=config.grad_check_tol)
-    ok = check.ok(config.grad_check_tol)
-    recheck = ""
-    if check.dtype != "float32":
-        recheck = (
-            f"float32 gave {check.float32_rel_err:.2e} (a ReLU kink flipped by rounding?), rechecked in {check.dtype}: "
-        )
-    log(
-        f"gradient check (hand-derived vs jax.grad, one batch): {recheck}max relative error {check.max_rel_err:.2e} "
-        f"at {check.where}, tolerance {config.grad_check_tol:.0e}: {'ok' if ok else 'FAILED'} "
-        f"({time.perf_counter() - t:.1f} s)"
-    )
-    if not ok:
+    check = step_lib.check_gradients(run.model, params, state, x, y, tol=c.grad_check_tol)
+    emit.gradient_check(check, c.grad_check_tol, time.perf_counter() - t)
+    if not check.ok(c.grad_check_tol):
         raise GradCheckError(
             f"gradient check failed: the hand-derived gradient of {check.where} differs from jax.grad by "
             f"{check.max_rel_err:.3e} in {check.dtype} (relative to that array's scale) > tolerance "
-            f"{config.grad_check_tol:.0e}. Refusing to train. Run `jax-resnet verify` to find the faulty rule; "
+            f"{c.grad_check_tol:.0e}. Refusing to train. Run `jax-resnet verify` to find the faulty rule; "
             "--no-grad-check trains anyway."
         )
     return check
 
 
-def _epoch_batches(config: TrainConfig, ds, epoch: int, randomness, devices: int):
-    """Epoch `epoch`'s host batches: a DP run's Poisson batches (`dp.poisson_batch`, padded to
-    whole chunks), or else fixed-size batches of a permutation seeded by (seed, epoch)."""
-    steps = data.num_batches(len(ds.x_train), config.batch_size)
-    if config.dp is not None and config.dp_sampler == "poisson":
-        for i in range(steps):
-            yield dp_lib.poisson_batch(ds.x_train, ds.y_train, config.dp, randomness, epoch * steps + i, devices)
+def _epoch_batches(run: Setup, epoch: int):
+    """Epoch `epoch`'s host batches, the same in every process: a DP run's Poisson batches
+    (`dp.poisson_batch`, padded to whole chunks), or else fixed-size batches of a permutation
+    seeded by (seed, epoch)."""
+    c, ds = run.config, run.ds
+    if c.dp is not None and run.randomness is not None and c.dp_sampler == "poisson":
+        for i in range(run.steps_per_epoch):
+            step = epoch * run.steps_per_epoch + i
+            yield dp_lib.poisson_batch(ds.x_train, ds.y_train, c.dp, run.randomness, step, run.mesh.size)
         return
-    yield from data.batches(ds.x_train, ds.y_train, config.batch_size, key_or_seed=(config.seed, epoch))
+    yield from data.batches(ds.x_train, ds.y_train, c.batch_size, key_or_seed=(c.seed, epoch))
 
 
-def _train_epoch(config: TrainConfig, ds, epoch: int, step_for, tree: dict, mesh, randomness) -> tuple[dict, dict]:
+def _train_epoch(run: Setup, epoch: int, tree: dict, emit) -> tuple[dict, dict]:
     """One epoch of steps; returns (tree, row of metrics).
 
     Metrics are read one step late, so the host queues step t while step t−1
     runs; a non-finite loss or parameter stops the run and names its step.
     Each step gets its key (`step.step_key`: from the seed, or from a DP run's
-    secret root) and the compiled step for its batch's shape (`step_for`).
+    secret root) and the compiled step for its batch's shape (`Setup.step_for`);
+    each process puts only its slice of the batch on its devices (`step.put_batch`).
     """
-    batch_sharding = step_lib.shardings(mesh)[1]
-    steps_per_epoch = data.num_batches(len(ds.x_train), config.batch_size)
-    bar = tqdm(
-        total=steps_per_epoch,
-        desc=f"epoch {epoch + 1}/{config.epochs}",
-        leave=False,
-        file=sys.stderr,
-        disable=not (config.progress and jax.process_index() == 0),
-        dynamic_ncols=True,
-    )
+    c, steps = run.config, run.steps_per_epoch
+    batch_sharding = step_lib.shardings(run.mesh)[1]
+    emit.epoch_start(epoch, c.epochs, steps)
     losses, accuracies, clipped = [], [], []
     t0 = time.perf_counter()
 
@@ -455,45 +634,277 @@ def _train_epoch(config: TrainConfig, ds, epoch: int, step_for, tree: dict, mesh
         if not (math.isfinite(loss) and step_lib.host(m["params_finite"])):
             what = f"loss became {loss}" if not math.isfinite(loss) else f"parameters became NaN/inf (loss {loss:.4g})"
             raise TrainingError(
-                f"{what} at step {step} (epoch {epoch + 1}, batch {step - epoch * steps_per_epoch} of "
-                f"{steps_per_epoch}); stopped without saving these parameters. Lower --lr (now {config.lr:g}), "
+                f"{what} at step {step} (epoch {epoch + 1}, batch {step - epoch * steps} of "
+                f"{steps}); stopped without saving these parameters. Lower --lr (now {c.lr:g}), "
                 f"or check the data for NaN/inf."
             )
         losses.append(loss)
         accuracies.append(accuracy)
         if "clipped" in m:
             clipped.append(step_lib.host(m["clipped"]))
-        rate = len(losses) * config.batch_size / (time.perf_counter() - t0)
-        bar.set_postfix(
-            loss=f"{np.mean(losses):.4f}", acc=f"{np.mean(accuracies):.4f}", ex_s=f"{rate:,.0f}", refresh=False
-        )
-        bar.update(1)
+        rate = len(losses) * c.batch_size / (time.perf_counter() - t0)
+        emit.step(step, loss, accuracy, float(np.mean(losses)), float(np.mean(accuracies)), rate)
 
     params, state, opt_state = tree["params"], tree["state"], tree["opt_state"]
-    root = config.seed if randomness is None else randomness.root_key()
+    root = c.seed if run.randomness is None else run.randomness.root_key()
     pending = None
-    with bar:
-        for i, (xb, yb) in enumerate(_epoch_batches(config, ds, epoch, randomness, mesh.size)):
-            global_step = epoch * steps_per_epoch + i
-            batch = [step_lib.put_batch(xb, batch_sharding), step_lib.put_batch(yb, batch_sharding)]
-            key = step_lib.step_key(root, global_step, mesh)
-            params, state, opt_state, m = step_for(xb.shape)(params, state, opt_state, *batch, key)
-            if pending is not None:
-                read(*pending)
-            pending = (global_step + 1, m)
+    for i, (xb, yb) in enumerate(_epoch_batches(run, epoch)):
+        global_step = epoch * steps + i
+        key = step_lib.step_key(root, global_step, run.mesh)
+        xs, ys = step_lib.put_batch(xb, batch_sharding), step_lib.put_batch(yb, batch_sharding)
+        params, state, opt_state, m = run.step_for(xb.shape)(params, state, opt_state, xs, ys, key)
+        if pending is not None:
+            read(*pending)
+        pending = (global_step + 1, m)
+    if pending is not None:  # always: an epoch has at least one batch (batch_size ≤ examples)
         read(*pending)
     seconds = time.perf_counter() - t0
     row = {
         "epoch": epoch + 1,
-        "step": (epoch + 1) * steps_per_epoch,
+        "step": (epoch + 1) * steps,
         "train_loss": float(np.mean(losses)),
         "train_accuracy": float(np.mean(accuracies)),
         "epoch_time_s": seconds,
-        "examples_per_second": steps_per_epoch * config.batch_size / seconds,
+        "examples_per_second": steps * c.batch_size / seconds,
     }
     if clipped:
         row["clipped"] = float(np.mean(clipped))
     return {"params": params, "state": state, "opt_state": opt_state}, row
+
+
+def _summary(run: Setup, out, history, start_epoch, resumed_from, check, compile_time, wall_time, num_params) -> dict:
+    c = run.config
+    if not history:
+        raise ValueError(f"{out} has no metrics.jsonl to report from; train it again with a new --out")
+    last = history[-1]
+    trained = (last["epoch"] - start_epoch) * run.steps_per_epoch * c.batch_size
+    train_time = sum(h["epoch_time_s"] for h in history if h["epoch"] > start_epoch)
+    env = environment.record()
+    return {
+        "test_accuracy": last["test_accuracy"],
+        "test_loss": last["test_loss"],
+        "train_loss": last["train_loss"],
+        "train_accuracy": last["train_accuracy"],
+        "epochs": last["epoch"],
+        "steps": last["step"],
+        "examples_per_second": trained / train_time if train_time else None,
+        "grad_check_max_rel_err": None if check is None else check.max_rel_err,
+        "grad_check_dtype": None if check is None else check.dtype,
+        "grad_check_tol": None if c.skip_grad_check else c.grad_check_tol,
+        "wall_time_s": wall_time,
+        "compile_time_s": compile_time,
+        "model": c.model,
+        "dataset": c.dataset,
+        "device": _device_name(run.mesh),
+        "num_devices": run.mesh.size,
+        "num_processes": jax.process_count(),
+        "jax_version": env["jax"],
+        "environment": env,
+        "num_params": num_params,
+        "out": str(out),
+        "resumed_from_epoch": resumed_from,
+        "config": dataclasses.asdict(c),
+        "dp": run.dp_summary(last["step"]),
+    }
+
+
+# ---------------------------------------------------------------- the run directory
+class RunDir(Observer):
+    """A run's folder: config.json, metrics.jsonl, metrics.json, curves.png, confusion.png and
+    checkpoints/; every file replaced whole or appended whole (`_replacing`, `_append_line`).
+
+    It resumes a run (`restore`) and, as an observer, writes what the loop reports. With
+    `writes` False (every process but process 0 of a multi-process run) it writes no file of
+    its own and only takes its part in orbax's checkpoints, which every process must call."""
+
+    mngr: checkpoints.ocp.CheckpointManager  # open inside `checkpoints()`
+
+    def __init__(self, out: Path, writes: bool = True):
+        self.out, self.writes = Path(out), writes
+        if writes:
+            _make_writable(self.out)
+
+    @contextlib.contextmanager
+    def checkpoints(self, max_to_keep: int):
+        with checkpoints.manager(self.out / "checkpoints", max_to_keep) as self.mngr:
+            yield self.mngr
+
+    def restore(self, config: TrainConfig, tree: dict, note) -> tuple[dict, int | None, list[dict]]:
+        """(tree, epoch resumed from or None, metrics rows up to it): the newest intact checkpoint
+        under `out`, if `config` allows it (`--resume`, the same `RESUME_MUST_MATCH` settings)."""
+        latest = self.mngr.latest_step()
+        if latest is None:
+            if config.resume:
+                note(f"resume: no checkpoint under {self.out / 'checkpoints'} yet; starting from scratch")
+            return tree, None, []
+        if not config.resume:
+            raise ValueError(
+                f"{self.out} already holds checkpoints; pass --resume to continue that run, or choose another --out"
+            )
+        # Settings first: a checkpoint of other settings (another optimizer's state) would not
+        # read back into this run's tree, and must not be taken for a damaged one.
+        saved = self._saved_config()
+        if saved is not None:
+            # A setting newer than the checkpoint (absent from its config) had its default then.
+            saved = {**dataclasses.asdict(TrainConfig()), **saved}
+            differ = [
+                f"{k}={saved[k]!r} (now {getattr(config, k)!r})"
+                for k in RESUME_MUST_MATCH
+                if saved[k] != getattr(config, k)
+            ]
+            if differ:
+                raise ValueError(
+                    f"resume: {self.out} was trained with {', '.join(differ)}; pass the same settings, or a new --out"
+                )
+        found = checkpoints.restore_newest_intact(self.mngr, tree, note)
+        if found is None:  # latest_step() saw one; it raises when all are damaged
+            raise ValueError(f"resume: the checkpoints under {self.out / 'checkpoints'} vanished while reading")
+        step, restored, meta = found
+        note(f"resuming {self.out} from epoch {meta['epoch']} (step {step})")
+        was = meta["config"]["epochs"]
+        if was != config.epochs and config.schedule != "constant":
+            note(f"note: --epochs is now {config.epochs} (was {was}); the {config.schedule} schedule stretches")
+        return restored, meta["epoch"], _read_history(self.out / "metrics.jsonl", meta["epoch"])
+
+    def _saved_config(self) -> dict | None:
+        """The config of the newest checkpoint whose metadata reads, or None."""
+        for step in sorted(self.mngr.all_steps(), reverse=True):
+            try:
+                return checkpoints.restore_meta(self.mngr, step)["config"]
+            except Exception:  # a damaged checkpoint: restore_newest_intact names it
+                continue
+        return None
+
+    def start(self, run: Setup, out: Path, num_params: int, start_epoch: int) -> None:
+        self.run = run
+        if self.writes:
+            _write_json(self.out / "config.json", dataclasses.asdict(run.config))
+            history = _read_history(self.out / "metrics.jsonl", start_epoch)
+            with _replacing(self.out / "metrics.jsonl") as tmp:
+                tmp.write_text("".join(json.dumps(h) + "\n" for h in history))
+
+    def epoch_end(self, row: dict, tree: dict) -> None:
+        if self.writes:
+            _append_line(self.out / "metrics.jsonl", json.dumps(row))
+        checkpoints.save(self.mngr, row["step"], tree, self._meta(row))
+
+    def _meta(self, row: dict) -> dict:
+        c, randomness = self.run.config, self.run.randomness
+        return {
+            "epoch": row["epoch"],
+            "step": row["step"],
+            "seed": c.seed,
+            "data_order": "epoch e: numpy permutation seeded by (seed, e); see jax_resnet.data.batches",
+            "step_keys": (
+                "step t (0-based): key fold_in(key(seed), t); see jax_resnet.step.step_key"
+                if randomness is None
+                else "DP run: step t's key fold_in(root, t) and its Poisson batch from a secret root "
+                "(operating-system entropy), not recorded"
+                if randomness.private
+                else "DP run, --dp-insecure-seed: step t's key fold_in(DPRandomness.insecure(seed).root_key(), t)"
+            ),
+            "config": dataclasses.asdict(c),
+        }
+
+    def stop(self, history: list[dict]) -> None:
+        if self.writes and history:
+            try:
+                _plot(history, self.out / "curves.png")
+            except OSError as e:  # a full disk: the error that stopped the loop, if any, says more
+                print(f"could not write {self.out / 'curves.png'} ({e.strerror or e})", file=sys.stderr)
+
+    def end(self, metrics: dict) -> None:
+        if self.writes:
+            _plot_confusion(np.array(metrics["test_confusion"]), self.out / "confusion.png", metrics["dataset"])
+            _write_json(self.out / "metrics.json", metrics)
+
+    def output_error(self, e: OSError, note) -> OutputError:
+        """The one-line error for a write under `out` that failed mid-run, after removing an unfinished checkpoint."""
+        folder = self.out / "checkpoints"
+        removed = checkpoints.remove_unfinished(folder)
+        if removed:
+            note(f"removed the unfinished checkpoint {', '.join(removed)}")
+        steps = checkpoints.finished_steps(folder)
+        what = f" {e.filename}" if e.filename else ""
+        kept = (
+            f"checkpoint step {steps[-1]} is intact: free some space and pass --resume to continue from it"
+            if steps
+            else "no checkpoint was written"
+        )
+        return OutputError(f"--out {self.out}: writing{what} failed ({e.strerror or e}); the run stopped; {kept}")
+
+
+def _make_writable(out: Path) -> None:
+    """Create `out` and prove a file can be written there, before any training."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot write there ({e.strerror or e}); choose another folder") from None
+
+
+# ----------------------------------------------------------------------- console
+class Console(Observer):
+    """Human-readable lines on `stream` (default stdout), through tqdm so that they do not break a progress bar."""
+
+    def __init__(self, stream=None):
+        self.stream = stream
+
+    def note(self, text: str) -> None:
+        tqdm.write(text, file=self.stream or sys.stdout)
+
+    def start(self, run: Setup, out: Path, num_params: int, start_epoch: int) -> None:
+        c, ds, a = run.config, run.ds, run.augmentation
+        self.epochs = c.epochs
+        augment = "" if a is None else f", augment: shift ±{a.pad}" + (" and flips" if a.flip else "")
+        processes = "" if jax.process_count() == 1 else f" in {jax.process_count()} processes"
+        self.note(
+            f"{c.model} ({num_params:,} parameters) on {c.dataset} ({len(ds.x_train)} train / {len(ds.x_test)} test), "
+            f"{_device_name(run.mesh)}{processes}, {c.optimizer} lr {c.lr:g} {c.schedule}, "
+            f"batch {c.batch_size}, {c.dtype}, grad={c.grad}{augment} -> {out}"
+        )
+        dp = run.dp_summary(run.total_steps)
+        if c.dp is not None and dp is not None:
+            self.note(_dp_line(c.dp, dp, run.mesh.size))
+
+    def gradient_check(self, check: step_lib.GradCheck, tol: float, seconds: float) -> None:
+        recheck = ""
+        if check.dtype != "float32":
+            recheck = (
+                f"float32 gave {check.float32_rel_err:.2e} (a ReLU kink flipped by rounding?), "
+                f"rechecked in {check.dtype}: "
+            )
+        self.note(
+            f"gradient check (hand-derived vs jax.grad, one batch): {recheck}max relative error "
+            f"{check.max_rel_err:.2e} at {check.where}, tolerance {tol:.0e}: "
+            f"{'ok' if check.ok(tol) else 'FAILED'} ({seconds:.1f} s)"
+        )
+
+    def epoch_end(self, row: dict, tree: dict) -> None:
+        self.note(
+            f"epoch {row['epoch']:3d}/{self.epochs}  train loss {row['train_loss']:.4f} "
+            f"acc {row['train_accuracy']:.4f}  test loss {row['test_loss']:.4f} acc {row['test_accuracy']:.4f}  "
+            f"{row['examples_per_second']:,.0f} ex/s  {row['epoch_time_s']:.2f} s"
+        )
+
+    def end(self, metrics: dict) -> None:
+        worst = sorted(metrics["test_per_class"], key=lambda r: -r["error_rate"])
+        self.note(
+            "test errors per class (worst first): "
+            + ", ".join(f"{r['class']}: {r['errors']}/{r['examples']}" for r in worst)
+        )
+        dp = metrics["dp"]
+        if dp is not None and dp["epsilon"] is not None:
+            private = "" if dp["private"] else " (NOT private: --dp-insecure-seed)"
+            self.note(f"DP-SGD: ε = {dp['epsilon']:.3g} at δ = {dp['delta']:g} after {dp['steps']} steps{private}")
+        rate = metrics["examples_per_second"]
+        throughput = "" if rate is None else f", {rate:,.0f} examples/s"
+        self.note(
+            f"done: test accuracy {metrics['test_accuracy']:.4f}, {metrics['wall_time_s']:.1f} s wall "
+            f"({metrics['compile_time_s']:.1f} s compiling){throughput} -> {metrics['out']}"
+        )
 
 
 # --------------------------------------------------------------------- outputs
@@ -539,7 +950,7 @@ def _plot_confusion(confusion: np.ndarray, path: Path, dataset: str) -> None:
         dark = 0.6 * max(1, int(off.max()))
         for i, j in zip(*np.nonzero(confusion)):
             color = "tab:green" if i == j else "white" if off[i, j] > dark else "black"
-            ax.text(j, i, int(confusion[i, j]), ha="center", va="center", fontsize=7, color=color)
+            ax.text(j, i, str(int(confusion[i, j])), ha="center", va="center", fontsize=7, color=color)
     ax.set_xticks(range(k))
     ax.set_yticks(range(k), [f"{r['class']} ({r['error_rate']:.1%})" for r in per_class])
     ax.set_xlabel("predicted class")
@@ -598,21 +1009,6 @@ def _append_line(path: Path, line: str) -> None:
         raise
 
 
-def _output_error(e: OSError, out: Path, log) -> OutputError:
-    """The one-line error for a write under `out` that failed mid-run, after removing an unfinished checkpoint."""
-    removed = checkpoints.remove_unfinished(out / "checkpoints")
-    if removed:
-        log(f"removed the unfinished checkpoint {', '.join(removed)}")
-    steps = checkpoints.finished_steps(out / "checkpoints")
-    what = f" {e.filename}" if e.filename else ""
-    kept = (
-        f"checkpoint step {steps[-1]} is intact: free some space and pass --resume to continue from it"
-        if steps
-        else "no checkpoint was written"
-    )
-    return OutputError(f"--out {out}: writing{what} failed ({e.strerror or e}); the run stopped; {kept}")
-
-
 def _read_history(path: Path, up_to_epoch: int) -> list[dict]:
     if not path.exists():
         return []
@@ -642,290 +1038,3 @@ def _dp_line(config: dp_lib.DPConfig, dp: dict, devices: int) -> str:
     if not dp["private"]:
         line += "; --dp-insecure-seed: noise and batches follow from --seed, so this run is NOT private"
     return line + "; released without noise: training loss, accuracy and clipped fraction per epoch"
-
-
-class _Log:
-    """Human-readable lines, through tqdm so they do not break a progress bar;
-    on stderr when stdout carries the JSON, and from process 0 only."""
-
-    def __init__(self, config: TrainConfig):
-        self.stream = sys.stderr if config.json == "-" else sys.stdout
-        self.on = jax.process_index() == 0
-
-    def __call__(self, msg: str) -> None:
-        if self.on:
-            tqdm.write(msg, file=self.stream)
-
-
-# ----------------------------------------------------------------------- train
-def train(config: TrainConfig = TrainConfig()) -> dict[str, Any]:
-    """Run the training job `config` describes; return the final metrics.
-
-    The returned dict is what `metrics.json` holds. Stable fields:
-    test_accuracy, test_loss, train_loss, train_accuracy, epochs (completed,
-    in total), steps, examples_per_second (training steps only: compiled
-    ahead, evaluation and checkpoints not counted), grad_check_max_rel_err
-    and grad_check_dtype (None when skipped), grad_check_tol, wall_time_s, compile_time_s, model,
-    dataset, device, num_devices, jax_version, num_params, out,
-    resumed_from_epoch, config; and, from the test set after the last epoch,
-    test_per_class (one row per class: class, examples, errors, error_rate,
-    most_confused_with; see `per_class_errors`) and test_confusion
-    (rows: true class, columns: predicted class; counts).
-
-    Raises:
-      ValueError: bad settings or data (the message says which and how to fix it).
-      GradCheckError: the gradient check failed and was not skipped.
-      TrainingError: the loss or the parameters became non-finite.
-    """
-    start, log = time.perf_counter(), _Log(config)
-    out = _output_dir(config)
-    ds = data.load(config.dataset, config.data_dir, download=config.download, seed=config.seed)
-    mesh = step_lib.make_mesh(config.devices)
-    _check_sizes(config, len(ds.x_train), mesh)
-    if log.on:
-        _make_writable(out)
-    model = models.get(config.model).for_data(ds.image_shape, ds.num_classes)
-    randomness = None
-    if config.dp is not None:
-        per_example.check_model(model)
-        if config.dp_insecure_seed:
-            randomness = dp_lib.DPRandomness.insecure(config.seed)
-        else:
-            randomness = dp_lib.DPRandomness.new()
-    steps_per_epoch = data.num_batches(len(ds.x_train), config.batch_size)
-    total_steps = steps_per_epoch * config.epochs
-    optimizer = _optimizer(model, config.optimizer, config.schedule, config.lr, total_steps, config.weight_decay)
-    tree = step_lib.init_train_state(model, optimizer, config.seed, mesh)
-    run = _Run(config, ds, model, optimizer, mesh, out, log, randomness)
-
-    try:
-        with checkpoints.manager(out / "checkpoints", config.max_to_keep) as mngr:
-            tree, resumed_from = _resume(config, mngr, tree, out, log)
-            start_epoch = resumed_from or 0
-            if log.on:
-                _write_json(out / "config.json", dataclasses.asdict(config))
-            run.header(models.num_params(tree["params"]))
-            check, step_for, compile_time = run.prepare(tree, start_epoch)
-            history = _read_history(out / "metrics.jsonl", start_epoch)
-            run.write_history(history)
-            try:
-                for epoch in range(start_epoch, config.epochs):
-                    tree, row = _train_epoch(config, ds, epoch, step_for, tree, mesh, randomness)
-                    row.update(run.test(tree, row["step"]))
-                    row.update(run.privacy(row["step"]))
-                    history.append(row)
-                    run.report_epoch(row)
-                    checkpoints.save(mngr, row["step"], tree, run.meta(row))
-            finally:
-                if log.on and history:
-                    try:
-                        _plot(history, out / "curves.png")
-                    except OSError as e:  # a full disk: the error that stopped the loop, if any, says more
-                        log(f"could not write {out / 'curves.png'} ({e.strerror or e})")
-            confusion = run.final_confusion(tree)
-
-        metrics = run.summary(history, start_epoch, resumed_from, check, compile_time, time.perf_counter() - start)
-        metrics.update(run.report_classes(confusion))
-        run.write_metrics(metrics)
-    except OSError as e:
-        if not log.on:
-            raise
-        raise _output_error(e, out, log) from e
-    return metrics
-
-
-@dataclasses.dataclass
-class _Run:
-    """What one `train` call has fixed once: the named steps of the loop read it."""
-
-    config: TrainConfig
-    ds: data.Dataset
-    model: models.Model
-    optimizer: optax.GradientTransformation
-    mesh: jax.sharding.Mesh
-    out: Path
-    log: _Log
-    randomness: dp_lib.DPRandomness | None = None  # a DP run's: secret unless --dp-insecure-seed
-    n_params: int = 0
-    confusion: np.ndarray | None = None  # of the latest test evaluation
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return data.num_batches(len(self.ds.x_train), self.config.batch_size)
-
-    def header(self, n_params: int) -> None:
-        c, ds = self.config, self.ds
-        self.n_params = n_params
-        self.log(
-            f"{c.model} ({n_params:,} parameters) on {c.dataset} ({len(ds.x_train)} train / {len(ds.x_test)} test), "
-            f"{_device_name(self.mesh)}, {c.optimizer} lr {c.lr:g} {c.schedule}, "
-            f"batch {c.batch_size}, {c.dtype}, grad={c.grad}{self.augmentation_note} -> {self.out}"
-        )
-        if c.dp is not None:
-            self.log(_dp_line(c.dp, self.dp_summary(self.steps_per_epoch * c.epochs), self.mesh.size))
-
-    def dp_summary(self, steps: int) -> dict | None:
-        """`dp.summary` of `steps` DP-SGD steps of this run (settings, sampler, event,
-        accountant, ε, whether it is private), or None without DP."""
-        c = self.config
-        if c.dp is None:
-            return None
-        return dp_lib.summary(c.dp, len(self.ds.x_train), steps, self.randomness)
-
-    def privacy(self, step: int) -> dict:
-        """An epoch row's DP field: {"epsilon": ε after `step` steps}, or nothing without DP."""
-        c = self.config
-        return {} if c.dp is None else {"epsilon": dp_lib.epsilon(c.dp, len(self.ds.x_train), step)}
-
-    @property
-    def augmentation(self) -> data.Augmentation | None:
-        return self.ds.augmentation if self.config.augment else None
-
-    @property
-    def augmentation_note(self) -> str:
-        a = self.augmentation
-        if a is None:
-            return ""
-        return f", augment: shift ±{a.pad}" + (" and flips" if a.flip else "")
-
-    def step_for(self, x_shape: tuple[int, ...]):
-        """The compiled step for batches of `x_shape` (cached: a DP run's rare batch of two chunks compiles once)."""
-        c = self.config
-        return step_lib.compiled_train_step(
-            self.model, self.optimizer, c.grad, c.dtype, self.mesh, x_shape, self.augmentation, c.dp
-        )
-
-    def prepare(self, tree: dict, start_epoch: int):
-        """(gradient check, `step_for`, compile seconds), or Nones when nothing is left to train;
-        the step for the usual batch shape is compiled here."""
-        c = self.config
-        if start_epoch >= c.epochs:
-            self.log(
-                f"{self.out} has already trained {start_epoch} of {c.epochs} epochs; raise --epochs to train longer"
-            )
-            return None, None, 0.0
-        # On the first batch this run trains on.
-        x0, y0 = next(data.batches(self.ds.x_train, self.ds.y_train, c.batch_size, key_or_seed=(c.seed, start_epoch)))
-        check = _gradient_gate(c, self.model, tree, x0, y0, self.log)
-        # Compiled ahead of the loop, so that throughput excludes compilation.
-        t = time.perf_counter()
-        rows = c.batch_size if c.dp is None else dp_lib.physical_batch_size(c.dp, self.mesh.size)
-        self.step_for((rows, *self.ds.image_shape))
-        return check, self.step_for, time.perf_counter() - t
-
-    def write_history(self, history: list[dict]) -> None:
-        if self.log.on:
-            with _replacing(self.out / "metrics.jsonl") as tmp:
-                tmp.write_text("".join(json.dumps(h) + "\n" for h in history))
-
-    def test(self, tree: dict, step: int) -> dict:
-        ds, c = self.ds, self.config
-        test = step_lib.evaluate(
-            self.model, tree["params"], tree["state"], ds.x_test, ds.y_test, dtype=c.dtype, mesh=self.mesh
-        )
-        self.confusion = test["confusion"]
-        lr = step_lib.make_schedule(c.schedule, c.lr, self.steps_per_epoch * c.epochs)
-        return {
-            "test_loss": test["loss"],
-            "test_accuracy": test["accuracy"],
-            "lr": float(lr(step - 1)) if callable(lr) else lr,
-        }
-
-    def report_epoch(self, row: dict) -> None:
-        self.log(
-            f"epoch {row['epoch']:3d}/{self.config.epochs}  train loss {row['train_loss']:.4f} "
-            f"acc {row['train_accuracy']:.4f}  test loss {row['test_loss']:.4f} acc {row['test_accuracy']:.4f}  "
-            f"{row['examples_per_second']:,.0f} ex/s  {row['epoch_time_s']:.2f} s"
-        )
-        if self.log.on:
-            _append_line(self.out / "metrics.jsonl", json.dumps(row))
-
-    def meta(self, row: dict) -> dict:
-        return {
-            "epoch": row["epoch"],
-            "step": row["step"],
-            "seed": self.config.seed,
-            "data_order": "epoch e: numpy permutation seeded by (seed, e); see jax_resnet.data.batches",
-            "step_keys": (
-                "step t (0-based): key fold_in(key(seed), t); see jax_resnet.step.step_key"
-                if self.randomness is None
-                else "DP run: step t's key fold_in(root, t) and its Poisson batch from a secret root "
-                "(operating-system entropy), not recorded"
-                if self.randomness.private
-                else "DP run, --dp-insecure-seed: step t's key fold_in(DPRandomness.insecure(seed).root_key(), t)"
-            ),
-            "config": dataclasses.asdict(self.config),
-        }
-
-    def summary(self, history, start_epoch, resumed_from, check, compile_time, wall_time) -> dict[str, Any]:
-        c = self.config
-        if not history:
-            raise ValueError(f"{self.out} has no metrics.jsonl to report from; train it again with a new --out")
-        last = history[-1]
-        trained = (last["epoch"] - start_epoch) * self.steps_per_epoch * c.batch_size
-        train_time = sum(h["epoch_time_s"] for h in history if h["epoch"] > start_epoch)
-        return {
-            "test_accuracy": last["test_accuracy"],
-            "test_loss": last["test_loss"],
-            "train_loss": last["train_loss"],
-            "train_accuracy": last["train_accuracy"],
-            "epochs": last["epoch"],
-            "steps": last["step"],
-            "examples_per_second": trained / train_time if train_time else None,
-            "grad_check_max_rel_err": None if check is None else check.max_rel_err,
-            "grad_check_dtype": None if check is None else check.dtype,
-            "grad_check_tol": None if c.skip_grad_check else c.grad_check_tol,
-            "wall_time_s": wall_time,
-            "compile_time_s": compile_time,
-            "model": c.model,
-            "dataset": c.dataset,
-            "device": _device_name(self.mesh),
-            "num_devices": self.mesh.size,
-            "jax_version": jax.__version__,
-            "num_params": self.n_params,
-            "out": str(self.out),
-            "resumed_from_epoch": resumed_from,
-            "config": dataclasses.asdict(c),
-            "dp": self.dp_summary(last["step"]),
-        }
-
-    def final_confusion(self, tree: dict) -> np.ndarray:
-        """The test set's confusion matrix for `tree`: the last epoch's, or a new evaluation when none ran."""
-        if self.confusion is None:
-            c = self.config
-            test = step_lib.evaluate(
-                self.model, tree["params"], tree["state"], self.ds.x_test, self.ds.y_test, dtype=c.dtype, mesh=self.mesh
-            )
-            self.confusion = test["confusion"]
-        return self.confusion
-
-    def report_classes(self, confusion: np.ndarray) -> dict[str, Any]:
-        """Per-class test errors and the confusion matrix: logged, plotted to confusion.png, returned for metrics.json."""
-        per_class = per_class_errors(confusion)
-        if self.log.on:
-            _plot_confusion(confusion, self.out / "confusion.png", self.config.dataset)
-            worst = sorted(per_class, key=lambda r: -r["error_rate"])
-            self.log(
-                "test errors per class (worst first): "
-                + ", ".join(f"{r['class']}: {r['errors']}/{r['examples']}" for r in worst)
-            )
-        return {"test_per_class": per_class, "test_confusion": confusion.tolist()}
-
-    def write_metrics(self, metrics: dict) -> None:
-        if not self.log.on:
-            return
-        _write_json(self.out / "metrics.json", metrics)
-        if self.config.json == "-":
-            print(json.dumps(metrics, indent=2))
-        elif self.config.json:
-            _write_json(Path(self.config.json), metrics)
-        rate = metrics["examples_per_second"]
-        throughput = "" if rate is None else f", {rate:,.0f} examples/s"
-        dp = metrics["dp"]
-        if dp is not None and dp["epsilon"] is not None:
-            private = "" if dp["private"] else " (NOT private: --dp-insecure-seed)"
-            self.log(f"DP-SGD: ε = {dp['epsilon']:.3g} at δ = {dp['delta']:g} after {dp['steps']} steps{private}")
-        self.log(
-            f"done: test accuracy {metrics['test_accuracy']:.4f}, {metrics['wall_time_s']:.1f} s wall "
-            f"({metrics['compile_time_s']:.1f} s compiling){throughput} -> {self.out}"
-        )

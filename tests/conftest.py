@@ -34,6 +34,9 @@ SLOW = {
     ),
     "tests/test_train.py::test_a_second_process_with_the_same_seed": "a training run in a child process",
     "tests/test_rules.py::test_every_rule_sharded": "8 simulated devices in a child process",
+    "tests/test_multiprocess.py::test_two_processes_train": "three two-process training runs and a one-process one",
+    "tests/test_multiprocess.py::test_dp_step_and_per_example": "two processes compiling the DP step and tiny_gn",
+    "tests/test_multiprocess.py::test_a_process_that_dies": "a two-process training run, one process killed",
     "tests/test_docs_site.py::test_every_page_renders": "every page of the built site (make docs) in Chromium",
     # These two need the docs extra, which `make docs` installs after `make test` has run.
     "tests/test_docs_site.py::test_plain_text_tables": "needs the docs extra (make docs)",

@@ -56,6 +56,13 @@ USER_ERRORS = [
     ),
     ([*["train", *SYNTHETIC], "--devices", "99"], 2, "devices: asked for 99 but only"),
     ([*["train", *SYNTHETIC], "--batch-size", "1000"], 2, "batch_size 1000 exceeds the 512 training examples"),
+    # train: several processes
+    (["train", "--num-processes", "2", "--out", "{dir}/run"], 2, "--coordinator, --process-id: a multi-process run"),
+    (
+        ["train", "--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "2"],
+        2,
+        "--process-id must be in 0..1 for --num-processes 2, got 2",
+    ),
     # verify
     (["verify", "--rule", "nope"], 2, "argument --rule: invalid choice: 'nope'"),
     (["verify", "--dtype", "float16"], 2, "argument --dtype: invalid choice: 'float16'"),

@@ -201,7 +201,7 @@ def test_epsilon_grows_with_steps_and_falls_with_noise_and_shuffle_has_none():
 # ------------------------------------------------------------------- training
 DP_RUN = train.TrainConfig(
     model="residual_mlp", dataset="synthetic", epochs=2, batch_size=32, lr=0.05, optimizer="sgd",
-    progress=False, skip_grad_check=True, dp_clip=1.0, dp_noise=1.0,
+    skip_grad_check=True, dp_clip=1.0, dp_noise=1.0,
 )  # fmt: skip
 ROOT = bytes(range(101, 133))  # 32 recognisable bytes standing in for the OS's
 

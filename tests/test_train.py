@@ -29,7 +29,7 @@ from jax_resnet import checkpoints, cli, data, ops, step, train
 pytestmark = pytest.mark.xdist_group("test_train")
 
 STEPS_PER_EPOCH = 8  # 512 synthetic training images / batch 64
-BASE = train.TrainConfig(model="tiny", dataset="synthetic", epochs=2, batch_size=64, lr=1e-2, progress=False)
+BASE = train.TrainConfig(model="tiny", dataset="synthetic", epochs=2, batch_size=64, lr=1e-2)
 
 
 class Killed(Exception):
@@ -47,16 +47,43 @@ def _steps(out: Path) -> list[int]:
     return sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
 
 
+class Recorder(train.Observer):
+    """Every event the loop emits, in order, with its arguments."""
+
+    def __init__(self):
+        self.events = []
+
+    def __getattribute__(self, name):
+        if name != "events" and callable(getattr(train.Observer, name, None)):
+            return lambda *args: self.events.append((name, args))
+        return super().__getattribute__(name)
+
+
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
-    """Two epochs in one go, with the gradient check: the reference run."""
+    """Two epochs in one go, with the gradient check: the reference run (its events recorded)."""
     out = tmp_path_factory.mktemp("straight")
-    metrics = train.train(dataclasses.replace(BASE, out=str(out)))
-    return out, metrics
+    recorder = Recorder()
+    metrics = train.train(dataclasses.replace(BASE, out=str(out)), [train.Console(), recorder])
+    return out, metrics, recorder.events
+
+
+def test_the_loop_emits_its_events_in_order_and_the_files_are_what_it_emitted(straight):
+    out, metrics, events = straight
+    names = [name for name, _ in events]
+    epoch = ["epoch_start"] + ["step"] * STEPS_PER_EPOCH + ["epoch_end"]
+    assert names == ["start", "gradient_check", *epoch, *epoch, "stop", "end"]
+    steps = [args[0] for name, args in events if name == "step"]
+    assert steps == list(range(1, 2 * STEPS_PER_EPOCH + 1))
+    rows = [args[0] for name, args in events if name == "epoch_end"]
+    assert rows == [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert events[-2] == ("stop", (rows,))
+    assert events[-1] == ("end", (metrics,))
+    assert metrics == json.loads((out / "metrics.json").read_text())
 
 
 def test_run_writes_metrics_curves_and_checkpoints(straight):
-    out, metrics = straight
+    out, metrics, _ = straight
     summary = json.loads((out / "metrics.json").read_text())
     for field in (
         "test_accuracy",
@@ -120,7 +147,7 @@ def _interrupted_after_first_epoch(out, monkeypatch, base=BASE):
 def test_resume_gives_identical_parameters(straight, tmp_path, monkeypatch):
     """N steps, stop, resume, N steps == 2N steps in one go, bit for bit.
     The resumed run keeps one checkpoint only (max_to_keep may change)."""
-    ref_out, ref_metrics = straight
+    ref_out, ref_metrics, _ = straight
     out = tmp_path / "resumed"
     _interrupted_after_first_epoch(out, monkeypatch)
 
@@ -151,7 +178,7 @@ def _damage(step_dir: Path, kind: str) -> None:
 def test_resume_skips_a_damaged_newest_checkpoint(straight, tmp_path, capsys, kind):
     """The newest checkpoint damaged: --resume names it, sets it aside (nothing
     deleted), continues from the one before, and ends where the straight run did."""
-    ref_out, _ = straight
+    ref_out, _, _ = straight
     out = tmp_path / "damaged"
     shutil.copytree(ref_out, out)
     newest = 2 * STEPS_PER_EPOCH
@@ -165,7 +192,7 @@ def test_resume_skips_a_damaged_newest_checkpoint(straight, tmp_path, capsys, ki
 
 
 def test_resume_with_every_checkpoint_damaged_stops_with_a_clear_error(straight, tmp_path):
-    ref_out, _ = straight
+    ref_out, _, _ = straight
     out = tmp_path / "all-damaged"
     shutil.copytree(ref_out, out)
     for saved in _steps(out):
@@ -179,7 +206,7 @@ def test_kill_while_saving_keeps_previous_checkpoint(straight, tmp_path, monkeyp
     folder: the previous checkpoint stays loadable and --resume picks it."""
     from orbax.checkpoint._src.path import atomicity
 
-    ref_out, _ = straight
+    ref_out, _, _ = straight
     out = tmp_path / "killed"
     real_finalize = atomicity.AtomicRenameTemporaryPath.finalize
 
@@ -430,7 +457,7 @@ def test_bad_settings_are_clear_errors(tmp_path, overrides, message):
 
 
 def test_existing_run_needs_resume_and_the_same_settings(straight):
-    out, _ = straight
+    out, _, _ = straight
     with pytest.raises(ValueError, match="already holds checkpoints; pass --resume"):
         train.train(dataclasses.replace(BASE, out=str(out)))
     with pytest.raises(ValueError, match=r"trained with lr=0.01 \(now 0.1\)"):
@@ -477,7 +504,7 @@ SHARDED = textwrap.dedent(
     assert err(s_shard, s1) > 1e-3
 
     try:
-        train.train(train.TrainConfig(dataset="synthetic", batch_size=60, out="unused", progress=False))
+        train.train(train.TrainConfig(dataset="synthetic", batch_size=60, out="unused"))
     except ValueError as e:
         assert "not divisible by the 8 devices" in str(e), e
     else:

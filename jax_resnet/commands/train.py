@@ -1,18 +1,27 @@
-"""`jax-resnet train`: the main job; one flag per `TrainConfig` field (its docstring says which)."""
+"""`jax-resnet train`: the main job; one flag per `TrainConfig` field (its docstring says which),
+and the command's own: --json and --no-progress (what the command prints: `run` subscribes a
+`train.Console`, a `ProgressBar` and writes the JSON) and the multi-process flags
+(`jax_resnet.distributed.initialize`)."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 
-from jax_resnet import data, dp, models, train
+import jax
+from tqdm.auto import tqdm
+
+from jax_resnet import data, distributed, dp, models, train
 from jax_resnet.commands import (
+    human,
     nonnegative_float,
     nonnegative_int,
     out_dir,
     out_file,
     positive_float,
     positive_int,
+    write_json,
 )
 
 FAILURES = (train.TrainingError,)
@@ -79,7 +88,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="?",
         const="-",
         type=out_file,
-        default=d.json,
+        default=None,
         metavar="FILE",
         help="print the final metrics as JSON on stdout (the log then goes to stderr), or write them to FILE",
     )
@@ -102,7 +111,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="train without the gradient check, or despite its failure",
     )
-    add("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    add("--no-progress", dest="progress", action="store_false", help="no progress bar (one per epoch, on stderr)")
     add(
         "--dp-clip",
         type=float,
@@ -139,6 +148,43 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="privacy accountant for ε (default: rdp; pld with --dp-max-batch)",
     )
     add(
+        "--coordinator",
+        metavar="HOST:PORT",
+        help="several processes: process 0's address and a free port (default $JAX_COORDINATOR_ADDRESS); "
+        "with --num-processes and --process-id",
+    )
+    add(
+        "--num-processes",
+        type=positive_int,
+        metavar="N",
+        help="several processes: how many (default $JAX_NUM_PROCESSES)",
+    )
+    add(
+        "--process-id",
+        type=nonnegative_int,
+        metavar="I",
+        help="several processes: this one's, 0..N-1 (default $JAX_PROCESS_ID)",
+    )
+    add(
+        "--cluster",
+        action="store_true",
+        help="several processes under SLURM, Open MPI or on a TPU pod: jax.distributed.initialize() finds the rest",
+    )
+    add(
+        "--join-timeout",
+        type=positive_float,
+        default=distributed.JOIN_TIMEOUT,
+        metavar="S",
+        help=f"seconds to wait for every process to join before stopping (default {distributed.JOIN_TIMEOUT})",
+    )
+    add(
+        "--heartbeat-timeout",
+        type=positive_int,
+        default=distributed.HEARTBEAT_TIMEOUT,
+        metavar="S",
+        help=f"seconds without a heartbeat before a process counts as dead (default {distributed.HEARTBEAT_TIMEOUT})",
+    )
+    add(
         "--dp-insecure-seed",
         action="store_true",
         help="derive DP noise and batches from --seed: reproducible, NOT private (for tests and debugging)",
@@ -151,6 +197,43 @@ def config(args: argparse.Namespace) -> train.TrainConfig:
     return train.TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
 
 
+class ProgressBar(train.Observer):
+    """A tqdm bar per epoch on stderr: steps done, the epoch's mean loss and accuracy, examples/s."""
+
+    def epoch_start(self, epoch: int, epochs: int, steps: int) -> None:
+        self.bar = tqdm(
+            total=steps, desc=f"epoch {epoch + 1}/{epochs}", leave=False, file=sys.stderr, dynamic_ncols=True
+        )
+
+    def step(self, step, loss, accuracy, mean_loss, mean_accuracy, rate) -> None:
+        self.bar.set_postfix(loss=f"{mean_loss:.4f}", acc=f"{mean_accuracy:.4f}", ex_s=f"{rate:,.0f}", refresh=False)
+        self.bar.update(1)
+
+    def epoch_end(self, row: dict, tree: dict) -> None:
+        self.bar.close()
+
+    def stop(self, history: list[dict]) -> None:
+        if getattr(self, "bar", None) is not None:
+            self.bar.close()
+
+
 def run(args: argparse.Namespace) -> int:
-    train.train(config(args))
+    distributed.initialize(
+        args.coordinator,
+        args.num_processes,
+        args.process_id,
+        cluster=args.cluster,
+        join_timeout=args.join_timeout,
+        heartbeat_timeout=args.heartbeat_timeout,
+    )
+    # Process 0 alone speaks for a run of several processes: the log, the bar, the JSON.
+    lead = jax.process_index() == 0
+    observers = [train.Console(human(args))] + ([ProgressBar()] if args.progress else []) if lead else []
+    try:
+        metrics = train.train(config(args), observers)
+    except distributed.ProcessLost as e:
+        print(f"jax-resnet train: error: {e}", file=sys.stderr)
+        distributed.leave(1)
+    if lead:
+        write_json(metrics, args.json)
     return 0
