@@ -402,7 +402,7 @@ def test_the_command_on_a_digits_run(tmp_path, capsys):
     from jax_resnet import checkpoints, cli, data, step, train
 
     run = tmp_path / "run"
-    config = train.TrainConfig(model="residual_mlp", epochs=1, out=str(run), progress=False, skip_grad_check=True)
+    config = train.TrainConfig(model="residual_mlp", epochs=1, out=str(run), skip_grad_check=True)
     jax.config.update("jax_enable_x64", False)  # a run as a user makes it: float32
     try:
         train.train(config)
