@@ -602,27 +602,37 @@ def prepare_step(
 
 
 def time_interleaved(
-    prepared: Sequence[Prepared], rounds: int, min_round_s: float, budget_s: float = math.inf, warmup: int = 2
-) -> tuple[dict[str, list[float]], int]:
-    """Seconds per step of each method in every round, rounds interleaved; and the steps per round.
+    prepared: Sequence[Prepared],
+    rounds: int,
+    min_round_s: float,
+    budget_s: float = math.inf,
+    warmup: int = 2,
+    equal_time: bool = False,
+) -> tuple[dict[str, list[float]], dict[str, int]]:
+    """Seconds per step of each method in every round, rounds interleaved; and each method's steps per round.
 
     After `warmup` steps each, every round runs each method for the same
-    number of steps (chosen so the slowest takes about `min_round_s`), the
+    number of steps (chosen so the slowest takes about `min_round_s`), or with
+    `equal_time` for about `min_round_s` each (each its own number of steps:
+    where one method is a thousand times slower than another, the same number
+    of steps would time the fast one for a few milliseconds per round), the
     method that goes first rotating from round to round. Rounds stop at
     `rounds`, or once `budget_s` has passed and at least 5 are done.
 
     Returns:
-      ({method: [mean seconds per step in round r, for each round]}, steps per round)
+      ({method: [mean seconds per step in round r, for each round]}, {method: steps per round})
     """
     for _ in range(max(warmup, 1)):
         single = [p.run(1) for p in prepared]
-    steps = max(1, min(10_000, math.ceil(min_round_s / max(*single, 1e-9))))
+    count = lambda seconds: max(1, min(10_000, math.ceil(min_round_s / max(seconds, 1e-9))))
+    slowest = count(max(single))
+    steps = {p.method: count(s) if equal_time else slowest for p, s in zip(prepared, single)}
     times: dict[str, list[float]] = {p.method: [] for p in prepared}
     start = time.perf_counter()
     for r in range(rounds):
         shift = r % len(prepared)
         for p in [*prepared[shift:], *prepared[:shift]]:
-            times[p.method].append(p.run(steps))
+            times[p.method].append(p.run(steps[p.method]))
         if r + 1 >= min(5, rounds) and time.perf_counter() - start > budget_s:
             break
     return times, steps
@@ -692,10 +702,13 @@ def bench_workload(
     reason in `unavailable` and no figures."""
     prepared = prepare(workload, quick, compile_repeats=compile_repeats, log=log, ablate=ablate)
     timed = [p for p in prepared if p.unavailable is None]
-    # A curvature workload's slowest methods take seconds to minutes per call on a CPU: one
-    # untimed call after compiling each, not two.
-    warmup = 1 if workload.kind == "curvature" else 2
-    per_round, steps = time_interleaved(timed, rounds, min_round_s, budget_s, warmup)
+    # A curvature workload's methods differ in cost by orders of magnitude (a training step
+    # against per-example Jacobians), and its slowest take seconds to minutes per call on a CPU:
+    # each method timed for about a round's time, and one untimed call after compiling, not two.
+    curvature_kind = workload.kind == "curvature"
+    per_round, steps = time_interleaved(
+        timed, rounds, min_round_s, budget_s, warmup=1 if curvature_kind else 2, equal_time=curvature_kind
+    )
     batch_size, example_shape = workload.sizes(quick)
     base = next(p for p in prepared if p.method == workload.baseline)
     rows = []
@@ -722,7 +735,7 @@ def bench_workload(
             **spread_fields("compile_time_s", p.compile_times_s),
             "temp_memory_bytes": p.temp_memory_bytes,
             "examples_per_second": batch_size / statistics.median(times),
-            **_round_fields(times, steps, batch_size, example_shape, p.num_params),
+            **_round_fields(times, steps[p.method], batch_size, example_shape, p.num_params),
             "compile_times_s": list(p.compile_times_s),
             "environment": env,
         }

@@ -405,3 +405,23 @@ def test_curvature_quick_run_takes_the_workload_round_and_markdown_flags(tmp_pat
 def test_curvature_flag_combinations_are_refused_with_the_flag_to_change(argv, message, capsys):
     assert cli.main(["bench", "--quick", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+class _FixedCost:
+    """A stand-in for `bench.Prepared` whose every step 'takes' a fixed time: records the steps asked for."""
+
+    def __init__(self, method, seconds):
+        self.method, self.seconds, self.calls = method, seconds, []
+
+    def run(self, steps):
+        self.calls.append(steps)
+        return self.seconds
+
+
+def test_time_interleaved_gives_each_method_a_rounds_time_with_equal_time():
+    fast, slow = _FixedCost("fast", 0.001), _FixedCost("slow", 0.1)
+    times, steps = bench.time_interleaved([fast, slow], rounds=2, min_round_s=0.5, warmup=1, equal_time=True)
+    assert steps == {"fast": 500, "slow": 5} and fast.calls == [1, 500, 500] and slow.calls == [1, 5, 5]
+    assert times == {"fast": [0.001, 0.001], "slow": [0.1, 0.1]}
+    _, steps = bench.time_interleaved([fast, slow], rounds=2, min_round_s=0.5, warmup=1)
+    assert steps == {"fast": 5, "slow": 5}  # the default: the slowest method's count for all
