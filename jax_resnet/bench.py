@@ -1509,7 +1509,10 @@ def format_curvature_markdown(rows: list[dict]) -> str:
             + "; BatchNorm in the curvature quantities: "
             + ", ".join(f"{w} {m}" for w, m in modes.items())
             + " (the training step trains). `backward`: one backward pass of the rules' network, "
-            "logits to parameters. Memory: XLA's compiled temporary buffers (`memory_analysis()`).",
+            "logits to parameters. Memory: XLA's compiled temporary buffers (`memory_analysis()`). "
+            "A goal's ratio is taken per round (memory: exact), its median and range given; against "
+            "C × backward for the per-class goal (C classes); **met** or **missed** only when the whole "
+            "range lies on one side of the goal, **within noise** otherwise.",
             "",
         ]
     lines.append(format_curvature_table(rows))
