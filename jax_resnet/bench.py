@@ -613,7 +613,8 @@ def time_interleaved(
 
     After `warmup` steps each, every round runs each method for the same
     number of steps (chosen so the slowest takes about `min_round_s`), or with
-    `equal_time` for about `min_round_s` each (each its own number of steps:
+    `equal_time` for about `min_round_s` each (each its own number of steps,
+    a method faster than that timed once more over a round's worth of steps to count them:
     where one method is a thousand times slower than another, the same number
     of steps would time the fast one for a few milliseconds per round), the
     method that goes first rotating from round to round. Rounds stop at
@@ -625,6 +626,10 @@ def time_interleaved(
     for _ in range(max(warmup, 1)):
         single = [p.run(1) for p in prepared]
     count = lambda seconds: max(1, min(10_000, math.ceil(min_round_s / max(seconds, 1e-9))))
+    if equal_time:
+        # One step after one warmup is a poor measure of a fast method (a first call's costs, a
+        # scheduler's pause): those get their count from a round's worth of steps.
+        single = [p.run(count(s)) if count(s) > 1 else s for p, s in zip(prepared, single)]
     slowest = count(max(single))
     steps = {p.method: count(s) if equal_time else slowest for p, s in zip(prepared, single)}
     times: dict[str, list[float]] = {p.method: [] for p in prepared}

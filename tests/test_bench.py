@@ -421,7 +421,8 @@ class _FixedCost:
 def test_time_interleaved_gives_each_method_a_rounds_time_with_equal_time():
     fast, slow = _FixedCost("fast", 0.001), _FixedCost("slow", 0.1)
     times, steps = bench.time_interleaved([fast, slow], rounds=2, min_round_s=0.5, warmup=1, equal_time=True)
-    assert steps == {"fast": 500, "slow": 5} and fast.calls == [1, 500, 500] and slow.calls == [1, 5, 5]
+    # The fast method is counted again over a round's worth of steps (500) before the rounds.
+    assert steps == {"fast": 500, "slow": 5} and fast.calls == [1, 500, 500, 500] and slow.calls == [1, 5, 5, 5]
     assert times == {"fast": [0.001, 0.001], "slow": [0.1, 0.1]}
     _, steps = bench.time_interleaved([fast, slow], rounds=2, min_round_s=0.5, warmup=1)
     assert steps == {"fast": 5, "slow": 5}  # the default: the slowest method's count for all
