@@ -242,8 +242,8 @@ def _curvature_case(name, batch=3):
     """A tiny float64 network of each curvature workload's family, its weights and a batch."""
     model, shape, train = {
         "mlp": (models.residual_mlp(in_features=5, width=6, depth=2, out_features=3), (5,), True),
-        "gn": (models.cifar_resnet(8, widths=(2, 4, 4), num_classes=3, norm="group", norm_groups=2), (4, 4, 3), True),
-        "bn_eval": (models.cifar_resnet(8, widths=(2, 4, 4), num_classes=3), (4, 4, 3), False),
+        "gn": (models.cifar_resnet(8, widths=(2, 4, 4), num_classes=3, norm="group", norm_groups=2), (8, 8, 3), True),
+        "bn_eval": (models.cifar_resnet(8, widths=(2, 4, 4), num_classes=3), (8, 8, 3), False),
     }[name]
     params, state = bench.init_library(model, jax.random.key(0), jnp.float64)
     if not train:  # running statistics away from their initial 0 and 1, so the test sees them used
