@@ -38,7 +38,7 @@ test-slow: $(BIN)/.installed $(KATEX)
 # run: uv's lowest-direct resolution puts each direct dependency at its lower bound (the rest at the
 # newest that fits), and .ci/lowest_bounds.py fails where a bound is lower than what got installed.
 # The peers extra is a second resolution (jax-privacy 2.0 needs newer optax and dp-accounting than
-# the core's bounds), with the only tests that import it.
+# the core's bounds), with the only tests that import them.
 LOWEST := .venv-lowest
 UV := $(LOWEST)/uv/bin/uv
 LOWEST_PY := $(LOWEST)/env/bin/python
@@ -55,7 +55,7 @@ test-lowest: $(UV)
 	$(UV) venv --quiet --clear --python $(PYTHON) $(LOWEST)/env
 	$(UV) pip install --quiet --python $(LOWEST_PY) --resolution lowest-direct -e ".[dev,peers]"
 	$(LOWEST_PY) .ci/lowest_bounds.py peers
-	$(LOWEST_PY) -m pytest -q tests/test_bench.py tests/test_dp.py -k jax_privacy
+	$(LOWEST_PY) -m pytest -q tests/test_bench.py tests/test_dp.py -k "jax_privacy or kfac_jax"
 
 # The documentation site (docs/README.md): sources where they live, warnings are errors, a fresh
 # environment each time so that no warning hides in an unchanged page. tests/test_docs_site.py

@@ -107,7 +107,7 @@ def time_vs_depth(depths, batch, side, width, rounds, round_s) -> list[dict]:
         steps = compiled_steps(lambda remat, n=n: stage_model(n, width, remat), batch, side, abstract=False)
         times, per_round = bench.time_interleaved(list(steps.values()), rounds, round_s)
         ratios = {m: [t / a for t, a in zip(times[m], times["autodiff"])] for m in METHODS}
-        row = {"couplings": n, "steps_per_round": per_round, "rounds": len(times["autodiff"])}
+        row = {"couplings": n, "steps_per_round": per_round["autodiff"], "rounds": len(times["autodiff"])}
         for m in METHODS:
             row[m] = {"step_ms": bench.spread([1e3 * t for t in times[m]]), "ratio": bench.spread(ratios[m])}
         rows.append(row)

@@ -64,9 +64,11 @@ Command (the full run takes about 6 minutes on 2 CPU cores):
 
 A new workload (a reversible stack, per-example gradients) is one more entry
 in `WORKLOADS`; one whose step differs from the plain training step passes its
-own `library_step` / `peer_step` builders. The DP-SGD workloads (`dp=True`,
-`jax-resnet bench --dp`) are entries too: their methods are `DP_METHODS`,
-their baseline the non-private step, and every flag works for them as for the others.
+own `library_step` / `peer_step` builders. The DP-SGD workloads (`kind="dp"`,
+`jax-resnet bench --dp`) and the curvature workloads (`kind="curvature"`,
+`jax-resnet bench --curvature`) are entries too: a kind (`KINDS`) names its
+methods' baseline and its flag, its methods are `DP_METHODS` or
+`CURVATURE_METHODS`, and every flag works for them as for the others.
 """
 
 from __future__ import annotations
@@ -76,15 +78,16 @@ import functools
 import math
 import statistics
 import time
+import traceback
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jax_resnet import blocks, models
+from jax_resnet import blocks, curvature, models, per_example
 from jax_resnet import dp as dp_lib
 from jax_resnet import step as step_lib
 from jax_resnet.environment import record as environment_record
@@ -286,14 +289,34 @@ def peer_step(graphdef) -> Callable:
 
 
 # ------------------------------------------------------------------ workloads
+class Kind(NamedTuple):
+    """A kind of workload: the method its ratios are taken against, the flag of `jax-resnet bench`
+    that selects it (None: none, the default), and what the kind is called in messages."""
+
+    baseline: str
+    flag: str | None
+    noun: str
+
+
+KINDS = {
+    "step": Kind("autodiff", None, "training-step"),
+    "dp": Kind("non_private", "--dp", "DP"),
+    "curvature": Kind("train_step", "--curvature", "curvature"),
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class Workload:
     """One benchmark: a library model, the batch it trains on, and the methods compared.
 
-    A training-step workload (`dp=False`) compares `METHODS` against "autodiff":
+    `kind` says which methods it compares and against which baseline (`KINDS`):
+    a training-step workload ("step") compares `METHODS` against "autodiff":
     `peer(dtype, rngs)` builds the Flax nnx module, which has `load(params, state)`
-    to take the library model's weights. A DP workload (`dp=True`, `jax-resnet
-    bench --dp`) compares `DP_METHODS` against "non_private" and has no peer.
+    to take the library model's weights. A DP workload ("dp", `jax-resnet
+    bench --dp`) compares `DP_METHODS` against "non_private" and has no peer; a
+    curvature workload ("curvature", `jax-resnet bench --curvature`) compares
+    `CURVATURE_METHODS` against "train_step", with BatchNorm in the curvature
+    quantities in training mode or, `curvature_train=False`, on its running statistics.
     `batch`/`example_shape` are the full run's sizes, `quick_batch`/`quick_example_shape`
     those of `--quick`.
     """
@@ -309,12 +332,21 @@ class Workload:
     peer: Callable[..., nnx.Module] | None = None
     library_step: Callable = library_step
     peer_step: Callable = peer_step
-    dp: bool = False
+    kind: str = "step"
+    curvature_train: bool = True
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"Workload {self.name!r}: `kind` must be one of {tuple(KINDS)}, got {self.kind!r}")
+
+    @property
+    def dp(self) -> bool:
+        return self.kind == "dp"
 
     @property
     def baseline(self) -> str:
         """The method every ratio is taken against."""
-        return "non_private" if self.dp else "autodiff"
+        return KINDS[self.kind].baseline
 
     def sizes(self, quick: bool) -> tuple[int, tuple[int, ...]]:
         return (self.quick_batch, self.quick_example_shape) if quick else (self.batch, self.example_shape)
@@ -367,7 +399,7 @@ WORKLOADS: list[Workload] = [
         example_shape=(64,),
         quick_batch=16,
         quick_example_shape=(64,),
-        dp=True,
+        kind="dp",
     ),
     Workload(
         name="dp_resnet20_gn",
@@ -378,7 +410,42 @@ WORKLOADS: list[Workload] = [
         example_shape=(32, 32, 3),
         quick_batch=4,
         quick_example_shape=(8, 8, 3),
-        dp=True,
+        kind="dp",
+    ),
+    Workload(
+        name="curvature_residual_mlp",
+        description="curvature: the seed's residual MLP, 64 -> 64 x 2 hidden -> 10, batch 128",
+        model=lambda: models.residual_mlp(in_features=64, width=64, depth=2, out_features=10),
+        num_classes=10,
+        batch=128,
+        example_shape=(64,),
+        quick_batch=8,
+        quick_example_shape=(64,),
+        kind="curvature",
+    ),
+    Workload(
+        name="curvature_resnet20_gn",
+        description="curvature: CIFAR ResNet-20 with GroupNorm (16 groups), 32x32x3, batch 128",
+        model=lambda: models.resnet20_gn(num_classes=10),
+        num_classes=10,
+        batch=128,
+        example_shape=(32, 32, 3),
+        quick_batch=4,
+        quick_example_shape=(8, 8, 3),
+        kind="curvature",
+    ),
+    Workload(
+        name="curvature_resnet20",
+        description="curvature: CIFAR ResNet-20 (BatchNorm; the curvature on its running statistics), "
+        "32x32x3, batch 128",
+        model=lambda: models.resnet20(num_classes=10),
+        num_classes=10,
+        batch=128,
+        example_shape=(32, 32, 3),
+        quick_batch=4,
+        quick_example_shape=(8, 8, 3),
+        kind="curvature",
+        curvature_train=False,
     ),
 ]
 
@@ -402,6 +469,7 @@ class Prepared:
     compile_times_s: list[float]
     temp_memory_bytes: int | None
     num_params: int
+    unavailable: str | None = None  # why a peer could not run here: its row says so instead of a number
 
     def run(self, steps: int) -> float:
         """Run `steps` steps; return the mean seconds per step, waiting for the last."""
@@ -443,9 +511,12 @@ def prepare(
     ablate: bool = False,
 ) -> list[Prepared]:
     """Build, initialise and compile the workload's methods on one random batch, in the
-    order of their rows (`prepare_dp` for a DP workload, `prepare_ablation` with `ablate`)."""
+    order of their rows (`prepare_dp` for a DP workload, `prepare_curvature` for a curvature
+    workload, `prepare_ablation` with `ablate`)."""
     if workload.dp:
         return prepare_dp(workload, quick, seed, compile_repeats, log)
+    if workload.kind == "curvature":
+        return prepare_curvature(workload, quick, seed, compile_repeats, log)
     if ablate:
         return prepare_ablation(workload, quick, seed, dtype)
     return prepare_step(workload, quick, seed, dtype, compile_repeats)
@@ -527,27 +598,42 @@ def prepare_step(
 
 
 def time_interleaved(
-    prepared: Sequence[Prepared], rounds: int, min_round_s: float, budget_s: float = math.inf, warmup: int = 2
-) -> tuple[dict[str, list[float]], int]:
-    """Seconds per step of each method in every round, rounds interleaved; and the steps per round.
+    prepared: Sequence[Prepared],
+    rounds: int,
+    min_round_s: float,
+    budget_s: float = math.inf,
+    warmup: int = 2,
+    equal_time: bool = False,
+) -> tuple[dict[str, list[float]], dict[str, int]]:
+    """Seconds per step of each method in every round, rounds interleaved; and each method's steps per round.
 
     After `warmup` steps each, every round runs each method for the same
-    number of steps (chosen so the slowest takes about `min_round_s`), the
+    number of steps (chosen so the slowest takes about `min_round_s`), or with
+    `equal_time` for about `min_round_s` each (each its own number of steps,
+    a method faster than that timed once more over a round's worth of steps to count them:
+    where one method is a thousand times slower than another, the same number
+    of steps would time the fast one for a few milliseconds per round), the
     method that goes first rotating from round to round. Rounds stop at
     `rounds`, or once `budget_s` has passed and at least 5 are done.
 
     Returns:
-      ({method: [mean seconds per step in round r, for each round]}, steps per round)
+      ({method: [mean seconds per step in round r, for each round]}, {method: steps per round})
     """
     for _ in range(max(warmup, 1)):
         single = [p.run(1) for p in prepared]
-    steps = max(1, min(10_000, math.ceil(min_round_s / max(*single, 1e-9))))
+    count = lambda seconds: max(1, min(10_000, math.ceil(min_round_s / max(seconds, 1e-9))))
+    if equal_time:
+        # One step after one warmup is a poor measure of a fast method (a first call's costs, a
+        # scheduler's pause): those get their count from a round's worth of steps.
+        single = [p.run(count(s)) if count(s) > 1 else s for p, s in zip(prepared, single)]
+    slowest = count(max(single))
+    steps = {p.method: count(s) if equal_time else slowest for p, s in zip(prepared, single)}
     times: dict[str, list[float]] = {p.method: [] for p in prepared}
     start = time.perf_counter()
     for r in range(rounds):
         shift = r % len(prepared)
         for p in [*prepared[shift:], *prepared[:shift]]:
-            times[p.method].append(p.run(steps))
+            times[p.method].append(p.run(steps[p.method]))
         if r + 1 >= min(5, rounds) and time.perf_counter() - start > budget_s:
             break
     return times, steps
@@ -596,15 +682,37 @@ def bench_workload(
     """Rows (one per method, or with `ablate` one per `ablation_opsets` variant) for one
     workload; field names are a stable contract.
 
-    Ratios are to the workload's baseline (`ratio_to_autodiff`, or for a DP
+    Ratios are to the workload's baseline (`ratio_to_autodiff`; for a DP
     workload `ratio_to_non_private`, with `memory_ratio_to_non_private` and the
-    DP step's `padded_rows`)."""
+    DP step's `padded_rows`; for a curvature workload `ratio_to_train_step` and
+    `memory_ratio_to_train_step`, with `num_classes` and `curvature_train`). A
+    method that could not run here (`Prepared.unavailable`) has a row with the
+    reason in `unavailable` and no figures."""
     prepared = prepare(workload, quick, compile_repeats=compile_repeats, log=log, ablate=ablate)
-    per_round, steps = time_interleaved(prepared, rounds, min_round_s, budget_s)
+    timed = [p for p in prepared if p.unavailable is None]
+    # A curvature workload's methods differ in cost by orders of magnitude (a training step
+    # against per-example Jacobians), and its slowest take seconds to minutes per call on a CPU:
+    # each method timed for about a round's time, and one untimed call after compiling, not two.
+    curvature_kind = workload.kind == "curvature"
+    per_round, steps = time_interleaved(
+        timed, rounds, min_round_s, budget_s, warmup=1 if curvature_kind else 2, equal_time=curvature_kind
+    )
     batch_size, example_shape = workload.sizes(quick)
     base = next(p for p in prepared if p.method == workload.baseline)
     rows = []
     for p in prepared:
+        if p.unavailable is not None:
+            rows.append(
+                {
+                    "workload": workload.name,
+                    "method": p.method,
+                    "unavailable": p.unavailable,
+                    "batch_size": batch_size,
+                    "example_shape": list(example_shape),
+                    "environment": env,
+                }
+            )
+            continue
         times = per_round[p.method]
         ratios = [t / b for t, b in zip(times, per_round[base.method])]
         row = {
@@ -615,14 +723,18 @@ def bench_workload(
             **spread_fields("compile_time_s", p.compile_times_s),
             "temp_memory_bytes": p.temp_memory_bytes,
             "examples_per_second": batch_size / statistics.median(times),
-            **_round_fields(times, steps, batch_size, example_shape, p.num_params),
+            **_round_fields(times, steps[p.method], batch_size, example_shape, p.num_params),
             "compile_times_s": list(p.compile_times_s),
             "environment": env,
         }
-        if workload.dp:
+        if workload.kind != "step":
             memory = None if not (base.temp_memory_bytes and p.temp_memory_bytes) else p.temp_memory_bytes
-            row["memory_ratio_to_non_private"] = None if memory is None else memory / base.temp_memory_bytes
+            row[f"memory_ratio_to_{base.method}"] = None if memory is None else memory / base.temp_memory_bytes
+        if workload.dp:
             row["padded_rows"] = len(p.batch[0]) - batch_size
+        if workload.kind == "curvature":
+            row["num_classes"] = workload.num_classes
+            row["curvature_train"] = workload.curvature_train
         rows.append(row)
     return rows
 
@@ -832,6 +944,7 @@ def benchmark(
     names: Sequence[str] | None = None,
     *,
     dp: bool = False,
+    curvature: bool = False,
     ablate: bool = False,
     quick: bool = False,
     rounds: int | None = None,
@@ -839,24 +952,30 @@ def benchmark(
     log: Callable[[str], None] = lambda s: None,
 ) -> list[dict]:
     """Rows of the named workloads (default: all of the kind), one per workload and method:
-    `jax-resnet bench`, or with `dp` the DP-SGD workloads (`jax-resnet bench --dp`).
+    `jax-resnet bench`, with `dp` the DP-SGD workloads (`jax-resnet bench --dp`), with
+    `curvature` the curvature workloads (`jax-resnet bench --curvature`).
 
     `rounds` defaults to `ROUNDS` (3 when `quick`), `round_seconds` to
     `ROUND_SECONDS` (0.01 when `quick`); a workload stops timing after at
-    least 5 rounds once it has timed for 150 s (5 s when `quick`). A DP
-    workload compiles each method once. `ablate`: instead of the methods, the
-    rules with one family at a time swapped for autodiff (`ablation_opsets`),
-    on the named workloads (default: resnet20).
+    least 5 rounds once it has timed for 150 s (5 s when `quick`). A DP or
+    curvature workload compiles each method once. `ablate`: instead of the
+    methods, the rules with one family at a time swapped for autodiff
+    (`ablation_opsets`), on the named workloads (default: resnet20).
     """
+    if dp and curvature:
+        raise ValueError("--dp and --curvature select different workloads; choose one")
     if ablate:
-        if dp:
-            raise ValueError("--ablate swaps rule families in the training step; it does not combine with --dp")
+        if dp or curvature:
+            flag = "--dp" if dp else "--curvature"
+            raise ValueError(f"--ablate swaps rule families in the training step; it does not combine with {flag}")
         names = names or ["resnet20"]
-    selected = [get_workload(n) for n in names] if names else [w for w in WORKLOADS if w.dp == dp]
-    wrong = [w.name for w in selected if w.dp != dp]
-    if wrong:
-        kind = "a training-step workload; drop --dp" if dp else "a DP workload; add --dp"
-        raise ValueError(f"--workload {wrong[0]}: {kind}, or choose another")
+    kind = "dp" if dp else "curvature" if curvature else "step"
+    selected = [get_workload(n) for n in names] if names else [w for w in WORKLOADS if w.kind == kind]
+    wrong = next((w for w in selected if w.kind != kind), None)
+    if wrong is not None:
+        have, want = KINDS[wrong.kind].flag, KINDS[kind].flag
+        fix = " and ".join([f"drop {want}"] * (want is not None) + [f"add {have}"] * (have is not None))
+        raise ValueError(f"--workload {wrong.name}: a {KINDS[wrong.kind].noun} workload; {fix}, or choose another")
     rounds = rounds if rounds is not None else (3 if quick else ROUNDS)
     min_round_s = round_seconds if round_seconds is not None else (0.01 if quick else ROUND_SECONDS)
     # Bounds a workload's timing when steps are slow (a loaded machine), so the full run stays within minutes.
@@ -872,7 +991,7 @@ def benchmark(
             min_round_s=min_round_s,
             budget_s=budget_s,
             env=env,
-            compile_repeats=1 if quick or workload.dp or ablate else COMPILE_REPEATS,
+            compile_repeats=1 if quick or workload.kind != "step" or ablate else COMPILE_REPEATS,
             log=log,
             ablate=ablate,
         )
@@ -1090,4 +1209,307 @@ def format_dp_table(rows: list[dict]) -> str:
             f"| {r['workload']} | {r['method']} | {_ms(r['step_time_ms'])} | {ratio} | "
             f"{_mib(r['temp_memory_bytes'])} | {'–' if mem is None else f'{mem:.2f}'} |"
         )
+    return "\n".join(lines) + "\n"
+
+
+# -------------------------------------------------------- curvature workloads
+# `jax-resnet bench --curvature`: the library's curvature (`jax_resnet.curvature`) against
+# what it should cost, a training step or a backward pass, and against what a JAX user
+# has today, side by side in one process:
+#
+#   train_step       the library's training step (`grad="rules"`, BatchNorm in training
+#                    mode): the baseline of every ratio;
+#   backward         one backward pass of the batch, logits to parameters (`jax.vjp`'s
+#                    pullback of the rules' network, its residuals saved beforehand and
+#                    passed in, so no forward is timed), at the loss's cotangent;
+#   diag_ggn_mc      `curvature.diag_ggn_mc`, one sample;
+#   diag_ggn         `curvature.diag_ggn`, exact: one forward, C backward passes vmapped;
+#   kfac             `curvature.kfac`, one sample (MC), where this version has it;
+#   jacrev_diag_ggn  the exact diagonal the way JAX offers it: per-example Jacobians of
+#                    the logits by `jax.vmap(jax.jacrev)` of the autodiff network, then
+#                    diag(J_iᵀ H_i J_i) with H_i from `jax.hessian` of optax's cross-entropy;
+#   kfac_jax         kfac-jax's curvature estimator (`BlockDiagonalCurvature`, Kronecker
+#                    factors for dense and conv layers, its defaults elsewhere) on the same
+#                    network through the autodiff path, labels sampled from the model
+#                    ("fisher_gradients", one sample): the optional extra `peers`. Where it
+#                    is absent or cannot run, its row gives the reason instead of a number.
+#
+# The curvature methods take BatchNorm as the workload says (`curvature_train`; the
+# diagonals refuse training mode, whose examples couple); the training step trains.
+CURVATURE_METHODS = ("train_step", "backward", "diag_ggn_mc", "diag_ggn", "kfac", "jacrev_diag_ggn", "kfac_jax")
+
+
+def curvature_methods(log: Callable[[str], None] = lambda s: None) -> tuple[str, ...]:
+    """The CURVATURE_METHODS this version has: "kfac" only where `curvature.kfac` exists (the reason logged if not).
+    "kfac_jax" is always listed; where it cannot run, `prepare_curvature` says why in its row."""
+    if hasattr(curvature, "kfac"):
+        return CURVATURE_METHODS
+    log("bench --curvature: skipping kfac (jax_resnet.curvature has no kfac in this version)")
+    return tuple(m for m in CURVATURE_METHODS if m != "kfac")
+
+
+def jacrev_diag_ggn(model: models.Model, params, state, x, y, *, train: bool = True) -> Any:
+    """diag G of the mean cross-entropy as a JAX user computes it today, from per-example Jacobians.
+
+    diag G = (1/B) Σ_i diag(J_iᵀ H_i J_i) = (1/B) Σ_i Σ_{c,d} (H_i)_{cd} J_{i,c} ⊙ J_{i,d}, with
+    J_i = ∂z_i/∂θ from `jax.jacrev` of one example's logits through the autodiff network
+    (`grad="autodiff"`), `jax.vmap`ped over the batch, and H_i = ∇²_z ℓ(z_i, y_i) from
+    `jax.hessian` of optax's softmax cross-entropy. Nothing of `jax_resnet.curvature`.
+    Each example runs alone, so BatchNorm must be on its running statistics (`train=False`).
+
+    Returns:
+      A tree like `params`.
+    """
+
+    def logits(p, xi):
+        return model.apply(p, state, xi[None], train=train, grad="autodiff")[0][0]
+
+    def one(xi, yi):
+        jac = jax.jacrev(logits)(params, xi)  # leaves [C, *shape]
+        hess = jax.hessian(lambda z: optax.softmax_cross_entropy_with_integer_labels(z, yi))(logits(params, xi))
+        return jax.tree.map(lambda j: jnp.einsum("c...,cd,d...->...", j, hess, j), jac)
+
+    return jax.tree.map(lambda d: jnp.mean(d, axis=0), jax.vmap(one)(x, y))
+
+
+def kfac_jax_estimator(model: models.Model, *, train: bool = True):
+    """kfac-jax's `BlockDiagonalCurvature` over the autodiff network's mean cross-entropy,
+    func(params, state, x, y), labels sampled from the model ("fisher_gradients")."""
+    import kfac_jax
+
+    def loss(params, state, x, y):
+        logits = model.apply(params, state, x, train=train, grad="autodiff")[0]
+        kfac_jax.register_softmax_cross_entropy_loss(logits, y)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    return kfac_jax.BlockDiagonalCurvature(func=loss, default_estimation_mode="fisher_gradients", params_index=0)
+
+
+def kfac_jax_step(estimator, batch_size: int) -> Callable:
+    """step((params, state, estimator_state), x, y, key): the estimator's curvature of this batch
+    alone (`update_curvature_matrix_estimate` with ema_old = 0, ema_new = 1)."""
+
+    def step(carry, x, y, key):
+        params, state, est = carry
+        est = estimator.update_curvature_matrix_estimate(
+            est,
+            ema_old=0.0,
+            ema_new=1.0,
+            identity_weight=0.0,
+            batch_size=batch_size,
+            rng=key,
+            func_args=(params, state, x, y),
+        )
+        return (params, state, est), jnp.zeros(())
+
+    return step
+
+
+def curvature_method_step(method: str, model: models.Model, train: bool, tx=None) -> Callable:
+    """step(carry, *batch) -> (carry, what the method computes) of one CURVATURE_METHODS entry but
+    "backward" and "kfac_jax" (`prepare_curvature` builds those); carry = (params, state) or, for
+    "train_step", (params, state, opt_state) and `tx`. Batches: (x, y), or (x, y, key) for the sampled ones."""
+    if method == "train_step":
+        return library_step(model, "rules", tx)
+    quantity = {
+        "diag_ggn_mc": lambda p, s, x, y, key: curvature.diag_ggn_mc(model, p, s, x, y, key, 1, train=train),
+        "diag_ggn": lambda p, s, x, y: curvature.diag_ggn(model, p, s, x, y, train=train),
+        "kfac": lambda p, s, x, y, key: curvature.kfac(model, p, s, x, y, key, 1, train=train),
+        "jacrev_diag_ggn": lambda p, s, x, y: jacrev_diag_ggn(model, p, s, x, y, train=train),
+    }[method]
+    return lambda carry, *batch: (carry, quantity(*carry, *batch))
+
+
+def backward_pass(model: models.Model, params, state, x, y, *, train: bool = True):
+    """(pullback, ct_logits): the rules' network's `jax.vjp` pullback at the logits, its residuals
+    saved (a pytree that `jax.jit` takes), and the mean cross-entropy's cotangent at the logits."""
+    forward = lambda p: model.apply(p, state, x, train=train, grad="rules")[0]
+    logits, pullback = jax.jit(lambda p: jax.vjp(forward, p))(params)
+    return pullback, per_example.loss_cotangent(logits, y)[1]
+
+
+def _backward_step(pullback, ct_logits):
+    return pullback, pullback(ct_logits)[0]
+
+
+def _unavailable_reason(package: str, err: BaseException) -> str:
+    """The exception a peer raised, with the innermost frame of its own package."""
+    frames = [f for f in traceback.extract_tb(err.__traceback__) if f"/{package}/" in f.filename.replace("\\", "/")]
+    where = ""
+    if frames:
+        f = frames[-1]
+        where = f" at {package}{f.filename.replace(chr(92), '/').split(f'/{package}', 1)[1]}:{f.lineno} `{f.line}`"
+    return f"{type(err).__name__}: {' '.join(str(err).split())}{where}"
+
+
+def kfac_jax_failure(err: BaseException) -> str:
+    """What kfac-jax raised, with the versions and the innermost frame of kfac_jax's own code."""
+    import kfac_jax
+
+    return f"kfac-jax {kfac_jax.__version__}, jax {jax.__version__}: {_unavailable_reason('kfac_jax', err)}"
+
+
+def kfac_jax_unavailable() -> str | None:
+    """Why kfac-jax cannot be imported here (None when it can)."""
+    try:
+        import kfac_jax  # noqa: F401
+    except ImportError as e:
+        return f"kfac-jax is not installed ({e}); pip install 'jax-resnet[peers]'"
+    return None
+
+
+def prepare_curvature(
+    workload: Workload, quick: bool, seed: int = 0, compile_repeats: int = 1, log: Callable[[str], None] = print
+) -> list[Prepared]:
+    """The curvature workload's methods (`curvature_methods`), compiled on one random batch; every
+    method starts from the same weights. A kfac_jax that cannot run here is `unavailable`, with the reason."""
+    batch_size, example_shape = workload.sizes(quick)
+    k_x, k_y, k_init, k_sample = jax.random.split(jax.random.key(seed), 4)
+    x = jax.random.normal(k_x, (batch_size, *example_shape), jnp.float32)
+    y = jax.random.randint(k_y, (batch_size,), 0, workload.num_classes, jnp.int32)
+    model, tx, train = workload.model(), optimizer(), workload.curvature_train
+    params, state = init_library(model, k_init)  # on the host: each method donates its own device copy
+    n = models.num_params(params)
+
+    def build(method):
+        """(step, carry, batch) of one method, the carry on the device."""
+        step, carry, batch = _build(method)
+        return step, jax.device_put(carry), batch
+
+    def _build(method):
+        if method == "train_step":
+            return curvature_method_step(method, model, train, tx), (params, state, tx.init(params)), (x, y)
+        if method == "backward":
+            pullback, ct = backward_pass(model, params, state, x, y, train=train)
+            return _backward_step, pullback, (ct,)
+        if method == "kfac_jax":
+            estimator = kfac_jax_estimator(model, train=train)
+            est = estimator.init(k_init, (params, state, x, y), None, None)
+            return kfac_jax_step(estimator, batch_size), (params, state, est), (x, y, k_sample)
+        batch = (x, y, k_sample) if method in ("diag_ggn_mc", "kfac") else (x, y)
+        return curvature_method_step(method, model, train), (params, state), batch
+
+    def compiled(method):
+        step, carry, batch = build(method)
+        times = []
+        for _ in range(compile_repeats):
+            executable, seconds = _compile(step, carry, batch)
+            times.append(seconds)
+        memory = executable.memory_analysis()
+        temp = None if memory is None else int(memory.temp_size_in_bytes)
+        return Prepared(method, executable, carry, batch, times, temp, n)
+
+    prepared = []
+    for method in curvature_methods(log):
+        if method != "kfac_jax":
+            prepared.append(compiled(method))
+            continue
+        unavailable = kfac_jax_unavailable()
+        if unavailable is None:
+            try:
+                prepared.append(compiled(method))
+                continue
+            except Exception as e:  # the peer's failure is its row's content, not the run's end
+                unavailable = kfac_jax_failure(e)
+        log(f"bench --curvature: kfac_jax cannot run here: {unavailable}")
+        prepared.append(Prepared(method, None, None, (), [], None, n, unavailable))
+    return prepared
+
+
+# (label, method, the method it is compared with, field, the largest ratio that meets it,
+# whether that ratio is per class, i.e. against C × the other).
+CURVATURE_GOALS = (
+    ("diag_ggn_mc(1) time ≤ 1.5× training step", "diag_ggn_mc", "train_step", "step_time_ms", 1.5, False),
+    ("diag_ggn_mc(1) memory ≤ 1.3× training step", "diag_ggn_mc", "train_step", "temp_memory_bytes", 1.3, False),
+    ("diag_ggn time ≤ 1.2 × C × backward", "diag_ggn", "backward", "step_time_ms", 1.2, True),
+    ("kfac(1) time ≤ 1.5× training step", "kfac", "train_step", "step_time_ms", 1.5, False),
+    ("diag_ggn time ≤ jacrev_diag_ggn", "diag_ggn", "jacrev_diag_ggn", "step_time_ms", 1.0, False),
+    ("diag_ggn memory ≤ jacrev_diag_ggn", "diag_ggn", "jacrev_diag_ggn", "temp_memory_bytes", 1.0, False),
+    ("kfac(1) time ≤ kfac_jax", "kfac", "kfac_jax", "step_time_ms", 1.0, False),
+    ("kfac(1) memory ≤ kfac_jax", "kfac", "kfac_jax", "temp_memory_bytes", 1.0, False),
+)
+
+
+def curvature_goals(rows: list[dict]) -> list[dict]:
+    """Per curvature workload and CURVATURE_GOALS entry: the ratio method / other (over C × other for a
+    per-class goal), per round for time and exact for memory; verdicts as `goals`. "n/a" with the reason
+    where either method has no row here (kfac before this version has it) or could not run (kfac_jax)."""
+    out = []
+    for name in dict.fromkeys(r["workload"] for r in rows):
+        by_method = {r["method"]: r for r in rows if r["workload"] == name}
+        for label, method, against, field, limit, per_class in CURVATURE_GOALS:
+            goal = {"workload": name, "goal": label, "method": method, "against": against, "field": field}
+            missing = [m for m in (method, against) if m not in by_method]
+            gone = [by_method[m] for m in (method, against) if m in by_method and "unavailable" in by_method[m]]
+            if missing or gone:
+                reason = f"no {missing[0]} in this version" if missing else f"{gone[0]['method']} cannot run here"
+                out.append(
+                    {**goal, "ratio": None, "ratio_min": None, "ratio_max": None, "verdict": "n/a"} | {"reason": reason}
+                )
+                continue
+            a, b = _samples(by_method[method], field), _samples(by_method[against], field)
+            scale = by_method[method]["num_classes"] if per_class else 1
+            ratios = None if a is None or b is None else [u / (scale * v) for u, v in zip(a, b) if v]
+            if ratios:
+                low, ratio, high = spread(ratios)
+                verdict = "met" if high <= limit else "missed" if low > limit else "within noise"
+            else:
+                low = ratio = high = None
+                verdict = "n/a"
+            out.append({**goal, "ratio": ratio, "ratio_min": low, "ratio_max": high, "verdict": verdict})
+    return out
+
+
+def format_curvature_table(rows: list[dict]) -> str:
+    """A Markdown table of curvature rows: time, its ratio (range) and memory against the training step."""
+    lines = [
+        "| workload | method | time (ms) | × training step (range) | compiled memory (MiB) | × training step |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        if "unavailable" in r:
+            lines.append(f"| {r['workload']} | {r['method']} | cannot run here: {r['unavailable']} | | | |")
+            continue
+        ratio = _range(
+            r["ratio_to_train_step_min"], r["ratio_to_train_step"], r["ratio_to_train_step_max"], "{:.2f}".format
+        )
+        mem = r["memory_ratio_to_train_step"]
+        lines.append(
+            f"| {r['workload']} | {r['method']} | {_ms(r['step_time_ms'])} | {ratio} | "
+            f"{_mib(r['temp_memory_bytes'])} | {'–' if mem is None else f'{mem:.2f}'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def format_curvature_markdown(rows: list[dict]) -> str:
+    """The curvature table (`format_curvature_table`) and its goals (`curvature_goals`), for the README."""
+    lines = ["### Benchmark: curvature", ""]
+    if rows:
+        modes = {
+            r["workload"]: "training mode" if r["curvature_train"] else "running statistics"
+            for r in rows
+            if "curvature_train" in r
+        }
+        lines += [
+            f"Measured on {_env_line(rows[0]['environment'])}. Command: `jax-resnet bench --curvature`. "
+            "Batch "
+            + ", ".join(sorted({str(r["batch_size"]) for r in rows}))
+            + "; BatchNorm in the curvature quantities: "
+            + ", ".join(f"{w} {m}" for w, m in modes.items())
+            + " (the training step trains). `backward`: one backward pass of the rules' network, "
+            "logits to parameters. Memory: XLA's compiled temporary buffers (`memory_analysis()`). "
+            "A goal's ratio is taken per round (memory: exact), its median and range given; against "
+            "C × backward for the per-class goal (C classes); **met** or **missed** only when the whole "
+            "range lies on one side of the goal, **within noise** otherwise.",
+            "",
+        ]
+    lines.append(format_curvature_table(rows))
+    lines += ["| workload | goal | ratio (range) | verdict |", "|---|---|---|---|"]
+    for g in curvature_goals(rows):
+        if g["ratio"] is None:
+            span = "n/a"
+        else:
+            span = _range(g["ratio_min"], g["ratio"], g["ratio_max"], "{:.3f}×".format)
+        verdict = g["verdict"] + (f" ({g['reason']})" if "reason" in g else "")
+        lines.append(f"| {g['workload']} | {g['goal']} | {span} | {verdict} |")
     return "\n".join(lines) + "\n"

@@ -9,10 +9,11 @@ import types
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
-from jax_resnet import bench, cli, models, ops
+from jax_resnet import bench, cli, curvature, models, ops
 from jax_resnet._compile import run_once
 
 ROW_FIELDS = {
@@ -234,3 +235,194 @@ def test_jax_privacy_peer_takes_the_dp_steps_update():
     }
     for a, b in zip(jax.tree.leaves(new["dp"]), jax.tree.leaves(new["jax_privacy"])):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------- bench --curvature
+def _curvature_case(name, batch=3):
+    """A tiny float64 network of each curvature workload's family, its weights and a batch."""
+    model, shape, train = {
+        "mlp": (models.residual_mlp(in_features=5, width=6, depth=2, out_features=3), (5,), True),
+        "gn": (models.cifar_resnet(8, widths=(2, 4, 4), num_classes=3, norm="group", norm_groups=2), (8, 8, 3), True),
+        "bn_eval": (models.cifar_resnet(8, widths=(2, 4, 4), num_classes=3), (8, 8, 3), False),
+    }[name]
+    params, state = bench.init_library(model, jax.random.key(0), jnp.float64)
+    if not train:  # running statistics away from their initial 0 and 1, so the test sees them used
+        state = jax.tree.map(lambda s: s + 0.3 * jax.random.uniform(jax.random.key(3), s.shape, s.dtype), state)
+    x = jax.random.normal(jax.random.key(1), (batch, *shape), jnp.float64)
+    y = jnp.arange(batch) % 3
+    return model, params, state, x, y, train
+
+
+@pytest.mark.parametrize("name", ["mlp", "gn", "bn_eval"])
+def test_jacrev_peer_agrees_with_diag_ggn(name):
+    # Two independent routes to diag G: per-example Jacobians of the autodiff network with
+    # jax.hessian of optax's loss, and the library's factor pushed through the rules' backward.
+    model, params, state, x, y, train = _curvature_case(name)
+    got = jax.jit(lambda p, s: bench.jacrev_diag_ggn(model, p, s, x, y, train=train))(params, state)
+    want = jax.jit(lambda p, s: curvature.diag_ggn(model, p, s, x, y, train=train))(params, state)
+    assert jax.tree.structure(got) == jax.tree.structure(params)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-14)
+
+
+def test_curvature_workload_steps_compute_what_they_name():
+    model, params, state, x, y, train = _curvature_case("mlp", batch=4)
+    key, carry = jax.random.key(5), (params, state)
+    step = lambda m, *batch: jax.jit(bench.curvature_method_step(m, model, train))(carry, *batch)
+    carry_out, diag = step("diag_ggn", x, y)
+    assert carry_out is not None
+    explicit = bench.jacrev_diag_ggn(model, params, state, x, y, train=train)
+    for g, w in zip(jax.tree.leaves(diag), jax.tree.leaves(explicit)):
+        np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-14)
+    # diag_ggn_mc with one sample, as curvature.diag_ggn_mc computes it from the same key.
+    _, mc = step("diag_ggn_mc", x, y, key)
+    one_sample = curvature.diag_ggn_mc(model, params, state, x, y, key, 1, train=train)
+    for g, w in zip(jax.tree.leaves(mc), jax.tree.leaves(one_sample)):
+        np.testing.assert_allclose(g, w, rtol=1e-12)
+    # The backward pass is the gradient of the mean cross-entropy (autodiff of the reference network).
+    pullback, ct = bench.backward_pass(model, params, state, x, y, train=train)
+    _, grads = jax.jit(bench._backward_step)(pullback, ct)
+    loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(
+        model.apply(p, state, x, train=train, grad="autodiff")[0], y
+    ).mean()
+    for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(jax.grad(loss)(params))):
+        np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.skipif(not hasattr(curvature, "kfac"), reason="jax_resnet.curvature has no kfac in this version")
+def test_kfac_workload_is_one_sample_of_the_kronecker_factors():
+    # One example through dense layers: each kernel's gradient is a ⊗ δ, so its KFAC block
+    # (a aᵀ) ⊗ (δ δᵀ) is exact and its diagonal, diag(A) ⊗ diag(G), is the one-sample MC
+    # diagonal of the same labels (both drawn by the key from the model's prediction).
+    model, params, state, x, y, train = _curvature_case("mlp", batch=1)
+    key = jax.random.key(7)
+    _, factors = jax.jit(bench.curvature_method_step("kfac", model, train))((params, state), x, y, key)
+    mc = curvature.diag_ggn_mc(model, params, state, x, y, key, 1, train=train)
+    kernels = [(factors[k]["w"], mc[k]["w"]) for k in ("in", "out")] + [
+        (f["w"], m["w"]) for f, m in zip(factors["hidden"], mc["hidden"])
+    ]
+    for kron, diagonal in kernels:
+        assert isinstance(kron, curvature.Kronecker)
+        np.testing.assert_allclose(jnp.outer(jnp.diag(kron.a), jnp.diag(kron.g)), diagonal, rtol=1e-10, atol=1e-14)
+
+
+def test_curvature_methods_list_kfac_only_where_curvature_has_it(monkeypatch):
+    monkeypatch.delattr(curvature, "kfac", raising=False)
+    logged = []
+    assert bench.curvature_methods(logged.append) == tuple(m for m in bench.CURVATURE_METHODS if m != "kfac")
+    assert "skipping kfac" in logged[0]
+    monkeypatch.setattr(curvature, "kfac", lambda *args, **kwargs: None, raising=False)
+    assert bench.curvature_methods() == bench.CURVATURE_METHODS
+
+
+def test_kfac_jax_registers_every_kernel_of_the_network_as_kronecker_factors():
+    # What the kfac_jax row would time: Kronecker factors for each dense kernel (its own
+    # pattern matching of the autodiff network's jaxpr), not a fallback diagonal.
+    pytest.importorskip("kfac_jax")
+    model, params, state, x, y, train = _curvature_case("mlp")
+    estimator = bench.kfac_jax_estimator(model, train=train)
+    estimator.init(jax.random.key(0), (params, state, x, y), None, None)
+    assert [type(b).__name__ for b in estimator.blocks] == ["DenseTwoKroneckerFactored"] * 4
+
+
+def test_kfac_jax_row_gives_the_reason_it_cannot_run(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "kfac_jax", None)  # `import kfac_jax` raises ImportError
+    assert "pip install 'jax-resnet[peers]'" in bench.kfac_jax_unavailable()
+    rows = bench.benchmark(["curvature_residual_mlp"], curvature=True, quick=True, rounds=1, round_seconds=0.001)
+    (row,) = [r for r in rows if r["method"] == "kfac_jax"]
+    assert row["unavailable"] == bench.kfac_jax_unavailable() and "step_time_ms" not in row
+    markdown = bench.format_curvature_markdown(rows)
+    assert "| curvature_residual_mlp | kfac_jax | cannot run here: kfac-jax is not installed" in markdown
+
+
+def test_unavailable_reason_names_the_exception_and_the_peers_own_frame():
+    namespace = {}
+    exec(compile("def f():\n    raise ValueError('too many\\n values')\n", "/x/kfac_jax/_src/m.py", "exec"), namespace)
+    try:
+        namespace["f"]()
+    except ValueError as e:
+        reason = bench._unavailable_reason("kfac_jax", e)
+    assert reason.startswith("ValueError: too many values at kfac_jax/_src/m.py:2")
+
+
+def _curvature_row(method, round_ms, memory=100):
+    return {**_row(method, round_ms, memory=memory), "num_classes": 10}
+
+
+def test_curvature_goals_take_ratios_per_round_and_scale_the_backward_by_the_classes():
+    rows = [
+        _curvature_row("train_step", [10.0, 20.0]),
+        _curvature_row("backward", [5.0, 10.0]),
+        _curvature_row("diag_ggn_mc", [14.0, 31.0], memory=131),
+        _curvature_row("diag_ggn", [59.0, 121.0]),  # per round 59/(10·5), 121/(10·10): within 1.2
+        _curvature_row("jacrev_diag_ggn", [50.0, 200.0], memory=50),
+        {"workload": "w", "method": "kfac_jax", "unavailable": "ImportError: no"},
+    ]
+    g = {g["goal"]: g for g in bench.curvature_goals(rows)}
+    mc_time = g["diag_ggn_mc(1) time ≤ 1.5× training step"]
+    assert (mc_time["ratio_min"], mc_time["ratio_max"], mc_time["verdict"]) == (1.4, 1.55, "within noise")
+    assert g["diag_ggn_mc(1) memory ≤ 1.3× training step"]["verdict"] == "missed"  # 131 B / 100 B
+    per_class = g["diag_ggn time ≤ 1.2 × C × backward"]
+    assert per_class["ratio_min"] == pytest.approx(1.18) and per_class["ratio_max"] == pytest.approx(1.21)
+    assert per_class["verdict"] == "within noise"
+    assert g["diag_ggn time ≤ jacrev_diag_ggn"]["verdict"] == "within noise"  # 1.18 and 0.605
+    assert g["diag_ggn memory ≤ jacrev_diag_ggn"]["verdict"] == "missed"
+    assert (g["kfac(1) time ≤ 1.5× training step"]["verdict"], g["kfac(1) time ≤ 1.5× training step"]["reason"]) == (
+        "n/a",
+        "no kfac in this version",
+    )
+
+
+def test_curvature_quick_run_takes_the_workload_round_and_markdown_flags(tmp_path):
+    json_path, md_path = tmp_path / "c.json", tmp_path / "c.md"
+    argv = ["bench", "--curvature", "--quick", "--workload", "curvature_residual_mlp", "--rounds", "2"]
+    assert cli.main([*argv, "--round-seconds", "0.01", "--json", str(json_path), "--markdown", str(md_path)]) == 0
+    rows = json.loads(json_path.read_text())
+    assert [r["method"] for r in rows] == list(bench.curvature_methods())
+    for r in rows:
+        assert r["workload"] == "curvature_residual_mlp" and r["batch_size"] == 8
+        if "unavailable" in r:  # kfac_jax, where it cannot run
+            assert r["method"] == "kfac_jax" and r["unavailable"]
+            continue
+        assert r["rounds"] == 2 and r["ratio_to_train_step_min"] <= r["ratio_to_train_step_max"]
+        assert r["num_classes"] == 10 and r["curvature_train"] is True and r["memory_ratio_to_train_step"] > 0
+    markdown = md_path.read_text()
+    assert markdown.count("| curvature_residual_mlp | ") == len(rows) + len(bench.CURVATURE_GOALS)
+    assert "diag_ggn time ≤ 1.2 × C × backward" in markdown
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--curvature", "--dp"], "--dp and --curvature select different workloads; choose one"),
+        (["--curvature", "--ablate"], "does not combine with --curvature"),
+        (["--curvature", "--workload", "resnet20"], "--workload resnet20: a training-step workload; drop --curvature"),
+        (["--workload", "curvature_resnet20"], "a curvature workload; add --curvature, or choose another"),
+        (["--dp", "--workload", "curvature_resnet20"], "a curvature workload; drop --dp and add --curvature"),
+        (["--curvature", "--workload", "dp_residual_mlp"], "a DP workload; drop --curvature and add --dp"),
+    ],
+)
+def test_curvature_flag_combinations_are_refused_with_the_flag_to_change(argv, message, capsys):
+    assert cli.main(["bench", "--quick", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+class _FixedCost:
+    """A stand-in for `bench.Prepared` whose every step 'takes' a fixed time: records the steps asked for."""
+
+    def __init__(self, method, seconds):
+        self.method, self.seconds, self.calls = method, seconds, []
+
+    def run(self, steps):
+        self.calls.append(steps)
+        return self.seconds
+
+
+def test_time_interleaved_gives_each_method_a_rounds_time_with_equal_time():
+    fast, slow = _FixedCost("fast", 0.001), _FixedCost("slow", 0.1)
+    times, steps = bench.time_interleaved([fast, slow], rounds=2, min_round_s=0.5, warmup=1, equal_time=True)
+    # The fast method is counted again over a round's worth of steps (500) before the rounds.
+    assert steps == {"fast": 500, "slow": 5} and fast.calls == [1, 500, 500, 500] and slow.calls == [1, 5, 5, 5]
+    assert times == {"fast": [0.001, 0.001], "slow": [0.1, 0.1]}
+    _, steps = bench.time_interleaved([fast, slow], rounds=2, min_round_s=0.5, warmup=1)
+    assert steps == {"fast": 5, "slow": 5}  # the default: the slowest method's count for all

@@ -1,4 +1,5 @@
-"""`jax-resnet bench`: one training step, rules vs autodiff vs a Flax peer (`bench.benchmark`)."""
+"""`jax-resnet bench`: one training step, rules vs autodiff vs a Flax peer (`bench.benchmark`); with --dp the
+DP-SGD step, with --curvature the curvature quantities, with --ablate one rule family at a time."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         choices=names,
         metavar="NAME",
-        help=f"run only this workload (repeatable): {', '.join(names)} (the dp_ ones with --dp, the others without)",
+        help=f"run only this workload (repeatable): {', '.join(names)} (the dp_ ones with --dp, the curvature_ ones "
+        "with --curvature, the others with neither)",
     )
     add("--quick", action="store_true", help="tiny sizes and few rounds (a smoke test; the numbers mean nothing)")
     add(
@@ -43,6 +45,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "where installed (the dp_ workloads)",
     )
     add(
+        "--curvature",
+        action="store_true",
+        help="instead: diag_ggn_mc, diag_ggn and kfac (where this version has it) vs a training step and a backward "
+        "pass, and vs jax.vmap(jax.jacrev) and kfac-jax where installed (the curvature_ workloads)",
+    )
+    add(
         "--ablate",
         action="store_true",
         help="instead: the training step with one rule family at a time swapped for autodiff (default workload "
@@ -57,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
     rows = bench.benchmark(
         args.workload,
         dp=args.dp,
+        curvature=args.curvature,
         ablate=args.ablate,
         quick=args.quick,
         rounds=args.rounds,
@@ -67,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
         table = markdown = bench.format_ablation_table
     elif args.dp:
         table, markdown = bench.format_dp_table, bench.format_dp_markdown
+    elif args.curvature:
+        table, markdown = bench.format_curvature_table, bench.format_curvature_markdown
     else:
         table, markdown = bench.format_table, bench.format_markdown
     print(table(rows), file=human(args))
