@@ -211,8 +211,9 @@ def _weight_quantity(a, delta, config: TapConfig, grads=None) -> Quantities:
     p = delta.shape[-1]
     gram = "l2" in config.kinds and use_gram(t, d, p, config.norm_path)
     rest = tuple(k for k in config.kinds if k in ("grad", "l2", "sum_sq") and not (gram and k == "l2"))
-    # One position: Σ_i (a_i δ_iᵀ)² = (a²)ᵀ δ² elementwise, one matmul, no B·d·p array.
-    outer_squares = "sum_sq" in rest and t == 1 and "grad" not in rest
+    # One position: Σ_i (a_i δ_iᵀ)² = (a²)ᵀ δ² elementwise, one matmul, no B·d·p array; [d, p] is
+    # the kernel's own layout only without `grads` (a convolution's kernel is [kh, kw, C, O]).
+    outer_squares = "sum_sq" in rest and t == 1 and "grad" not in rest and grads is None
     rest = tuple(k for k in rest if not (outer_squares and k == "sum_sq"))
     out = Quantities()
     if outer_squares:

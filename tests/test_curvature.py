@@ -44,7 +44,8 @@ CASES = {
     "mlp_mse": (_mlp, (4, 6), "mse_loss", True),
     "gn_A": (_gn, (3, 4, 4, 1), "softmax_cross_entropy", True),
     "gn_B": (functools.partial(_gn, shortcut="B"), (2, 4, 4, 1), "softmax_cross_entropy", True),
-    "gn_v2_A": (functools.partial(_gn, block="preact_basic"), (2, 4, 4, 1), "softmax_cross_entropy", True),
+    # 2×2 images: the second stage's convolutions have one output position each.
+    "gn_v2_A": (functools.partial(_gn, block="preact_basic"), (2, 2, 2, 1), "softmax_cross_entropy", True),
     "bn_eval_v2_B": (
         functools.partial(_net, block="preact_basic", shortcut="B"),
         (2, 4, 4, 1),
