@@ -67,7 +67,10 @@ default_role = "literal"  # `x` in a docstring is code, as on a forge
 # intersphinx inventories are fetched), so those, and only those, are exempt.
 nitpicky = True
 nitpick_ignore_regex = [
-    ("py:class", r"(jax|jaxlib|numpy|optax|flax|orbax|hypothesis|collections|typing|os|pathlib|argparse)\..*"),
+    (
+        "py:class",
+        r"(jax|jaxlib|numpy|np|optax|flax|orbax|hypothesis|collections|typing|os|pathlib|argparse|subprocess)\..*",
+    ),
 ]
 
 # ------------------------------------------------------------------ math

@@ -93,6 +93,71 @@ from jax_resnet import step as step_lib
 from jax_resnet.environment import record as environment_record
 from jax_resnet.ops import AUTODIFF, RULES, SPECS, OpSet
 
+__all__ = [
+    "METHODS",
+    "LEARNING_RATE",
+    "optimizer",
+    "PeerMLP",
+    "PeerBasicBlock",
+    "PeerResNet",
+    "peer_num_params",
+    "library_step",
+    "peer_step",
+    "Kind",
+    "KINDS",
+    "Workload",
+    "WORKLOADS",
+    "get_workload",
+    "Prepared",
+    "init_library",
+    "build_peer",
+    "prepare",
+    "ablation_opsets",
+    "prepare_ablation",
+    "prepare_step",
+    "time_interleaved",
+    "spread",
+    "spread_fields",
+    "environment",
+    "bench_workload",
+    "GOALS",
+    "SAMPLES",
+    "SPREAD_TARGET",
+    "judge",
+    "goals",
+    "ratio_spread",
+    "format_table",
+    "format_markdown",
+    "ROUNDS",
+    "ROUND_SECONDS",
+    "COMPILE_REPEATS",
+    "benchmark",
+    "DP_METHODS",
+    "dp_config",
+    "dp_method_step",
+    "dp_methods",
+    "prepare_dp",
+    "format_ablation_table",
+    "DP_GOALS",
+    "dp_goals",
+    "format_dp_markdown",
+    "format_dp_table",
+    "CURVATURE_METHODS",
+    "curvature_methods",
+    "jacrev_diag_ggn",
+    "kfac_jax_estimator",
+    "kfac_jax_step",
+    "curvature_method_step",
+    "backward_pass",
+    "kfac_jax_failure",
+    "kfac_jax_unavailable",
+    "prepare_curvature",
+    "CURVATURE_GOALS",
+    "curvature_goals",
+    "format_curvature_table",
+    "format_curvature_markdown",
+]
+
 METHODS = ("rules", "autodiff", "flax")
 LEARNING_RATE = 0.01
 
@@ -124,8 +189,8 @@ class PeerMLP(nnx.Module):
         """Copy the weights of `models.residual_mlp`'s pure params in."""
         del state
         for layer, p in zip([self.inp, *self.hidden, self.out], [params["in"], *params["hidden"], params["out"]]):
-            layer.kernel.set_value(p["w"])
-            layer.bias.set_value(p["b"])
+            _fill(layer.kernel, p["w"])
+            _fill(layer.bias, p["b"])
 
 
 def _bn(channels: int, dtype, rngs) -> nnx.BatchNorm:
@@ -140,9 +205,16 @@ def _bn(channels: int, dtype, rngs) -> nnx.BatchNorm:
     )
 
 
+def _fill(variable: nnx.Variable | None, value) -> None:
+    """Set an nnx variable the peer always has (Flax types a bias or a scale as optional)."""
+    if variable is None:
+        raise ValueError("the Flax peer lacks a variable the library's model has")
+    variable.set_value(value)
+
+
 def _load_bn(bn: nnx.BatchNorm, params, state) -> None:
-    bn.scale.set_value(params["gamma"])
-    bn.bias.set_value(params["beta"])
+    _fill(bn.scale, params["gamma"])
+    _fill(bn.bias, params["beta"])
     bn.mean.set_value(state["mean"])
     bn.var.set_value(state["var"])
 
@@ -252,7 +324,7 @@ class PeerResNet(nnx.Module):
         for block, p, s in zip(self.blocks, params["blocks"], state["blocks"]):
             block.load(p, s)
         self.head.kernel.set_value(params["head"]["w"])
-        self.head.bias.set_value(params["head"]["b"])
+        _fill(self.head.bias, params["head"]["b"])
 
 
 def peer_num_params(module: nnx.Module) -> int:
@@ -496,7 +568,10 @@ def build_peer(workload: Workload, params, state, dtype=jnp.float32) -> nnx.Modu
 
     Built abstractly (`nnx.eval_shape`: Flax's initialisers never run), then filled by `load`.
     """
-    net = nnx.eval_shape(lambda: workload.peer(dtype, nnx.Rngs(0)))
+    make = workload.peer
+    if make is None:
+        raise ValueError(f"workload {workload.name!r} has no Flax peer")
+    net: Any = nnx.eval_shape(lambda: make(dtype, nnx.Rngs(0)))
     net.load(*jax.device_put((params, state)))
     return net
 
@@ -583,7 +658,8 @@ def prepare_step(
     def new_step(method):
         return workload.peer_step(graphdef) if method == "flax" else workload.library_step(model, method, tx)
 
-    compiled, times = {}, {m: [] for m in METHODS}
+    compiled: dict = {}
+    times: dict[str, list[float]] = {m: [] for m in METHODS}
     for _ in range(compile_repeats):
         for method in METHODS:
             compiled[method], seconds = _compile(new_step(method), carries[method], (x, y))
@@ -728,8 +804,8 @@ def bench_workload(
             "environment": env,
         }
         if workload.kind != "step":
-            memory = None if not (base.temp_memory_bytes and p.temp_memory_bytes) else p.temp_memory_bytes
-            row[f"memory_ratio_to_{base.method}"] = None if memory is None else memory / base.temp_memory_bytes
+            mine, theirs = p.temp_memory_bytes, base.temp_memory_bytes
+            row[f"memory_ratio_to_{base.method}"] = mine / theirs if mine and theirs else None
         if workload.dp:
             row["padded_rows"] = len(p.batch[0]) - batch_size
         if workload.kind == "curvature":
@@ -760,6 +836,17 @@ def _samples(row: dict, field: str) -> list | None:
     return row[SAMPLES[field]] if field in SAMPLES else [row[field]]
 
 
+def judge(a: list | None, b: list | None, limit: float, scale: float = 1.0):
+    """(low, median, high, verdict) of the ratios a_k / (scale·b_k), sample by sample: "met" when
+    the whole range is within `limit`, "missed" when none of it is, "within noise" otherwise, "n/a"
+    (and Nones) when either side was not measured."""
+    ratios = None if a is None or b is None else [u / (scale * v) for u, v in zip(a, b) if v]
+    if not ratios:
+        return None, None, None, "n/a"
+    low, ratio, high = spread(ratios)
+    return low, ratio, high, "met" if high <= limit else "missed" if low > limit else "within noise"
+
+
 def goals(rows: list[dict]) -> list[dict]:
     """Per workload and goal: rules' value, the other's, and the ratio rules / other.
 
@@ -774,14 +861,9 @@ def goals(rows: list[dict]) -> list[dict]:
     for name in dict.fromkeys(r["workload"] for r in rows):
         by_method = {r["method"]: r for r in rows if r["workload"] == name}
         for label, field, against, limit in GOALS:
-            a, b = _samples(by_method["rules"], field), _samples(by_method[against], field)
-            ratios = None if a is None or b is None else [x / y for x, y in zip(a, b) if y]
-            if ratios:
-                low, ratio, high = spread(ratios)
-                verdict = "met" if high <= limit else "missed" if low > limit else "within noise"
-            else:
-                low = ratio = high = None
-                verdict = "n/a"
+            low, ratio, high, verdict = judge(
+                _samples(by_method["rules"], field), _samples(by_method[against], field), limit
+            )
             out.append(
                 {
                     "workload": name,
@@ -1306,17 +1388,18 @@ def kfac_jax_step(estimator, batch_size: int) -> Callable:
 
 
 def curvature_method_step(method: str, model: models.Model, train: bool, tx=None) -> Callable:
-    """step(carry, *batch) -> (carry, what the method computes) of one CURVATURE_METHODS entry but
+    """`step(carry, *batch) -> (carry, what the method computes)` of one CURVATURE_METHODS entry but
     "backward" and "kfac_jax" (`prepare_curvature` builds those); carry = (params, state) or, for
     "train_step", (params, state, opt_state) and `tx`. Batches: (x, y), or (x, y, key) for the sampled ones."""
     if method == "train_step":
         return library_step(model, "rules", tx)
-    quantity = {
+    quantities: dict[str, Callable[..., Any]] = {
         "diag_ggn_mc": lambda p, s, x, y, key: curvature.diag_ggn_mc(model, p, s, x, y, key, 1, train=train),
         "diag_ggn": lambda p, s, x, y: curvature.diag_ggn(model, p, s, x, y, train=train),
         "kfac": lambda p, s, x, y, key: curvature.kfac(model, p, s, x, y, key, 1, train=train),
         "jacrev_diag_ggn": lambda p, s, x, y: jacrev_diag_ggn(model, p, s, x, y, train=train),
-    }[method]
+    }
+    quantity = quantities[method]
     return lambda carry, *batch: (carry, quantity(*carry, *batch))
 
 
@@ -1447,15 +1530,9 @@ def curvature_goals(rows: list[dict]) -> list[dict]:
                     {**goal, "ratio": None, "ratio_min": None, "ratio_max": None, "verdict": "n/a"} | {"reason": reason}
                 )
                 continue
-            a, b = _samples(by_method[method], field), _samples(by_method[against], field)
             scale = by_method[method]["num_classes"] if per_class else 1
-            ratios = None if a is None or b is None else [u / (scale * v) for u, v in zip(a, b) if v]
-            if ratios:
-                low, ratio, high = spread(ratios)
-                verdict = "met" if high <= limit else "missed" if low > limit else "within noise"
-            else:
-                low = ratio = high = None
-                verdict = "n/a"
+            a, b = _samples(by_method[method], field), _samples(by_method[against], field)
+            low, ratio, high, verdict = judge(a, b, limit, scale)
             out.append({**goal, "ratio": ratio, "ratio_min": low, "ratio_max": high, "verdict": verdict})
     return out
 

@@ -538,7 +538,7 @@ def linearize(
     u ↦ Jᵀu is the network's VJP at the logits, linear in u; the VJP of a linear map A is Aᵀ,
     so the VJP of u ↦ Jᵀu with cotangent v is (Jᵀ)ᵀ v = J v, at any u (zero is used). JAX builds
     it by differentiating the rules' backward passes, plain `jnp`, in reverse mode. Both maps
-    can be `jax.vmap`ped over a leading axis of v or u.
+    can be vmapped (`jax.vmap`) over a leading axis of v or u.
 
     Args:
       model, params, state, x, train, grad: as in `ggn_vp`.

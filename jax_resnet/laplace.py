@@ -161,7 +161,7 @@ class Laplace:
 
     @property
     def num_params(self) -> int:
-        """P_n: the parameters with a posterior."""
+        """The number of parameters with a posterior, P_n."""
         return sum(int(np.size(p)) for p, m in zip(jax.tree.leaves(self.params), jax.tree.leaves(self.mask)) if m)
 
     def __repr__(self) -> str:
@@ -467,7 +467,7 @@ class Reliability(NamedTuple):
 
     Bin m holds the predictions whose confidence (top probability) lies in [m/M, (m+1)/M),
     the last bin closed at 1. `confidence` and `accuracy` are each bin's means (NaN where
-    `counts` is 0); `ece` = Σ_m (counts_m / n)·|accuracy_m − confidence_m|.
+    `counts` is 0); `ece` = `Σ_m (counts_m / n)·|accuracy_m − confidence_m|`.
     """
 
     edges: np.ndarray  # [M + 1]

@@ -369,7 +369,7 @@ class Setup:
 
     @property
     def rows(self) -> int:
-        """Rows of every training batch: the batch size, or a DP run's padded physical batch."""
+        """The rows of every training batch (the batch size, or a DP run's padded physical batch)."""
         c = self.config
         return c.batch_size if c.dp is None else dp_lib.physical_batch_size(c.dp, self.mesh.size)
 

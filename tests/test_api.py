@@ -34,17 +34,7 @@ def test_ops_lists_are_the_specs():
     assert sorted(n for n in ops.__all__ if n in families) == sorted(families)
 
 
-# Rewritten by other parts of issue 22, which add their __all__; strict, so the mark goes when they do.
-PENDING_ALL = ("jax_resnet.bench",)
-
-
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(n, marks=pytest.mark.xfail(strict=True, reason="__all__ pending")) if n in PENDING_ALL else n
-        for n in PUBLIC_MODULES
-    ],
-)
+@pytest.mark.parametrize("name", PUBLIC_MODULES)
 def test_every_public_module_declares_all_and_each_name_exists(name):
     module = importlib.import_module(name)
     assert hasattr(module, "__all__"), f"{name} has no __all__"

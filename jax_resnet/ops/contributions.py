@@ -28,11 +28,12 @@ import jax.numpy as jnp
 class Weight(NamedTuple):
     """A weight W [d, p] used as y_{i,t} = a_{i,t}·W at T positions; G_i = Σ_t a_{i,t}ᵀ δ_{i,t}.
 
-    inputs: a [B, T, d], or a function giving it where forming it is a new array (a
-      convolution's patches), called only by the quantities that need it.
-    delta: δ [B, T, p], the output cotangents at the T positions.
-    grads: None, or a function giving every G_i in the kernel's own layout without
-      forming `inputs`, as (g, axis): g the kernel's shape with the examples on `axis`.
+    Attributes:
+      inputs: a [B, T, d], or a function giving it where forming it is a new array (a
+        convolution's patches), called only by the quantities that need it.
+      delta: δ [B, T, p], the output cotangents at the T positions.
+      grads: None, or a function giving every G_i in the kernel's own layout without
+        forming `inputs`, as (g, axis): g the kernel's shape with the examples on `axis`.
     """
 
     inputs: jax.Array | Callable[[], jax.Array]
@@ -45,12 +46,12 @@ class Weight(NamedTuple):
 
 
 class Vector(NamedTuple):
-    """A parameter applied elementwise at T positions: u [B, T, *shape], G_i = Σ_t u_{i,t}."""
+    """A parameter applied elementwise at T positions: u `[B, T, *shape]`, G_i = Σ_t u_{i,t}."""
 
     per_position: jax.Array
 
     def per_example(self) -> jax.Array:
-        """G_i for every example, [B, *shape]."""
+        """G_i for every example, `[B, *shape]`."""
         return jnp.sum(self.per_position, axis=1)
 
 
