@@ -1438,6 +1438,8 @@ def kfac_jax_unavailable() -> str | None:
         import kfac_jax  # noqa: F401
     except ImportError as e:
         return f"kfac-jax is not installed ({e}); pip install 'jax-resnet[peers]'"
+    except Exception as e:  # noqa: BLE001 -- e.g. kfac-jax 0.0.8's dependencies under jax 0.8.1 (AttributeError)
+        return f"kfac-jax cannot be imported under jax {jax.__version__}: {type(e).__name__}: {e}"
     return None
 
 

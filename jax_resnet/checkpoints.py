@@ -119,7 +119,9 @@ def load(out: str | os.PathLike, step: int | None = None) -> tuple[dict, dict]:
         if step is None:
             raise FileNotFoundError(f"no checkpoint under {directory}")
         with ocp.StandardCheckpointer() as reader:  # the saved shapes and dtypes, without the saved devices
-            saved = reader.metadata((directory / str(step) / "state").absolute()).item_metadata
+            found = reader.metadata((directory / str(step) / "state").absolute())
+        # Newer orbax (0.12.8 here) wraps the tree's metadata in a StepMetadata; 0.11.21 returns it bare.
+        saved = getattr(found, "item_metadata", found)
         here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=here), saved)
         args = ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())

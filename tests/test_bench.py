@@ -318,7 +318,9 @@ def test_curvature_methods_list_kfac_only_where_curvature_has_it(monkeypatch):
 def test_kfac_jax_registers_every_kernel_of_the_network_as_kronecker_factors():
     # What the kfac_jax row would time: Kronecker factors for each dense kernel (its own
     # pattern matching of the autodiff network's jaxpr), not a fallback diagonal.
-    pytest.importorskip("kfac_jax")
+    reason = bench.kfac_jax_unavailable()
+    if reason:
+        pytest.skip(reason)
     model, params, state, x, y, train = _curvature_case("mlp")
     estimator = bench.kfac_jax_estimator(model, train=train)
     estimator.init(jax.random.key(0), (params, state, x, y), None, None)
